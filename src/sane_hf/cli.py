@@ -9,6 +9,17 @@ from __future__ import annotations
 import argparse
 
 COMMANDS: list = []  # the _add_*_command functions, in the order they appear in --help
+ZOO_COMMANDS: list = []  # the _add_zoo_*_command functions: subcommands of ``sane-hf zoo``
+
+
+def _add_zoo_command(subparsers) -> None:
+    parser = subparsers.add_parser("zoo", help="train, import, build and inspect model zoos")
+    zoo_subparsers = parser.add_subparsers(dest="zoo_command", required=True)
+    for add_command in ZOO_COMMANDS:
+        add_command(zoo_subparsers)
+
+
+COMMANDS.append(_add_zoo_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
