@@ -1,0 +1,397 @@
+"""Property prediction from model embeddings: linear probes, the s(W) and W baselines, reports.
+
+SANE's discriminative use (paper Sec. 4.1, Table 1): pool the token latents of every model of a
+zoo into one vector, then fit a *linear* probe on the training split to predict the model's
+properties (test accuracy, epoch, generalization gap, hyperparameters). Probes stay linear on
+purpose: the question is how much the embedding itself exposes, not what a strong regressor can
+dig out of it.
+
+Everything here follows one protocol so that SANE and its baselines are comparable:
+
+- features are standardized with statistics of the training split only;
+- numeric properties: closed-form ridge regression, the regularization ``alpha`` picked by R^2 on
+  the validation split from a log grid (1e-5 .. 1e3, as the reference), R^2 reported on test;
+- categorical properties (activation, init, optimizer): logistic regression, ``C`` picked by
+  validation accuracy, test accuracy reported;
+- baselines on the same splits: ``s(W)`` (per-layer mean, variance and 1/25/50/75/99 percentiles
+  of the real weights, Unterthiner et al. 2020) and the raw weights ``W`` for small models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import r2_score
+
+SPLITS = ("train", "validation", "test")
+REGULARIZATION_GRID = tuple(10.0**exponent for exponent in range(-5, 4))  # 1e-5 .. 1e3
+STATISTIC_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+STATISTIC_NAMES = ("mean", "var", *(f"q{round(100 * q):02d}" for q in STATISTIC_QUANTILES))
+
+
+def mask_from_counts(counts: torch.Tensor, tokensize: int) -> torch.Tensor:
+    """Boolean ``[N, T]`` mask of real entries from the number of real values of every token.
+
+    Tokens hold their real values first and zero padding after them, so a per-token count is all
+    a zoo dataset needs to store.
+    """
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1:
+        raise ValueError(
+            f"counts must be 1-D (one count per token), got shape {tuple(counts.shape)}"
+        )
+    if counts.numel() and (counts.min() < 0 or counts.max() > tokensize):
+        raise ValueError(
+            f"counts must lie in [0, tokensize={tokensize}], got [{counts.min()}, {counts.max()}]"
+        )
+    return torch.arange(tokensize, device=counts.device) < counts[:, None]
+
+
+def _as_model_batch(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Accept ``[N, T]`` (one model) or ``[M, N, T]`` tokens; return ``[M, N, T]`` and whether one."""
+    single = tokens.dim() == 2
+    batch = tokens[None] if single else tokens
+    if batch.dim() != 3 or batch.shape[1:] != mask.shape:
+        raise ValueError(
+            f"tokens must be [N, T] or [M, N, T] matching mask {tuple(mask.shape)}, "
+            f"got {tuple(tokens.shape)}"
+        )
+    return batch, single
+
+
+def weight_statistics(
+    tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The ``s(W)`` baseline: per layer mean, variance and 1/25/50/75/99 percentiles.
+
+    Args:
+        tokens: ``[N, T]`` tokens of one model or ``[M, N, T]`` of models sharing one layout.
+        mask: ``[N, T]`` bool, True on real weights; padding never enters a statistic.
+        positions: ``[N, 3]`` (global, layer, row); the layer index groups the values.
+
+    Returns:
+        ``[7 * L]`` (one model) or ``[M, 7 * L]`` features, ordered by layer index, then
+        ``STATISTIC_NAMES``. Variance is the population variance; percentiles interpolate
+        linearly like ``numpy.percentile``.
+
+    All models are handled at once: the values are sorted per model, then stably regrouped by
+    layer, so every percentile is a gather at a per-layer offset.
+    """
+    batch, single = _as_model_batch(tokens, mask)
+    mask = mask.to(batch.device)
+    values = batch[:, mask].double()  # [M, V], token-major order
+    layer_of_value = positions[:, 1].to(batch.device).repeat_interleave(mask.sum(1))
+    _, layer_of_value = torch.unique(layer_of_value, return_inverse=True)
+    sizes = torch.bincount(layer_of_value)
+    num_layers = sizes.numel()
+
+    mean = values.new_zeros(len(values), num_layers).index_add_(1, layer_of_value, values) / sizes
+    centered = values - mean[:, layer_of_value]
+    var = values.new_zeros(mean.shape).index_add_(1, layer_of_value, centered**2) / sizes
+
+    by_value = values.argsort(dim=1)
+    by_layer = layer_of_value[by_value].argsort(dim=1, stable=True)
+    grouped = values.gather(1, by_value).gather(1, by_layer)  # per layer, ascending
+    starts = sizes.cumsum(0) - sizes
+    quantiles = torch.tensor(STATISTIC_QUANTILES, dtype=values.dtype, device=values.device)
+    rank = quantiles * (sizes[:, None] - 1)  # [L, Q]
+    lower = rank.floor().long()
+    fraction = rank - lower
+    upper = torch.minimum(lower + 1, sizes[:, None] - 1)
+    percentiles = (
+        grouped[:, starts[:, None] + lower] * (1 - fraction)
+        + grouped[:, starts[:, None] + upper] * fraction
+    )
+
+    features = torch.cat([mean[..., None], var[..., None], percentiles], dim=-1).flatten(1)
+    features = features.to(tokens.dtype)
+    return features[0] if single else features
+
+
+def raw_weight_features(
+    tokens: torch.Tensor, mask: torch.Tensor, max_features: int | None = None
+) -> torch.Tensor:
+    """The ``W`` baseline: the real weights of each model, flattened (padding dropped).
+
+    Raises ``ValueError`` when a model has more than ``max_features`` weights: a linear probe on
+    millions of raw weights is neither meaningful nor affordable, and callers should say so.
+    """
+    batch, single = _as_model_batch(tokens, mask)
+    num_weights = int(mask.sum())
+    if max_features is not None and num_weights > max_features:
+        raise ValueError(
+            f"models have {num_weights} weights, more than max_features={max_features} "
+            "for the raw-weight baseline"
+        )
+    features = batch[:, mask.to(batch.device)]
+    return features[0] if single else features
+
+
+class _Standardizer:
+    """Feature standardization with training-split statistics (constant features stay at 0)."""
+
+    def __init__(self, train_x: np.ndarray):
+        self.mean = train_x.mean(0)
+        std = train_x.std(0)
+        self.std = np.where(std > 0, std, 1.0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
+
+
+def _check_features(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"{name}: expected features [n, d] with n={len(y)}, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: features contain NaN or inf")
+    return x
+
+
+class RidgeProbe:
+    """Closed-form ridge regression; ``alpha`` chosen by validation R^2.
+
+    One SVD of the standardized training features gives the solution for every ``alpha`` of the
+    grid at once: ``coef(alpha) = V diag(s / (s^2 + alpha)) U^T y``.
+    """
+
+    metric = "r2"
+
+    def __init__(self, alphas: Sequence[float] = REGULARIZATION_GRID):
+        if not alphas or min(alphas) < 0:
+            raise ValueError(f"alphas must be a non-empty grid of values >= 0, got {alphas}")
+        self.alphas = tuple(float(a) for a in alphas)
+
+    def fit(
+        self, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray
+    ) -> RidgeProbe:
+        train_y = np.asarray(train_y, dtype=np.float64)
+        val_y = np.asarray(val_y, dtype=np.float64)
+        train_x = _check_features("train features", train_x, train_y)
+        val_x = _check_features("validation features", val_x, val_y)
+        self.standardizer = _Standardizer(train_x)
+        self.intercept = train_y.mean()
+        u, s, vt = np.linalg.svd(self.standardizer(train_x), full_matrices=False)
+        projected = u.T @ (train_y - self.intercept)  # [r]
+        alphas = np.asarray(self.alphas)
+        shrinkage = s / (s**2 + alphas[:, None])  # [A, r]
+        coefs = (shrinkage * projected) @ vt  # [A, d]
+        val_predictions = self.standardizer(val_x) @ coefs.T + self.intercept  # [n_val, A]
+        self.validation_scores = np.array([r2_score(val_y, p) for p in val_predictions.T])
+        # the largest alpha among equally good ones: the most regularized probe that fits as well
+        best = len(alphas) - 1 - int(np.argmax(self.validation_scores[::-1]))
+        self.alpha = self.regularization = self.alphas[best]
+        self.coef = coefs[best]
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.standardizer(np.asarray(x, dtype=np.float64)) @ self.coef + self.intercept
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(r2_score(y, self.predict(x)))
+
+
+class LogisticProbe:
+    """Multinomial logistic regression; ``C`` (inverse regularization) chosen by validation accuracy."""
+
+    metric = "accuracy"
+
+    def __init__(self, cs: Sequence[float] = REGULARIZATION_GRID, max_iter: int = 1000):
+        self.cs = tuple(float(c) for c in cs)
+        self.max_iter = max_iter
+
+    def fit(
+        self, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray
+    ) -> LogisticProbe:
+        train_y, val_y = np.asarray(train_y), np.asarray(val_y)
+        train_x = _check_features("train features", train_x, train_y)
+        val_x = _check_features("validation features", val_x, val_y)
+        self.standardizer = _Standardizer(train_x)
+        train_x, val_x = self.standardizer(train_x), self.standardizer(val_x)
+        classifiers = [
+            LogisticRegression(C=c, max_iter=self.max_iter).fit(train_x, train_y) for c in self.cs
+        ]
+        self.validation_scores = np.array([clf.score(val_x, val_y) for clf in classifiers])
+        best = int(np.argmax(self.validation_scores))  # ties: the smallest C, the strongest penalty
+        self.c = self.regularization = self.cs[best]
+        self.classifier = classifiers[best]
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classifier.predict(self.standardizer(np.asarray(x, dtype=np.float64)))
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float((self.predict(x) == np.asarray(y)).mean())
+
+
+@dataclass
+class ProbeResult:
+    """Test-split score of one probe (one property, one feature set)."""
+
+    property: str
+    features: str
+    metric: str  # "r2" for numeric properties, "accuracy" for categorical ones
+    score: float
+    regularization: float  # ridge alpha or logistic C chosen on validation
+    true: np.ndarray
+    predicted: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "property": self.property,
+            "features": self.features,
+            "metric": self.metric,
+            "score": self.score,
+            "regularization": self.regularization,
+        }
+
+
+@dataclass
+class ProbeReport:
+    """All probe results plus the properties that could not be probed and why."""
+
+    results: list[ProbeResult]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def feature_sets(self) -> list[str]:
+        return list(dict.fromkeys(r.features for r in self.results))
+
+    @property
+    def properties(self) -> list[str]:
+        return list(dict.fromkeys(r.property for r in self.results))
+
+    def score(self, property_name: str, features: str) -> float:
+        for result in self.results:
+            if result.property == property_name and result.features == features:
+                return result.score
+        raise KeyError(f"no result for property {property_name!r} with features {features!r}")
+
+    def table(self) -> str:
+        """A terminal table: one row per property, one column per feature set."""
+        feature_sets = self.feature_sets
+        by_key = {(r.property, r.features): r for r in self.results}
+        width = max([len("property"), *(len(p) for p in self.properties)])
+        header = f"{'property':<{width}}  {'metric':<8}" + "".join(
+            f"  {name:>10}" for name in feature_sets
+        )
+        lines = [header, "-" * len(header)]
+        for name in self.properties:
+            metric = next(r.metric for r in self.results if r.property == name)
+            cells = "".join(
+                f"  {by_key[name, f].score:>10.3f}" if (name, f) in by_key else f"  {'-':>10}"
+                for f in feature_sets
+            )
+            lines.append(f"{name:<{width}}  {metric:<8}{cells}")
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self.results], "skipped": self.skipped}
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def plot(self, path: str | Path) -> None:
+        """Scatter plots of predicted vs true test values, one panel per numeric property."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        regressions = [p for p in self.properties if self._metric(p) == "r2"]
+        if not regressions:
+            raise ValueError("no numeric property was probed: nothing to plot")
+        columns = min(3, len(regressions))
+        rows = math.ceil(len(regressions) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+        for axis, name in zip(axes.flat, regressions):
+            for result in (r for r in self.results if r.property == name):
+                axis.scatter(
+                    result.true,
+                    result.predicted,
+                    s=6,
+                    alpha=0.5,
+                    label=f"{result.features} (R² {result.score:.3f})",
+                )
+            low, high = axis.get_xlim()
+            axis.plot([low, high], [low, high], color="black", linewidth=0.8)
+            axis.set(title=name, xlabel="true", ylabel="predicted")
+            axis.legend(fontsize=8)
+        for axis in list(axes.flat)[len(regressions) :]:
+            axis.set_visible(False)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    def _metric(self, property_name: str) -> str:
+        return next(r.metric for r in self.results if r.property == property_name)
+
+
+def _is_categorical(values: np.ndarray) -> bool:
+    return values.dtype.kind in "OUSb"
+
+
+def _skip_reason(values: Mapping[str, np.ndarray]) -> str | None:
+    """Why a property cannot be probed on these splits, or None when it can."""
+    for split in SPLITS:
+        if split not in values:
+            return f"no values for split {split!r}"
+    if not _is_categorical(values["train"]) and not np.isfinite(values["train"]).all():
+        return "non-finite values in the train split"
+    if len(np.unique(values["train"])) < 2:
+        return "constant on the train split"
+    if len(np.unique(values["test"])) < 2 and not _is_categorical(values["test"]):
+        return "constant on the test split (R^2 undefined)"
+    return None
+
+
+def probe_features(
+    features: Mapping[str, Mapping[str, np.ndarray]],
+    targets: Mapping[str, Mapping[str, np.ndarray]],
+    regularization_grid: Sequence[float] = REGULARIZATION_GRID,
+) -> ProbeReport:
+    """Fit one linear probe per (feature set, property) and score it on the test split.
+
+    Args:
+        features: ``{feature_set_name: {split: array [n_split, d]}}`` with splits
+            ``train``/``validation``/``test``, e.g. ``{"SANE": ..., "s(W)": ..., "W": ...}``.
+        targets: ``{property: {split: array [n_split]}}``. Numeric arrays get a ridge probe
+            (R^2), string/bool arrays a logistic probe (accuracy).
+        regularization_grid: ridge alphas and logistic Cs tried on the validation split.
+
+    Properties that cannot be probed (constant on the training split, a split missing) are
+    listed in ``ProbeReport.skipped`` with the reason instead of being dropped silently.
+    """
+    results, skipped = [], {}
+    for name, values in targets.items():
+        values = {split: np.asarray(v) for split, v in values.items()}
+        reason = _skip_reason(values)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        categorical = _is_categorical(values["train"])
+        for feature_name, splits in features.items():
+            missing = [s for s in SPLITS if s not in splits]
+            if missing:
+                raise ValueError(f"feature set {feature_name!r} lacks splits {missing}")
+            probe = (LogisticProbe if categorical else RidgeProbe)(regularization_grid)
+            probe.fit(splits["train"], values["train"], splits["validation"], values["validation"])
+            result = ProbeResult(
+                property=name,
+                features=feature_name,
+                metric=probe.metric,
+                score=probe.score(splits["test"], values["test"]),
+                regularization=probe.regularization,
+                true=values["test"],
+                predicted=probe.predict(splits["test"]),
+            )
+            results.append(result)
+    return ProbeReport(results, skipped)

@@ -1,0 +1,154 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sane_hf.probing import (
+    LogisticProbe,
+    RidgeProbe,
+    mask_from_counts,
+    probe_features,
+    raw_weight_features,
+    weight_statistics,
+)
+
+
+def _splits(x, sizes=(200, 100, 100)):
+    bounds = np.cumsum(sizes)[:-1]
+    return dict(zip(("train", "validation", "test"), np.split(x, bounds)))
+
+
+def test_weight_statistics_match_numpy_on_hand_example():
+    # layer 0: one row of 5 values split over two tokens of size 3; layer 1: two rows of 2 values
+    tokens = torch.tensor(
+        [
+            [1.0, -2.0, 3.0],
+            [4.0, 0.5, 0.0],
+            [7.0, 8.0, 0.0],
+            [-1.0, 9.0, 0.0],
+        ]
+    )
+    counts = torch.tensor([3, 2, 2, 2])
+    positions = torch.tensor([[0, 0, 0], [1, 0, 0], [2, 1, 0], [3, 1, 1]])
+    mask = mask_from_counts(counts, tokensize=3)
+    features = weight_statistics(tokens, mask, positions)
+
+    expected = []
+    for layer_values in ([1.0, -2.0, 3.0, 4.0, 0.5], [7.0, 8.0, -1.0, 9.0]):
+        values = np.array(layer_values)
+        expected += [values.mean(), values.var()]
+        expected += list(np.percentile(values, [1, 25, 50, 75, 99]))
+    np.testing.assert_allclose(features.numpy(), expected, rtol=1e-6)
+
+
+def test_weight_statistics_batch_equals_one_by_one():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 6, 5, generator=generator)
+    counts = torch.tensor([5, 2, 5, 5, 1, 3])
+    mask = mask_from_counts(counts, 5)
+    positions = torch.tensor([[i, layer, 0] for i, layer in enumerate([0, 0, 1, 1, 1, 2])])
+    batch = weight_statistics(tokens * mask, mask, positions)
+    single = torch.stack([weight_statistics(t * mask, mask, positions) for t in tokens])
+    torch.testing.assert_close(batch, single)
+    assert batch.shape == (4, 3 * 7)
+
+
+def test_padding_does_not_enter_statistics():
+    tokens = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    mask = mask_from_counts(torch.tensor([2, 1]), 3)
+    positions = torch.tensor([[0, 0, 0], [1, 0, 1]])
+    padded_with_junk = tokens.masked_fill(~mask, 100.0)
+    torch.testing.assert_close(
+        weight_statistics(tokens, mask, positions),
+        weight_statistics(padded_with_junk, mask, positions),
+    )
+
+
+def test_raw_weight_features_drop_padding_and_respect_size_limit():
+    tokens = torch.tensor([[[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]])
+    mask = mask_from_counts(torch.tensor([2, 1]), 3)
+    assert raw_weight_features(tokens, mask).tolist() == [[1.0, 2.0, 3.0]]
+    with pytest.raises(ValueError, match="max_features=2"):
+        raw_weight_features(tokens, mask, max_features=2)
+
+
+def test_mask_from_counts_rejects_counts_beyond_tokensize():
+    with pytest.raises(ValueError, match="tokensize=3"):
+        mask_from_counts(torch.tensor([4]), 3)
+
+
+def test_ridge_probe_recovers_linear_signal():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8))
+    y = x @ rng.normal(size=8) + 0.1 * rng.normal(size=400)
+    xs, ys = _splits(x), _splits(y)
+    probe = RidgeProbe().fit(xs["train"], ys["train"], xs["validation"], ys["validation"])
+    assert probe.score(xs["test"], ys["test"]) > 0.98  # a constant predictor scores 0
+    assert probe.alpha <= 1.0  # clean, plentiful data needs little shrinkage
+
+
+def test_ridge_probe_regularizes_when_features_outnumber_samples():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(130, 100))
+    y = x[:, 0] + 0.5 * rng.normal(size=130)
+    xs, ys = _splits(x, (30, 50, 50)), _splits(y, (30, 50, 50))
+    probe = RidgeProbe().fit(xs["train"], ys["train"], xs["validation"], ys["validation"])
+    # with 30 samples and 100 features, a near-zero alpha interpolates noise
+    assert probe.alpha >= 1.0
+    assert probe.validation_scores.max() > probe.validation_scores[0]
+
+
+def test_ridge_probe_on_pure_noise_picks_the_strongest_regularization():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(400, 20)), rng.normal(size=400)
+    xs, ys = _splits(x), _splits(y)
+    probe = RidgeProbe().fit(xs["train"], ys["train"], xs["validation"], ys["validation"])
+    assert probe.alpha == 1e3
+
+
+def test_logistic_probe_separates_categories():
+    rng = np.random.default_rng(3)
+    labels = rng.choice(np.array(["tanh", "relu", "gelu"]), size=400)
+    centers = {"tanh": [2.0, 0.0], "relu": [-2.0, 0.0], "gelu": [0.0, 2.0]}
+    x = np.array([centers[label] for label in labels]) + rng.normal(size=(400, 2))
+    xs, ys = _splits(x), _splits(labels)
+    probe = LogisticProbe().fit(xs["train"], ys["train"], xs["validation"], ys["validation"])
+    assert probe.score(xs["test"], ys["test"]) > 0.8  # chance: 1/3
+
+
+def test_probe_features_report(tmp_path):
+    rng = np.random.default_rng(4)
+    signal = rng.normal(size=(400, 4))
+    noise = rng.normal(size=(400, 4))
+    targets = {
+        "test_acc": _splits(signal @ np.array([1.0, -1.0, 0.5, 0.0]) + 0.1 * rng.normal(size=400)),
+        "optimizer": _splits(np.where(signal[:, 0] > 0, "adam", "sgd")),
+        "seed_zoo_lr": _splits(np.full(400, 3e-4)),
+    }
+    report = probe_features({"good": _splits(signal), "noise": _splits(noise)}, targets)
+
+    assert report.score("test_acc", "good") > 0.95
+    assert report.score("test_acc", "noise") < 0.1
+    assert report.score("optimizer", "good") > 0.9
+    assert report.skipped == {"seed_zoo_lr": "constant on the train split"}
+    table = report.table()
+    assert "test_acc" in table and "good" in table and "skipped seed_zoo_lr" in table
+
+    report.save_json(tmp_path / "probe.json")
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert {(r["property"], r["features"]) for r in saved["results"]} == {
+        ("test_acc", "good"),
+        ("test_acc", "noise"),
+        ("optimizer", "good"),
+        ("optimizer", "noise"),
+    }
+    report.plot(tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_features_rejects_missing_split():
+    targets = {"test_acc": _splits(np.arange(400.0))}
+    features = {"SANE": {"train": np.ones((200, 2)), "validation": np.ones((100, 2))}}
+    with pytest.raises(ValueError, match="lacks splits"):
+        probe_features(features, targets)
