@@ -1,0 +1,111 @@
+"""Test-suite wide setup: an offline fake Hugging Face Hub and an isolated HF cache.
+
+Why the environment is set here, at import time: `huggingface_hub.constants`, `datasets.config`
+and `transformers` copy `HF_ENDPOINT`, `HF_HOME`, the cache paths and `HF_HUB_DISABLE_XET` into
+module constants when they are first imported, and some objects capture them too (the module
+level `huggingface_hub.hf_api.api = HfApi()`, `datasets.config.HUB_DATASETS_URL`, cached
+`HfFileSystem` instances). Patching every copy afterwards is fragile across versions. pytest
+imports this conftest before it collects any test module, so setting the variables here makes
+every later import see the fake Hub. The server is therefore bound (ephemeral port) and started
+right now, for the whole session: a test that reaches the Hub without the fixture gets a fast
+404 from 127.0.0.1, never the network. The `fake_hub` fixture checks that the endpoint really
+took effect and fails with an explanation if huggingface_hub was imported earlier (for example
+by a plugin or by `python -c "import transformers; pytest.main()"`).
+
+Usage in a test::
+
+    def test_push(fake_hub, tmp_path):
+        model.push_to_hub("fake-user/my-model")  # any namespace works; `fake_hub.reset()` ran before
+        assert "model.safetensors" in fake_hub.repo_files("fake-user/my-model")
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_hub import FakeHub
+
+_FAKE_HUB = FakeHub().start()
+_HF_HOME = tempfile.mkdtemp(prefix="sane-hf-test-hf-home-")
+os.environ.update(
+    {
+        "HF_ENDPOINT": _FAKE_HUB.endpoint,
+        "HF_TOKEN": "hf_fake_token_for_tests",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": _HF_HOME,
+        "HF_HUB_CACHE": os.path.join(_HF_HOME, "hub"),
+        "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
+    }
+)
+for _name in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HUGGINGFACE_CO_STAGING",
+):
+    os.environ.pop(_name, None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # huggingface_hub's own LFS upload passes a file object as `data=`; not ours to fix.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _FAKE_HUB.stop()
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+def _check_endpoint_took_effect() -> None:
+    from huggingface_hub import constants
+
+    if _FAKE_HUB.endpoint != constants.ENDPOINT:
+        raise RuntimeError(
+            f"huggingface_hub uses endpoint {constants.ENDPOINT!r}, not the fake Hub at "
+            f"{_FAKE_HUB.endpoint!r}: it was imported before tests/conftest.py set HF_ENDPOINT. "
+            "Run the tests with plain `python -m pytest` and do not import huggingface_hub, "
+            "transformers or datasets from a pytest plugin."
+        )
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    """The session's fake Hub, emptied before the test: no repos, no LFS objects, no request log."""
+    _check_endpoint_took_effect()
+    _FAKE_HUB.reset()
+    _clear_filesystem_caches()
+    yield _FAKE_HUB
+
+
+def _clear_filesystem_caches() -> None:
+    """`HfFileSystem` instances and their listings outlive a test; a reset hub must not see them."""
+    from huggingface_hub import HfFileSystem
+
+    HfFileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def hf_offline(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call the returned function to switch to `HF_HUB_OFFLINE=1` for the rest of the test.
+
+    The libraries read the variable at import, so their copies are patched too (undone after the test).
+    """
+
+    def go_offline() -> None:
+        import datasets
+        from huggingface_hub import constants
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    return go_offline
