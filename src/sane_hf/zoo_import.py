@@ -1,0 +1,682 @@
+"""Import model zoos from other layouts into the raw zoo directory format of sane-hf.
+
+Published zoos come in two shapes, and both end up as one raw zoo directory
+(``zoo.json``, ``metadata.jsonl``, ``checkpoints/*.safetensors``) that the dataset builder
+(`sane_hf.zoo_dataset`) reads:
+
+- the Model Zoos / Ray Tune trial layout: one folder per model with ``params.json`` (the trial
+  config), ``result.json`` (JSON lines, one per epoch) and ``checkpoint_<epoch>/checkpoints``
+  (a pickled torch state_dict, the only place where sane-hf calls ``torch.load``, with
+  ``weights_only=True``);
+- a plain folder of ``*.safetensors`` checkpoints with a ``metadata.jsonl``: already the raw
+  format, so importing validates it and copies the good checkpoints to canonical file names.
+
+Real zoos contain broken members: truncated files, diverged runs with NaN weights, a model of
+another architecture, epochs without metrics. Each problem skips the smallest unit it concerns
+(one checkpoint, or a whole model when its config is unreadable) and is recorded with its reason
+in an `ImportReport`; ``strict=True`` raises `ZooImportError` with the same message instead.
+Work is saved model by model (checkpoints and a per-model progress file are written atomically),
+so an interrupted import continues where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .architectures import build_model
+
+METADATA_FILE = "metadata.jsonl"
+ZOO_FILE = "zoo.json"
+CHECKPOINT_DIR = "checkpoints"
+REPORT_FILE = "import_report.json"
+PROGRESS_DIR = ".import_progress"
+
+# Metric names used by common trainers, mapped to the names of the raw zoo format.
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {
+    "train_loss": ("train_loss", "loss_train"),
+    "train_acc": ("train_acc", "acc_train", "train_accuracy", "accuracy_train"),
+    "val_loss": ("val_loss", "loss_val", "validation_loss", "loss_validation"),
+    "val_acc": ("val_acc", "acc_val", "val_accuracy", "validation_acc", "acc_validation"),
+    "test_loss": ("test_loss", "loss_test"),
+    "test_acc": ("test_acc", "acc_test", "test_accuracy", "accuracy_test"),
+    "ggap": ("ggap",),
+}
+# Every checkpoint needs these; zoos without a validation split leave val_loss/val_acc empty.
+REQUIRED_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+ACCURACY_METRICS = ("train_acc", "val_acc", "test_acc")
+# Keys that number the epoch of a result line, in order of preference.
+EPOCH_KEYS = ("epoch", "training_iteration")
+# Hyperparameter names of trial configs (last part of a "group::name" key) mapped to ours.
+HYPERPARAMETER_ALIASES: dict[str, tuple[str, ...]] = {
+    "activation": ("activation", "nlin", "act"),
+    "dropout": ("dropout",),
+    "init": ("init", "init_type", "initialization"),
+    "optimizer": ("optimizer",),
+    "lr": ("lr", "learning_rate"),
+    "weight_decay": ("weight_decay", "wd"),
+    "batch_size": ("batch_size", "batchsize"),
+}
+
+
+class ZooImportError(ValueError):
+    """A problem with a zoo member, raised by ``import_zoo(..., strict=True)``."""
+
+
+class CheckpointProblem(Exception):
+    """Internal signal: the current checkpoint or model cannot be imported (message = reason)."""
+
+
+@dataclass
+class SkippedItem:
+    """One file or folder that was not imported, and why."""
+
+    path: str
+    reason: str
+    model_id: str | None = None
+    epoch: int | None = None
+
+    @property
+    def message(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class ImportReport:
+    """What an import produced: models and epochs written, and everything skipped with reasons."""
+
+    source: str
+    output: str
+    source_layout: str
+    models: dict[str, list[int]] = field(default_factory=dict)
+    resumed_models: list[str] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_checkpoints(self) -> int:
+        return sum(len(epochs) for epochs in self.models.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"num_checkpoints": self.num_checkpoints}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImportReport:
+        data = {key: value for key, value in data.items() if key != "num_checkpoints"}
+        data["skipped"] = [SkippedItem(**item) for item in data.get("skipped", [])]
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def summary(self) -> str:
+        """A few lines for the terminal: counts, then every skipped item with its reason."""
+        lines = [
+            f"imported {len(self.models)} models, {self.num_checkpoints} checkpoints "
+            f"from {self.source} ({self.source_layout} layout) into {self.output}",
+        ]
+        if self.resumed_models:
+            lines.append(
+                f"  {len(self.resumed_models)} models were already imported by an earlier run"
+            )
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} items:")
+            lines += [f"  - {item.message}" for item in self.skipped]
+        return "\n".join(lines)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+        file.write(text)
+        temporary = Path(file.name)
+    os.replace(temporary, path)
+
+
+def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` through a temporary file (a crash leaves no half file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({key: value.contiguous() for key, value in state_dict.items()}, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_file_name(model_id: str, epoch: int) -> str:
+    """Path of a checkpoint inside a raw zoo directory, as written in ``metadata.jsonl``."""
+    return f"{CHECKPOINT_DIR}/{model_id}_epoch_{epoch:03d}.safetensors"
+
+
+def load_zoo_info(raw_zoo_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``zoo.json`` of a raw zoo directory."""
+    path = Path(raw_zoo_dir) / ZOO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a raw zoo directory needs a {ZOO_FILE}")
+    return json.loads(path.read_text())
+
+
+def load_zoo_metadata(raw_zoo_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read ``metadata.jsonl`` of a raw zoo directory: one dict per checkpoint, in file order."""
+    path = Path(raw_zoo_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a raw zoo directory needs a {METADATA_FILE}")
+    return read_json_lines(path)
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+    return records
+
+
+def architecture_signature(architecture: str, architecture_kwargs: dict) -> dict[str, tuple]:
+    """``{key: shape}`` of the state_dict of ``build_model(architecture, **architecture_kwargs)``."""
+    model = build_model(architecture, **architecture_kwargs)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def match_architecture(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, tuple], description: str
+) -> dict[str, torch.Tensor]:
+    """Return ``state_dict`` with our key names, or raise `CheckpointProblem` if it does not fit.
+
+    Keys that differ from ours but come with the same shapes in the same order are renamed by
+    position: the Model Zoos CNNs hold their layers in a ``module_list`` whose indices shift with
+    optional dropout layers, while the parameters are the same.
+    """
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    if shapes == expected:
+        return state_dict
+    if list(shapes.values()) == list(expected.values()):
+        return dict(zip(expected, state_dict.values(), strict=True))
+    missing = [key for key in expected if key not in shapes]
+    unexpected = [key for key in shapes if key not in expected]
+    if missing or unexpected:
+        raise CheckpointProblem(
+            f"architecture differs from {description}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    key = next(key for key in expected if shapes[key] != expected[key])
+    raise CheckpointProblem(
+        f"architecture differs from {description}: {key!r} has shape {list(shapes[key])}, "
+        f"expected {list(expected[key])}"
+    )
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    for key, value in state_dict.items():
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointProblem(
+                    f"non-finite values (NaN/Inf) in {key!r}: {bad} of {value.numel()} entries"
+                )
+
+
+def load_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled state_dict safely (``weights_only=True``): the Ray-trial layout forces it."""
+    if not path.is_file():
+        raise CheckpointProblem("checkpoint file not found")
+    try:
+        state_dict = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # any unreadable or truncated pickle/zip: report and go on
+        raise CheckpointProblem(
+            f"unreadable checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    return as_state_dict(state_dict)
+
+
+def load_safetensors_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointProblem("checkpoint file not found")
+    try:
+        return load_file(path)
+    except Exception as error:  # truncated or corrupt safetensors header/data
+        raise CheckpointProblem(
+            f"unreadable checkpoint ({type(error).__name__}: {error})"
+        ) from None
+
+
+def as_state_dict(loaded: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(loaded, dict) or not all(
+        isinstance(value, torch.Tensor) for value in loaded.values()
+    ):
+        raise CheckpointProblem(
+            f"expected a state_dict (a dict of tensors), got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def properties_from_metrics(metrics: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map a metrics dict to the raw zoo properties; raise `CheckpointProblem` if one is missing.
+
+    Returns our named metrics (train/val/test loss and acc, ggap) plus ``metrics``: the other
+    entries of the line under their own names (all but a nested trial ``config``, which repeats
+    ``params.json``).
+    """
+    properties: dict[str, Any] = {}
+    used = set()
+    for name, aliases in METRIC_ALIASES.items():
+        alias = next((alias for alias in aliases if metrics.get(alias) is not None), None)
+        properties[name] = None if alias is None else metrics[alias]
+        used.add(alias)
+    missing = [name for name in REQUIRED_METRICS if properties[name] is None]
+    if missing:
+        raise CheckpointProblem(f"missing metric(s) {missing} in {where}")
+    for name, value in properties.items():
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise CheckpointProblem(f"metric {name} in {where} is not a finite number: {value!r}")
+        if name in ACCURACY_METRICS and not 0.0 <= value <= 1.0:
+            raise CheckpointProblem(
+                f"metric {name} in {where} is {value}, expected a fraction in [0, 1]"
+            )
+    if properties["ggap"] is None:
+        properties["ggap"] = properties["train_acc"] - properties["test_acc"]
+    properties["metrics"] = {
+        key: value
+        for key, value in metrics.items()
+        if key not in used and key not in EPOCH_KEYS and key != "config"
+    }
+    return properties
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config dicts into ``group::name`` keys (the Ray Tune convention)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten_config(value, prefix=f"{name}::")
+        else:
+            flat[name] = value
+    return flat
+
+
+def hyperparameters_from_config(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Split a trial config into ``(seed, hyperparameters)`` with our names for the common ones.
+
+    Keys are matched on their last ``::`` part (``optim::lr`` is ``lr``); keys we have no name for
+    are kept under their full flattened name.
+    """
+    flat = flatten_config(config)
+    by_short_name = {key.split("::")[-1]: key for key in flat}
+    if "seed" not in by_short_name:
+        raise CheckpointProblem("params.json has no seed")
+    seed = flat[by_short_name["seed"]]
+    if not isinstance(seed, int):
+        raise CheckpointProblem(f"params.json: seed must be an integer, got {seed!r}")
+    hyperparameters = {}
+    used = {by_short_name["seed"]}
+    for name, aliases in HYPERPARAMETER_ALIASES.items():
+        key = next((by_short_name[alias] for alias in aliases if alias in by_short_name), None)
+        if key is not None:
+            hyperparameters[name] = flat[key]
+            used.add(key)
+    hyperparameters |= {key: value for key, value in flat.items() if key not in used}
+    return seed, hyperparameters
+
+
+def read_result_lines(trial_dir: Path) -> dict[int, dict[str, Any]]:
+    """``{epoch: metrics}`` from a trial's ``result.json`` (lines without an epoch are ignored
+    because they cannot be matched to a checkpoint; Ray writes none of those)."""
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        raise CheckpointProblem("result.json not found")
+    try:
+        lines = read_json_lines(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointProblem(f"unreadable result.json ({error})") from None
+    results = {}
+    for line in lines:
+        key = next((key for key in EPOCH_KEYS if isinstance(line.get(key), int)), None)
+        if key is not None:
+            results[line[key]] = line
+    return results
+
+
+def trial_checkpoints(trial_dir: Path) -> Iterator[tuple[int | None, Path]]:
+    """``(epoch, checkpoint_dir)`` of ``checkpoint_<epoch>`` folders (epoch None: unparsable)."""
+    for checkpoint_dir in sorted(trial_dir.glob("checkpoint_*")):
+        suffix = checkpoint_dir.name.removeprefix("checkpoint_")
+        yield (int(suffix) if suffix.isdigit() else None), checkpoint_dir
+
+
+@dataclass
+class _ImportState:
+    """Work done so far, keyed by model: records written and items skipped."""
+
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    skipped: dict[str, list[SkippedItem]] = field(default_factory=dict)
+
+
+class _ZooWriter:
+    """Validates and writes imported checkpoints into a raw zoo directory, one model at a time.
+
+    A model is done once its progress file exists (written atomically after its checkpoints);
+    ``finish`` merges the progress into ``metadata.jsonl``, ``zoo.json`` and the report.
+    """
+
+    def __init__(self, output: Path, report: ImportReport, zoo_info: dict, strict: bool):
+        self.output = output
+        self.report = report
+        self.strict = strict
+        self.expected = architecture_signature(
+            zoo_info["architecture"], zoo_info["architecture_kwargs"]
+        )
+        self.description = f"{zoo_info['architecture']}({zoo_info['architecture_kwargs']})"
+        self.progress_dir = output / PROGRESS_DIR
+        self.state = self._load_state()
+        self.report.resumed_models = sorted(self.state.records)
+
+    def _load_state(self) -> _ImportState:
+        state = _ImportState()
+        if (self.output / METADATA_FILE).is_file():
+            for record in load_zoo_metadata(self.output):
+                state.records.setdefault(record["model_id"], []).append(record)
+            if (self.output / REPORT_FILE).is_file():
+                previous = ImportReport.from_dict(
+                    json.loads((self.output / REPORT_FILE).read_text())
+                )
+                for item in previous.skipped:
+                    if item.model_id in state.records:
+                        state.skipped.setdefault(item.model_id, []).append(item)
+        for path in sorted(self.progress_dir.glob("*.json")):
+            progress = json.loads(path.read_text())
+            state.records[progress["model_id"]] = progress["records"]
+            state.skipped[progress["model_id"]] = [SkippedItem(**s) for s in progress["skipped"]]
+        return state
+
+    def is_done(self, model_id: str) -> bool:
+        return model_id in self.state.records
+
+    def skip(self, item: SkippedItem) -> None:
+        if self.strict:
+            raise ZooImportError(item.message)
+        self.report.skipped.append(item)
+
+    def validate(self, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint under our key names; `CheckpointProblem` if it does not fit or is not finite."""
+        state_dict = match_architecture(loaded, self.expected, self.description)
+        check_finite(state_dict)
+        if state_dict.keys() != loaded.keys():
+            note = f"renamed keys by position, e.g. {next(iter(loaded))!r} -> {next(iter(state_dict))!r}"
+            if note not in self.report.notes:
+                self.report.notes.append(note)
+        return state_dict
+
+    def write_checkpoint(self, state_dict: dict[str, torch.Tensor], record: dict) -> dict:
+        record = {"file": checkpoint_file_name(record["model_id"], record["epoch"])} | record
+        path = self.output / record["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(state_dict, path)
+        return record
+
+    def finish_model(self, model_id: str, records: list[dict], skipped: list[SkippedItem]) -> None:
+        """Mark a model done; one without any good checkpoint is not, so a rerun retries it."""
+        if not records:
+            return
+        progress = {
+            "model_id": model_id,
+            "records": records,
+            "skipped": [asdict(s) for s in skipped],
+        }
+        atomic_write_text(self.progress_dir / f"{model_id}.json", json.dumps(progress) + "\n")
+        self.state.records[model_id] = records
+        self.state.skipped[model_id] = skipped
+        self.report.models[model_id] = [record["epoch"] for record in records]
+
+    def finish(self, zoo_info: dict[str, Any]) -> None:
+        """Write ``metadata.jsonl``, ``zoo.json`` and the report of everything imported so far."""
+        records = [
+            record
+            for model_id in sorted(self.state.records)
+            for record in sorted(self.state.records[model_id], key=lambda r: r["epoch"])
+        ]
+        if not records:
+            raise ZooImportError(
+                f"no checkpoint of {self.report.source} could be imported:\n{self.report.summary()}"
+            )
+        zoo_info = {"kind": infer_zoo_kind(records)} | zoo_info
+        zoo_info["epochs"] = sorted({record["epoch"] for record in records})
+        resumed_skips = []
+        for model_id in self.report.resumed_models:
+            self.report.models[model_id] = [
+                record["epoch"] for record in self.state.records[model_id]
+            ]
+            resumed_skips += self.state.skipped.get(model_id, [])
+        self.report.models = dict(sorted(self.report.models.items()))
+        self.report.skipped = resumed_skips + self.report.skipped
+        atomic_write_text(
+            self.output / METADATA_FILE, "".join(json.dumps(r) + "\n" for r in records)
+        )
+        atomic_write_text(self.output / ZOO_FILE, json.dumps(zoo_info, indent=2) + "\n")
+        self.report.save(self.output / REPORT_FILE)
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
+
+
+def infer_zoo_kind(records: list[dict]) -> str:
+    """``"seed"`` if all models share the common hyperparameters, else ``"hyperparameter"``."""
+    settings = {
+        json.dumps({name: record["hyperparameters"].get(name) for name in HYPERPARAMETER_ALIASES})
+        for record in records
+    }
+    return "seed" if len(settings) == 1 else "hyperparameter"
+
+
+class _ModelImport:
+    """Collects the records and skips of one model, reporting each skip to the writer."""
+
+    def __init__(self, writer: _ZooWriter, model_id: str):
+        self.writer = writer
+        self.model_id = model_id
+        self.records: list[dict] = []
+        self.skipped: list[SkippedItem] = []
+
+    def skip(self, path: Path | str, reason: str, epoch: int | None = None) -> None:
+        item = SkippedItem(str(path), reason, self.model_id, epoch)
+        self.writer.skip(item)
+        self.skipped.append(item)
+
+    def add(
+        self,
+        loaded: dict[str, torch.Tensor],
+        epoch: int,
+        seed: int,
+        properties: dict[str, Any],
+        hyperparameters: dict[str, Any],
+        **extra: Any,
+    ) -> None:
+        """Validate one checkpoint and write it with its ``metadata.jsonl`` record."""
+        state_dict = self.writer.validate(loaded)
+        record = {"model_id": self.model_id, "epoch": epoch, "seed": seed} | properties
+        record |= {"hyperparameters": hyperparameters} | extra
+        self.records.append(self.writer.write_checkpoint(state_dict, record))
+
+    def finish(self) -> None:
+        self.writer.finish_model(self.model_id, self.records, self.skipped)
+
+
+def _import_ray_trials(source: Path, writer: _ZooWriter, progress: bool) -> None:
+    """Import every trial folder of ``source``; model ids follow the sorted folder names."""
+    trial_dirs = sorted(path for path in source.iterdir() if path.is_dir())
+    width = max(4, len(str(len(trial_dirs) - 1)))
+    for index, trial_dir in enumerate(
+        tqdm(trial_dirs, desc="importing trials", disable=not progress)
+    ):
+        model = _ModelImport(writer, f"model_{index:0{width}d}")
+        if writer.is_done(model.model_id):
+            _check_same_source(writer, model.model_id, trial_dir.name)
+            continue
+        _import_trial(trial_dir, model)
+        model.finish()
+
+
+def _check_same_source(writer: _ZooWriter, model_id: str, trial_name: str) -> None:
+    recorded = writer.state.records[model_id][0].get("source")
+    if recorded != trial_name:
+        raise ZooImportError(
+            f"{writer.output} holds {model_id} imported from trial {recorded!r}, but that id now "
+            f"belongs to {trial_name!r}: the source folder changed since the earlier import; "
+            "import into a new output directory"
+        )
+
+
+def _import_trial(trial_dir: Path, model: _ModelImport) -> None:
+    params = trial_dir / "params.json"
+    if not params.is_file():
+        model.skip(trial_dir.name, "not a trial folder: no params.json")
+        return
+    try:
+        seed, hyperparameters = hyperparameters_from_config(json.loads(params.read_text()))
+        results = read_result_lines(trial_dir)
+    except (OSError, json.JSONDecodeError) as error:
+        model.skip(trial_dir.name, f"unreadable params.json ({error})")
+        return
+    except CheckpointProblem as problem:
+        model.skip(trial_dir.name, str(problem))
+        return
+    checkpoints = list(trial_checkpoints(trial_dir))
+    if not checkpoints:
+        model.skip(trial_dir.name, "no checkpoint_<epoch> folders")
+    for epoch, checkpoint_dir in checkpoints:
+        path = checkpoint_dir / "checkpoints"
+        try:
+            if epoch is None:
+                raise CheckpointProblem("the folder name does not end in an epoch number")
+            if epoch not in results:
+                raise CheckpointProblem(
+                    f"missing metrics: result.json has no line for epoch {epoch}"
+                )
+            properties = properties_from_metrics(results[epoch], f"result.json (epoch {epoch})")
+            model.add(
+                load_torch_checkpoint(path),
+                epoch,
+                seed,
+                properties,
+                hyperparameters,
+                source=trial_dir.name,
+            )
+        except CheckpointProblem as problem:
+            model.skip(path.relative_to(trial_dir.parent), str(problem), epoch)
+
+
+# Keys of a raw metadata.jsonl line that are not metrics.
+RECORD_KEYS = ("file", "model_id", "epoch", "seed", "hyperparameters", "metrics")
+
+
+def _import_safetensors_folder(source: Path, writer: _ZooWriter, progress: bool) -> None:
+    """Validate a raw zoo folder and copy its good checkpoints, model by model."""
+    lines_by_model: dict[str, list[tuple[int, dict]]] = {}
+    for number, line in enumerate(load_zoo_metadata(source), start=1):
+        if not isinstance(line.get("model_id"), str):
+            writer.skip(SkippedItem(f"{METADATA_FILE} line {number}", "no model_id"))
+            continue
+        lines_by_model.setdefault(line["model_id"], []).append((number, line))
+    for model_id in tqdm(sorted(lines_by_model), desc="importing models", disable=not progress):
+        if writer.is_done(model_id):
+            continue
+        model = _ModelImport(writer, model_id)
+        for number, line in lines_by_model[model_id]:
+            _import_safetensors_line(source, number, line, model)
+        model.finish()
+
+
+def _import_safetensors_line(source: Path, number: int, line: dict, model: _ModelImport) -> None:
+    where = f"{METADATA_FILE} line {number}"
+    epoch, seed, file = line.get("epoch"), line.get("seed"), line.get("file")
+    try:
+        for name, value, kind in (("epoch", epoch, int), ("seed", seed, int), ("file", file, str)):
+            if not isinstance(value, kind):
+                raise CheckpointProblem(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+        if epoch in {record["epoch"] for record in model.records}:
+            raise CheckpointProblem(f"a second checkpoint of {model.model_id} at epoch {epoch}")
+        metrics = {key: value for key, value in line.items() if key not in RECORD_KEYS}
+        properties = properties_from_metrics(metrics, where)
+        properties["metrics"] = line.get("metrics", {}) | properties["metrics"]
+        loaded = load_safetensors_checkpoint(source / file)
+        model.add(loaded, epoch, seed, properties, line.get("hyperparameters", {}))
+    except CheckpointProblem as problem:
+        model.skip(file if isinstance(file, str) else where, str(problem), epoch)
+
+
+def _resolve_zoo_info(
+    source: Path,
+    source_layout: str,
+    architecture: str | None,
+    architecture_kwargs: dict | None,
+    zoo_info: dict | None,
+) -> dict[str, Any]:
+    info = load_zoo_info(source) if (source / ZOO_FILE).is_file() else {}
+    if architecture is not None:
+        info["architecture"] = architecture
+    if architecture_kwargs is not None:
+        info["architecture_kwargs"] = architecture_kwargs
+    info.setdefault("architecture_kwargs", {})
+    info |= zoo_info or {}
+    info.setdefault("source_layout", source_layout)
+    if "architecture" not in info:
+        raise ValueError(
+            f"{source} does not name its architecture ({ZOO_FILE} missing or without "
+            "'architecture'): pass architecture='cnn_s' (and architecture_kwargs)"
+        )
+    return info
+
+
+def import_zoo(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    architecture_kwargs: dict | None = None,
+    zoo_info: dict | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> ImportReport:
+    """Convert a zoo in the Ray-trial layout or a plain safetensors folder into a raw zoo directory.
+
+    Args:
+        source: a folder of Ray Tune trial folders, or a folder with ``metadata.jsonl`` and
+            safetensors checkpoints (``file`` paths relative to the folder).
+        output: the raw zoo directory to write (created; an earlier partial import there is
+            continued).
+        architecture, architecture_kwargs: the `build_model` name and shape-defining arguments
+            every checkpoint must fit; needed for Ray trials, read from ``zoo.json`` otherwise.
+        zoo_info: extra ``zoo.json`` entries (``dataset``, ``num_classes``, ``input_shape``...).
+        strict: raise `ZooImportError` at the first problem instead of skipping.
+        progress: show a progress bar.
+
+    Returns:
+        The `ImportReport`, also saved as ``import_report.json`` in ``output``.
+    """
+    source, output = Path(source), Path(output)
+    if not source.is_dir():
+        raise FileNotFoundError(f"zoo source {source} is not a directory")
+    if output.resolve() == source.resolve():
+        raise ValueError(f"import into a new directory, not into the source {source} itself")
+    source_layout = "safetensors" if (source / METADATA_FILE).is_file() else "ray_tune"
+    info = _resolve_zoo_info(source, source_layout, architecture, architecture_kwargs, zoo_info)
+    report = ImportReport(source=str(source), output=str(output), source_layout=source_layout)
+    writer = _ZooWriter(output, report, info, strict)
+    importer = _import_ray_trials if source_layout == "ray_tune" else _import_safetensors_folder
+    importer(source, writer, progress)
+    writer.finish(info)
+    return report
