@@ -25,6 +25,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -80,17 +82,35 @@ def _check_endpoint_took_effect() -> None:
 @pytest.fixture
 def fake_hub() -> Iterator[FakeHub]:
     """The session's fake Hub, emptied before the test: no repos, no LFS objects, no request log."""
+    from huggingface_hub import HfFileSystem, set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
     _check_endpoint_took_effect()
     _FAKE_HUB.reset()
-    _clear_filesystem_caches()
+    HfFileSystem.clear_instance_cache()  # cached instances keep listings of the previous test
+    set_client_factory(lambda: _route_huggingface_co_to_fake(default_client_factory()))
     yield _FAKE_HUB
+    set_client_factory(default_client_factory)
 
 
-def _clear_filesystem_caches() -> None:
-    """`HfFileSystem` instances and their listings outlive a test; a reset hub must not see them."""
-    from huggingface_hub import HfFileSystem
+def _route_huggingface_co_to_fake(client: Any) -> Any:
+    """Send requests for a hard-coded https://huggingface.co to the fake Hub as well.
 
-    HfFileSystem.clear_instance_cache()
+    huggingface_hub 1.x validates model cards at "https://huggingface.co/api/validate-yaml"
+    whatever `HF_ENDPOINT` says, so `ModelCard.push_to_hub` would otherwise leave the machine.
+    """
+    fake = urlsplit(_FAKE_HUB.endpoint)
+
+    def reroute(request: Any) -> None:
+        if request.url.host == "huggingface.co":
+            request.url = request.url.copy_with(scheme="http", host=fake.hostname, port=fake.port)
+            request.headers["Host"] = fake.netloc
+
+    client.event_hooks = {
+        **client.event_hooks,
+        "request": [reroute, *client.event_hooks["request"]],
+    }
+    return client
 
 
 @pytest.fixture
