@@ -1,0 +1,715 @@
+"""Weight tokenization: cut a network's parameters into fixed-size tokens, and back.
+
+SANE reads a network as a sequence of weight tokens (Schürholt et al., ICML 2024):
+
+- Every weight-bearing layer becomes rows, one per output channel / neuron: a conv kernel
+  ``[out, in, kh, kw]`` gives rows of ``in*kh*kw`` values, a linear weight ``[out, in]`` rows of
+  ``in``; the layer's bias is appended to each row as one more column.
+- Normalization layers give per-channel rows. A BatchNorm contributes three layers (the
+  reference's sequence lengths depend on it): its affine parameters (one row of ``[weight, bias]``
+  per channel), its running means and its running variances (one value per channel each).
+- A row longer than the token size ``T`` is split into ``ceil(len / T)`` consecutive tokens; the
+  last one is zero-padded. ``mask`` marks the real values.
+- Every token has a position ``(global index, layer index, row index)``; the chunks of one row
+  share layer and row index.
+
+The cut is driven by module type when an ``nn.Module`` is given (see ``_MODULE_RULES``), which gets
+the rows right where the weight is not stored output-first: ``ConvTranspose`` weights are
+``[in, out/groups, k...]`` and GPT-2's ``Conv1D`` weights are ``[in, out]``. A plain state_dict
+is cut by shape alone (``_rules_by_shape``): there every weight is read output-first along dim 0.
+Tensors no rule knows are still tokenized (``_generic_layers``): a tensor with two or more
+dimensions as rows along dim 0 of ``flatten(1)``; a vector or scalar as one row, because nothing
+says its entries are per-channel and one row wastes no padding. No floating-point tensor is ever
+dropped: non-float buffers (``num_batches_tracked``) are stored by value in the layout, and
+normalization tensors left out with ``include_norm=False`` are listed in it.
+
+The ``WeightLayout`` records everything decoding needs (keys, shapes, dtypes, how each tensor
+maps onto rows, token offsets), so ``WeightTokenizer.decode`` is the exact inverse without any
+reference checkpoint. Layouts are computed once per architecture and cached; tokenizing then
+copies every tensor straight into its slice of one preallocated ``[N, T]`` buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NORM_KINDS = ("norm", "running_mean", "running_var")
+LAYOUT_FORMAT = "sane_hf.WeightLayout"
+LAYOUT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: what was tokenized, and where
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A state_dict entry: its key, shape and dtype (e.g. ``"float32"``)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ParameterSpec(TensorSpec):
+    """A tensor of a layer and the columns it fills in each of the layer's rows.
+
+    ``transform`` says how the tensor maps onto ``[rows, columns]``: ``"rows"`` reads it
+    output-first along dim 0, ``"transpose"`` swaps a ``[in, out]`` matrix (GPT-2's Conv1D), and
+    ``"conv_transpose"`` regroups a ``[in, out/groups, k...]`` ConvTranspose weight per output
+    channel.
+    """
+
+    transform: str = "rows"
+    groups: int = 1
+    column_offset: int = 0
+    columns: int = 0
+
+
+@dataclass(frozen=True)
+class KeptTensor(TensorSpec):
+    """A non-float tensor (e.g. ``num_batches_tracked``), stored by value so decoding restores it."""
+
+    values: tuple = ()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One tokenized layer: ``rows`` rows of ``row_length`` values, each cut into tokens."""
+
+    name: str
+    kind: str
+    parameters: tuple[ParameterSpec, ...]
+    rows: int
+    row_length: int
+    tokens_per_row: int
+    token_offset: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.tokens_per_row
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Everything needed to turn tokens back into a state_dict, JSON-serializable.
+
+    ``keys`` is the order of the source state_dict; ``kept`` holds non-float tensors by value;
+    ``skipped`` lists normalization tensors left out with ``include_norm=False`` (decode restores
+    them only from ``fill_from``).
+    """
+
+    tokensize: int
+    layers: tuple[LayerSpec, ...]
+    keys: tuple[str, ...]
+    kept: tuple[KeptTensor, ...] = ()
+    skipped: tuple[TensorSpec, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        last = self.layers[-1]
+        return last.token_offset + last.num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def skipped_keys(self) -> list[str]:
+        return [spec.key for spec in self.skipped]
+
+    def row_counts(self) -> Tensor:
+        """Number of real (unpadded) values in every token: long tensor ``[N]``."""
+        table = _token_table(self)
+        return (table["row_length"] - table["chunk"] * self.tokensize).clamp_(max=self.tokensize)
+
+    def mask(self) -> Tensor:
+        """Bool tensor ``[N, T]``, True on real values: the tokens' mask, without any weights."""
+        return torch.arange(self.tokensize) < self.row_counts()[:, None]
+
+    def positions(self) -> Tensor:
+        """Long tensor ``[N, 3]`` of (global index, layer index, row index), without any weights."""
+        table = _token_table(self)
+        return torch.stack([table["token"], table["layer"], table["row"]], dim=1)
+
+    def check_compatible(self, weights: nn.Module | Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` unless ``weights`` has exactly this layout's keys and shapes.
+
+        Use it before loading decoded weights into a model: a layout from another architecture
+        is reported with the missing / unexpected keys and the shapes expected vs found.
+        """
+        state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        expected = {spec.key: spec.shape for spec in self._tensor_specs()}
+        found = {key: tuple(value.shape) for key, value in state.items()}
+        problems = []
+        if missing := [key for key in expected if key not in found]:
+            problems.append(f"missing keys {missing}")
+        if unexpected := [key for key in found if key not in expected]:
+            problems.append(f"unexpected keys {unexpected}")
+        problems += [
+            f"{key!r} has shape {list(found[key])}, layout expects {list(shape)}"
+            for key, shape in expected.items()
+            if key in found and found[key] != shape
+        ]
+        if problems:
+            raise ValueError("weights do not match the layout: " + "; ".join(problems))
+
+    def _tensor_specs(self) -> list[TensorSpec]:
+        tokenized = [spec for layer in self.layers for spec in layer.parameters]
+        return [*tokenized, *self.kept, *self.skipped]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only; ``WeightLayout.from_dict`` is the inverse."""
+        return {
+            "format": LAYOUT_FORMAT,
+            "version": LAYOUT_VERSION,
+            **dataclasses.asdict(self),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WeightLayout:
+        if data.get("format") != LAYOUT_FORMAT or data.get("version") != LAYOUT_VERSION:
+            raise ValueError(
+                f"not a {LAYOUT_FORMAT} version {LAYOUT_VERSION} dict: "
+                f"got format={data.get('format')!r}, version={data.get('version')!r}"
+            )
+        layers = tuple(
+            LayerSpec(
+                **{
+                    **layer,
+                    "parameters": tuple(_spec(ParameterSpec, p) for p in layer["parameters"]),
+                }
+            )
+            for layer in data["layers"]
+        )
+        return cls(
+            tokensize=data["tokensize"],
+            layers=layers,
+            keys=tuple(data["keys"]),
+            kept=tuple(_spec(KeptTensor, kept) for kept in data["kept"]),
+            skipped=tuple(_spec(TensorSpec, skipped) for skipped in data["skipped"]),
+        )
+
+    def save(self, path: str | PathLike) -> None:
+        with open(path, "w") as file:
+            json.dump(self.to_dict(), file)
+
+    @classmethod
+    def load(cls, path: str | PathLike) -> WeightLayout:
+        with open(path) as file:
+            return cls.from_dict(json.load(file))
+
+
+def _spec(spec_class: type, data: Mapping[str, Any]):
+    """Rebuild a spec dataclass from JSON, where tuples came back as lists."""
+    data = {**data, "shape": tuple(data["shape"])}
+    if "values" in data:
+        data["values"] = tuple(data["values"])
+    return spec_class(**data)
+
+
+def _token_table(layout: WeightLayout) -> dict[str, Tensor]:
+    """Per-token layer index, row index, chunk index within the row and row length."""
+    layers = layout.layers
+    tokens_per_layer = torch.tensor([layer.num_tokens for layer in layers])
+    layer = torch.repeat_interleave(torch.arange(len(layers)), tokens_per_layer)
+    offset = torch.tensor([spec.token_offset for spec in layers])[layer]
+    tokens_per_row = torch.tensor([spec.tokens_per_row for spec in layers])[layer]
+    token = torch.arange(layout.num_tokens)
+    index_in_layer = token - offset
+    return {
+        "token": token,
+        "layer": layer,
+        "row": index_in_layer // tokens_per_row,
+        "chunk": index_in_layer % tokens_per_row,
+        "row_length": torch.tensor([spec.row_length for spec in layers])[layer],
+    }
+
+
+@dataclass
+class TokenizedWeights:
+    """The tokens of one network with their mask, positions and layout."""
+
+    tokens: Tensor  # float [N, T]
+    mask: Tensor  # bool [N, T], True on real values
+    positions: Tensor  # long [N, 3]: (global index, layer index, row index)
+    layout: WeightLayout
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> TokenizedWeights:
+        return TokenizedWeights(
+            self.tokens.to(device), self.mask.to(device), self.positions.to(device), self.layout
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules: which tensors of a module form a layer, and how they map onto rows
+
+
+@dataclass
+class _Layer:
+    """A layer before placement: its tensors (local names) and the transform of each."""
+
+    name: str
+    kind: str
+    rows: int
+    members: list[tuple[str, str]]  # (local name, transform)
+    groups: int = 1
+
+
+_Rule = Callable[[nn.Module | None, dict[str, Tensor]], list[_Layer]]
+
+
+def _output_rows(
+    tensors: dict[str, Tensor],
+    weight: str,
+    kind: str,
+    transform: str = "rows",
+    groups: int = 1,
+) -> list[_Layer]:
+    """A weight read as one row per output unit, with its bias (``weight`` -> ``bias``,
+    ``in_proj_weight`` -> ``in_proj_bias``) appended when there is one of matching length."""
+    if weight not in tensors:
+        return []
+    shape = tensors[weight].shape
+    rows = {"rows": shape[0], "transpose": shape[-1], "conv_transpose": shape[1] * groups}[
+        transform
+    ]
+    members = [(weight, transform)]
+    bias = weight.removesuffix("weight") + "bias"
+    if bias in tensors and tensors[bias].shape == (rows,):
+        members.append((bias, "rows"))
+    name = weight.removesuffix("weight").rstrip("_")
+    return [_Layer(name, kind, rows, members, groups)]
+
+
+def _norm_layers(tensors: dict[str, Tensor]) -> list[_Layer]:
+    """Affine parameters as one per-channel row, each running statistic as its own layer."""
+    layers = []
+    affine = [name for name in ("weight", "bias") if name in tensors]
+    if affine:
+        channels = tensors[affine[0]].numel()
+        layers.append(_Layer("", "norm", channels, [(name, "rows") for name in affine]))
+    for stat in ("running_mean", "running_var"):
+        if stat in tensors:
+            layers.append(_Layer(stat, stat, tensors[stat].numel(), [(stat, "rows")]))
+    return layers
+
+
+def _generic_layers(tensors: dict[str, Tensor]) -> list[_Layer]:
+    """One layer per tensor: rows along dim 0 of ``flatten(1)``, or one row for a vector/scalar."""
+    return [
+        _Layer(name, "tensor", tensor.shape[0] if tensor.dim() >= 2 else 1, [(name, "rows")])
+        for name, tensor in tensors.items()
+    ]
+
+
+def _rules_by_shape(module: nn.Module | None, tensors: dict[str, Tensor]) -> list[_Layer]:
+    """Rules for plain state_dicts and unknown modules: every ``*weight`` with >= 2 dims (plus its
+    ``*bias``) gives rows along dim 0; a 1-D ``weight`` is a normalization layer."""
+    layers = []
+    for name, tensor in tensors.items():
+        if name.endswith("weight") and tensor.dim() >= 2:
+            layers += _output_rows(tensors, name, "linear" if tensor.dim() == 2 else "conv")
+    if "weight" in tensors and tensors["weight"].dim() == 1:
+        layers += _norm_layers(tensors)
+    return layers
+
+
+def _weight_rule(kind: str) -> _Rule:
+    return lambda module, tensors: _output_rows(tensors, "weight", kind)
+
+
+def _conv_transpose(module: nn.Module, tensors: dict[str, Tensor]) -> list[_Layer]:
+    return _output_rows(tensors, "weight", "conv_transpose", "conv_transpose", module.groups)
+
+
+def _normalization(module: nn.Module, tensors: dict[str, Tensor]) -> list[_Layer]:
+    return _norm_layers(tensors)
+
+
+def _multihead_attention(module: nn.Module, tensors: dict[str, Tensor]) -> list[_Layer]:
+    """Packed ``in_proj_weight`` with ``in_proj_bias`` as one layer of 3*E rows. With separate
+    q/k/v weights (kdim or vdim != embed_dim) the rows differ in length, so each projection is its
+    own layer and ``in_proj_bias`` one more layer of 3*E one-value rows. ``out_proj`` is a Linear."""
+    if "in_proj_weight" in tensors:
+        return _output_rows(tensors, "in_proj_weight", "attention")
+    layers = []
+    for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        layers.append(_Layer(name, "attention", tensors[name].shape[0], [(name, "rows")]))
+    if "in_proj_bias" in tensors:
+        bias = tensors["in_proj_bias"]
+        layers.append(_Layer("in_proj_bias", "bias", bias.numel(), [("in_proj_bias", "rows")]))
+    return layers
+
+
+_MODULE_RULES: dict[type[nn.Module], _Rule] = {
+    nn.Linear: _weight_rule("linear"),
+    nn.Bilinear: _weight_rule("linear"),
+    nn.Conv1d: _weight_rule("conv"),
+    nn.Conv2d: _weight_rule("conv"),
+    nn.Conv3d: _weight_rule("conv"),
+    nn.ConvTranspose1d: _conv_transpose,
+    nn.ConvTranspose2d: _conv_transpose,
+    nn.ConvTranspose3d: _conv_transpose,
+    nn.Embedding: _weight_rule("embedding"),
+    nn.EmbeddingBag: _weight_rule("embedding"),
+    nn.modules.batchnorm._NormBase: _normalization,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm: _normalization,
+    nn.GroupNorm: _normalization,
+    nn.RMSNorm: _normalization,
+    nn.MultiheadAttention: _multihead_attention,
+}
+
+
+def _rule_for(module: nn.Module | None) -> _Rule:
+    """The rule of the module's class or its closest registered base class."""
+    if module is None:
+        return _rules_by_shape
+    # GPT-2's Conv1D stores [in, out]. If transformers is not imported, no module can be one.
+    transformers_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(transformers_utils, "Conv1D", None)
+    for cls in type(module).__mro__:
+        if cls is conv1d:
+            return lambda module, tensors: _output_rows(tensors, "weight", "linear", "transpose")
+        if cls in _MODULE_RULES:
+            return _MODULE_RULES[cls]
+    return _rules_by_shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclass
+class _Source:
+    """The tensors of a network grouped into layers, before placement."""
+
+    tensors: dict[str, Tensor]
+    layers: list[_Layer] = field(default_factory=list)  # names and members are full keys here
+    kept: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class WeightTokenizer:
+    """Turns a network (``nn.Module`` or state_dict) into ``TokenizedWeights`` and back.
+
+    Args:
+        tokensize: values per token ``T``; ``None`` picks the longest row of each network.
+        include_norm: tokenize normalization layers; when False their tensors are listed in the
+            layout's ``skipped`` and ``decode`` only returns them from ``fill_from``.
+        dtype: dtype of the tokens; float64 keeps every float32/float16 value exactly, float16 and
+            bfloat16 round float32 weights.
+    """
+
+    def __init__(
+        self,
+        tokensize: int | None = 289,
+        include_norm: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if tokensize is not None and (not isinstance(tokensize, int) or tokensize < 1):
+            raise ValueError(f"tokensize must be a positive int or None, got {tokensize!r}")
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token dtype must be one of {TOKEN_DTYPES}, got {dtype}")
+        self.tokensize = tokensize
+        self.include_norm = include_norm
+        self.dtype = dtype
+        self._layouts: dict[tuple, WeightLayout] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tokensize={self.tokensize}, "
+            f"include_norm={self.include_norm}, dtype={self.dtype})"
+        )
+
+    def layout(self, weights: nn.Module | Mapping[str, Tensor]) -> WeightLayout:
+        """The layout of ``weights`` without tokenizing them (e.g. to sample a new architecture)."""
+        return self._layout(self._collect(weights))
+
+    @torch.no_grad()
+    def __call__(self, weights: nn.Module | Mapping[str, Tensor]) -> TokenizedWeights:
+        source = self._collect(weights)
+        layout = self._layout(source)
+        tokens = self._fill(source.tensors, layout)
+        return TokenizedWeights(tokens, layout.mask(), layout.positions(), layout)
+
+    tokenize = __call__
+
+    @torch.no_grad()
+    def decode(
+        self,
+        tokens: Tensor,
+        layout: WeightLayout,
+        fill_from: nn.Module | Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Exact inverse of tokenizing: a state_dict in the source's key order and dtypes.
+
+        Padding values are ignored. Tensors the layout skipped (``include_norm=False``) are taken
+        from ``fill_from`` (a module or state_dict, e.g. a freshly initialized model); without it
+        they are left out of the result with a warning, so load it with ``strict=False``.
+        """
+        expected = (layout.num_tokens, layout.tokensize)
+        if tokens.dim() != 2 or tuple(tokens.shape) != expected:
+            raise ValueError(
+                f"tokens have shape {list(tokens.shape)} but the layout expects {list(expected)} "
+                "(num_tokens, tokensize): are they from another architecture or token size?"
+            )
+        if not tokens.is_floating_point():
+            raise ValueError(f"tokens must be floating point, got {tokens.dtype}")
+        tokens = tokens.detach().contiguous()
+        state = {}
+        for layer in layout.layers:
+            region = _layer_region(tokens, layer, layout.tokensize)
+            for spec in layer.parameters:
+                view = _parameter_view(region, spec)
+                value = torch.empty(spec.shape, dtype=_dtype(spec.dtype), device=tokens.device)
+                value.view(view.shape).copy_(view)
+                state[spec.key] = value
+        for kept in layout.kept:
+            values = torch.tensor(kept.values, dtype=_dtype(kept.dtype), device=tokens.device)
+            state[kept.key] = values.view(kept.shape)
+        state.update(self._fill_skipped(layout, fill_from))
+        return {key: state[key] for key in layout.keys if key in state}
+
+    @staticmethod
+    def _fill_skipped(
+        layout: WeightLayout, fill_from: nn.Module | Mapping[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        if not layout.skipped:
+            return {}
+        if fill_from is None:
+            warnings.warn(
+                f"the layout skipped {len(layout.skipped)} normalization tensors "
+                f"({layout.skipped_keys[:3]}...); they are not in the decoded state_dict. Pass "
+                "fill_from=<module or state_dict> to take them from there.",
+                stacklevel=3,
+            )
+            return {}
+        source = fill_from.state_dict() if isinstance(fill_from, nn.Module) else fill_from
+        if missing := [key for key in layout.skipped_keys if key not in source]:
+            raise KeyError(f"fill_from lacks the skipped tensors {missing}")
+        return {key: source[key] for key in layout.skipped_keys}
+
+    # -- building the layout ---------------------------------------------------------------
+
+    def _collect(self, weights: nn.Module | Mapping[str, Tensor]) -> _Source:
+        """Group the tensors of ``weights`` into layers by module type (or by shape)."""
+        if isinstance(weights, nn.Module):
+            state = weights.state_dict()
+            modules = dict(weights.named_modules(remove_duplicate=False))
+        elif isinstance(weights, Mapping):
+            state, modules = dict(weights), {}
+        else:
+            raise TypeError(f"expected an nn.Module or a state_dict, got {type(weights).__name__}")
+        source = _Source(state)
+        for prefix, names in _group_by_prefix(state).items():
+            module = modules.get(prefix)
+            tensors = {}
+            for name in names:
+                key = f"{prefix}.{name}" if prefix else name
+                value = state[key]
+                if _is_kept(key, name, value, module):
+                    source.kept.append(key)
+                else:
+                    tensors[name] = value
+            self._add_layers(source, prefix, tensors, _rule_for(module)(module, tensors))
+        if not source.layers:
+            raise ValueError(
+                "nothing to tokenize: no floating-point parameters"
+                + ("" if self.include_norm else " outside normalization layers")
+            )
+        return source
+
+    def _add_layers(
+        self, source: _Source, prefix: str, tensors: dict[str, Tensor], layers: list[_Layer]
+    ) -> None:
+        claimed = {name for layer in layers for name, _ in layer.members}
+        layers += _generic_layers({n: t for n, t in tensors.items() if n not in claimed})
+        for layer in layers:
+            keys = [f"{prefix}.{name}" if prefix else name for name, _ in layer.members]
+            if layer.kind in NORM_KINDS and not self.include_norm:
+                source.skipped += keys
+                continue
+            name = ".".join(part for part in (prefix, layer.name) if part) or keys[0]
+            members = [(key, transform) for key, (_, transform) in zip(keys, layer.members)]
+            source.layers.append(_Layer(name, layer.kind, layer.rows, members, layer.groups))
+
+    def _layout(self, source: _Source) -> WeightLayout:
+        """Place the layers (cached per architecture); non-float values are filled in per call."""
+        tensors = source.tensors
+        signature = (
+            tuple(
+                (layer.name, layer.kind, layer.rows, layer.groups, tuple(layer.members))
+                for layer in source.layers
+            ),
+            tuple((key, tuple(value.shape), value.dtype) for key, value in tensors.items()),
+            tuple(source.skipped),
+        )
+        layout = self._layouts.get(signature)
+        if layout is None:
+            layout = self._layouts[signature] = self._place(source)
+        if not source.kept:
+            return layout
+        kept = tuple(
+            KeptTensor(
+                key,
+                tuple(tensors[key].shape),
+                _dtype_name(tensors[key].dtype),
+                tuple(tensors[key].flatten().tolist()),
+            )
+            for key in source.kept
+        )
+        return dataclasses.replace(layout, kept=kept)
+
+    def _place(self, source: _Source) -> WeightLayout:
+        tensors = source.tensors
+        row_lengths = [
+            sum(tensors[key].numel() // layer.rows for key, _ in layer.members)
+            for layer in source.layers
+        ]
+        tokensize = self.tokensize or max(row_lengths)
+        layers, offset = [], 0
+        for layer, row_length in zip(source.layers, row_lengths):
+            parameters, column = [], 0
+            for key, transform in layer.members:
+                value = tensors[key]
+                columns = value.numel() // layer.rows
+                parameters.append(
+                    ParameterSpec(
+                        key,
+                        tuple(value.shape),
+                        _dtype_name(value.dtype),
+                        transform,
+                        layer.groups,
+                        column,
+                        columns,
+                    )
+                )
+                column += columns
+            tokens_per_row = math.ceil(row_length / tokensize)
+            spec = LayerSpec(
+                layer.name,
+                layer.kind,
+                tuple(parameters),
+                layer.rows,
+                row_length,
+                tokens_per_row,
+                offset,
+            )
+            layers.append(spec)
+            offset += spec.num_tokens
+        skipped = tuple(
+            TensorSpec(key, tuple(tensors[key].shape), _dtype_name(tensors[key].dtype))
+            for key in source.skipped
+        )
+        return WeightLayout(tokensize, tuple(layers), tuple(tensors), (), skipped)
+
+    # -- copying -----------------------------------------------------------------------------
+
+    def _fill(self, tensors: dict[str, Tensor], layout: WeightLayout) -> Tensor:
+        """Copy every tensor into its slice of one ``[N, T]`` buffer; zero only the padding."""
+        device = tensors[layout.layers[0].parameters[0].key].device
+        tokens = torch.empty(layout.num_tokens, layout.tokensize, dtype=self.dtype, device=device)
+        for layer in layout.layers:
+            region = _layer_region(tokens, layer, layout.tokensize)
+            for spec in layer.parameters:
+                view = _parameter_view(region, spec)
+                view.copy_(tensors[spec.key].reshape(view.shape))
+            region[:, layer.row_length :].zero_()
+        _check_finite(tokens, tensors, layout)
+        return tokens
+
+
+def _group_by_prefix(state: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``{"layer1.0.bn1": ["weight", "bias", ...]}`` in state_dict order (module pre-order)."""
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        prefix, _, name = key.rpartition(".")
+        groups.setdefault(prefix, []).append(name)
+    return groups
+
+
+def _is_kept(key: str, name: str, value: Any, module: nn.Module | None) -> bool:
+    """True for non-float buffers (stored by value); raise for anything that cannot be a weight."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    if value.is_floating_point():
+        return False
+    is_parameter = (
+        name in module._parameters if module is not None else name.endswith(("weight", "bias"))
+    )
+    if is_parameter or value.is_complex():
+        raise ValueError(f"float weights expected: {key!r} has dtype {value.dtype}")
+    return True
+
+
+def _layer_region(tokens: Tensor, layer: LayerSpec, tokensize: int) -> Tensor:
+    """The layer's tokens viewed as its rows: ``[rows, tokens_per_row * T]``."""
+    region = tokens[layer.token_offset : layer.token_offset + layer.num_tokens]
+    return region.view(layer.rows, layer.tokens_per_row * tokensize)
+
+
+def _parameter_view(region: Tensor, spec: ParameterSpec) -> Tensor:
+    """A view of the parameter's columns, shaped so that it lines up with the parameter.
+
+    The result has the parameter's shape, except for ``conv_transpose`` where both are seen as
+    ``[groups, in/groups, out/groups, k...]``.
+    """
+    block = region[:, spec.column_offset : spec.column_offset + spec.columns]
+    if spec.transform == "rows":
+        return block.view(spec.shape)
+    if spec.transform == "transpose":
+        return block.t()
+    in_channels, out_per_group, *kernel = spec.shape
+    groups = spec.groups
+    block = block.view(groups, out_per_group, in_channels // groups, *kernel)
+    return block.transpose(1, 2)
+
+
+def _check_finite(tokens: Tensor, tensors: dict[str, Tensor], layout: WeightLayout) -> None:
+    """One reduction over all tokens; only if it is not finite, find and name the culprit."""
+    if torch.isfinite(tokens.sum()):
+        return
+    for layer in layout.layers:
+        region = _layer_region(tokens, layer, layout.tokensize)
+        for spec in layer.parameters:
+            if torch.isfinite(_parameter_view(region, spec)).all():
+                continue
+            if not torch.isfinite(tensors[spec.key]).all():
+                raise ValueError(f"parameter {spec.key!r} contains NaN or Inf values")
+            raise ValueError(
+                f"parameter {spec.key!r} overflows the token dtype {tokens.dtype} "
+                f"(largest magnitude {tensors[spec.key].abs().max().item():.3g})"
+            )
+    # The sum overflowed although every value is finite: nothing to report.
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in layout")
+    return dtype
