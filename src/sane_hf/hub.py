@@ -1,0 +1,164 @@
+"""Hugging Face Hub integration: model cards, and pushing SANE models together with their card.
+
+`SanePreTrainedModel.save_pretrained` and `.push_to_hub` call into this module. It lives outside
+`modeling_sane.py` because that file is copied next to the weights for `trust_remote_code`
+loading and must work without sane-hf installed; card writing is optional there.
+
+transformers' own `push_to_hub` keeps an existing card or writes one with
+`library_name: transformers`; `push_model_to_hub` uploads our card instead, every time.
+"""
+
+import math
+import os
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .configuration_sane import SaneConfig
+
+LIBRARY_NAME = "sane-hf"
+MODEL_TAGS = ("sane", "weight-space-learning", "hyper-representations", "model-zoo")
+MODEL_CARD_TEMPLATE = files("sane_hf") / "templates" / "model_card.md"
+# The model-index task of every SANE result: representations of networks from their weights.
+EVAL_TASK = {"task_type": "feature-extraction", "task_name": "Weight-space representation learning"}
+
+
+def build_model_card(
+    config: SaneConfig,
+    *,
+    num_parameters: int,
+    model_id: str,
+    metrics: dict[str, float] | None = None,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """Render the SANE model card of a model with `config`.
+
+    Args:
+        config: the model's configuration; `config.zoo_dataset` becomes the card's dataset.
+        num_parameters: parameter count shown in the card.
+        model_id: Hub id (or local folder) used as the model's name and in the usage example.
+        metrics: evaluation results, name -> value (for example `{"test_mse": 0.15}`), written as
+            a metrics table and as the `model-index` metadata; they need `config.zoo_dataset`.
+        tags: extra Hub tags next to the SANE ones.
+    """
+    metrics = _check_metrics(metrics, config.zoo_dataset)
+    model_name = model_id.rstrip("/").split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name=LIBRARY_NAME,
+        license="apache-2.0",
+        tags=list(dict.fromkeys([*MODEL_TAGS, *(tags or [])])),
+        datasets=[config.zoo_dataset] if config.zoo_dataset else None,
+        metrics=list(metrics) or None,
+        eval_results=[
+            _eval_result(name, value, config.zoo_dataset) for name, value in metrics.items()
+        ]
+        or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"),
+        model_name=model_name,
+        model_id=model_id,
+        config=config,
+        num_parameters=num_parameters,
+        metrics=metrics,
+    )
+
+
+def save_model_card(
+    model,
+    save_directory: str | os.PathLike,
+    *,
+    metrics: dict[str, float] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write the model card of `model` (a `SanePreTrainedModel`) to `save_directory/README.md`.
+
+    The usage example names `repo_id` when given, else the folder itself. Returns the card's path.
+    """
+    card = build_model_card(
+        model.config,
+        num_parameters=model.num_parameters(),
+        model_id=repo_id or os.fspath(save_directory),
+        metrics=metrics,
+        tags=model.model_tags,
+    )
+    path = Path(save_directory) / "README.md"
+    card.save(path)
+    return path
+
+
+def push_model_to_hub(
+    model,
+    repo_id: str,
+    *,
+    metrics: dict[str, float] | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+) -> CommitInfo:
+    """Upload `model` (weights, config, remote code and SANE model card) to the Hub repo `repo_id`.
+
+    Arguments as transformers' `push_to_hub`, plus `metrics` for the card. The repo is created if
+    needed; a `revision` branch too. Returns the commit.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    if tags:
+        model.add_model_tags(tags)
+    with tempfile.TemporaryDirectory() as work_dir:
+        model.save_pretrained(
+            work_dir, max_shard_size=max_shard_size, metrics=metrics, repo_id=repo_id
+        )
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or "Upload SANE model",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def _check_metrics(metrics: dict[str, float] | None, zoo_dataset: str | None) -> dict[str, float]:
+    if not metrics:
+        return {}
+    if zoo_dataset is None:
+        raise ValueError(
+            "model-card metrics need the dataset they were measured on: set config.zoo_dataset "
+            "to the zoo's Hub id"
+        )
+    for name, value in metrics.items():
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _eval_result(name: str, value: float, zoo_dataset: str) -> EvalResult:
+    return EvalResult(
+        **EVAL_TASK,
+        dataset_type=zoo_dataset,
+        dataset_name=zoo_dataset,
+        metric_type=name,
+        metric_name=name,
+        metric_value=value,
+    )
+
+
+__all__ = [
+    "LIBRARY_NAME",
+    "MODEL_TAGS",
+    "build_model_card",
+    "push_model_to_hub",
+    "save_model_card",
+]
