@@ -27,6 +27,8 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.message import Message
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -46,6 +48,7 @@ LFS_PATTERNS = (
 DEFAULT_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS)
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_PREFIX_TYPES = {prefix: repo_type for repo_type, prefix in URL_PREFIXES.items()}
 
 # Route patterns match the raw (still percent-encoded) path, so a quoted revision such as
 # `refs%2Fpr%2F1` stays one segment; captured groups are unquoted before use.
@@ -85,11 +88,11 @@ class Blob:
     content: bytes
     is_lfs: bool
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
-    @property
+    @cached_property
     def git_oid(self) -> str:
         """The git blob id: of the content, or of the LFS pointer file for LFS files."""
         if not self.is_lfs:
@@ -122,6 +125,21 @@ class Blob:
                 "pointerSize": len(self._lfs_pointer()),
             }
         return entry
+
+    def sibling(self, path: str) -> dict[str, Any]:
+        """The JSON object of the `siblings` list in repo info."""
+        sibling: dict[str, Any] = {
+            "rfilename": path,
+            "size": len(self.content),
+            "blobId": self.git_oid,
+        }
+        if self.is_lfs:
+            sibling["lfs"] = {
+                "sha256": self.sha256,
+                "size": len(self.content),
+                "pointerSize": len(self._lfs_pointer()),
+            }
+        return sibling
 
 
 @dataclass
@@ -180,7 +198,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: Any
+    headers: Message
     body: bytes
     params: dict[str, str]
 
@@ -209,8 +227,8 @@ class Response:
 class FakeHub:
     """In-memory Hub server on 127.0.0.1 (ephemeral port unless `port` is given).
 
-    The socket is bound in `__init__`, so `endpoint` is known before `start()`; use it as a
-    context manager or call `start()` / `stop()`. `reset()` forgets all repos and LFS objects.
+    The socket is bound in `__init__`, so `endpoint` is known before `start()` serves it on a
+    daemon thread; `stop()` shuts it down. `reset()` forgets all repos and LFS objects.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
@@ -240,12 +258,6 @@ class FakeHub:
             self._thread.join()
             self._thread = None
         self._server.server_close()
-
-    def __enter__(self) -> FakeHub:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def reset(self) -> None:
         with self._lock:
@@ -317,6 +329,7 @@ class FakeHub:
             ({"POST"}, _GIT_REPO + r"\.git/info/lfs/objects/batch", self._lfs_batch),
             ({"PUT"}, r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self._lfs_upload),
             ({"GET", "HEAD"}, _GIT_REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self._resolve),
+            ({"GET"}, r"/api/(?P<type>models|datasets|spaces)/(?P<name>[^/]+)", self._no_namespace),
         ]
         return [
             (methods, re.compile(pattern + "$"), handler) for methods, pattern, handler in routes
@@ -335,17 +348,17 @@ class FakeHub:
             response.headers["X-Error-Message"] = error.message
             if error.error_code:
                 response.headers["X-Error-Code"] = error.error_code
+        response.headers.setdefault("Content-Length", str(len(response.body)))
         handler.send_response(response.status)
         for name, value in response.headers.items():
             handler.send_header(name, value)
-        handler.send_header(
-            "Content-Length", response.headers.get("Content-Length", str(len(response.body)))
-        )
         handler.end_headers()
         if method != "HEAD":
             handler.wfile.write(response.body)
 
-    def _dispatch(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Response:
+    def _dispatch(
+        self, method: str, path: str, query: str, headers: Message, body: bytes
+    ) -> Response:
         for methods, pattern, route in self._routes:
             match = pattern.match(path)
             if match and method in methods:
@@ -375,12 +388,17 @@ class FakeHub:
         if "type" in request.params:
             repo_type = REPO_TYPES[request.params["type"]]
         else:
-            repo_type = {"datasets/": "dataset", "spaces/": "space"}.get(
-                request.params.get("prefix", ""), "model"
-            )
+            repo_type = _PREFIX_TYPES[request.params.get("prefix", "")]
         return self._get_repo(repo_type, request.params["repo"])
 
     # ----- routes -----
+
+    def _no_namespace(self, request: Request) -> Response:
+        """Existence probes such as datasets' `repo_info("name")` must see RepoNotFound to create it."""
+        name = request.params["name"]
+        raise HubError(
+            404, f"Repository {name!r} not found: ids are 'namespace/name'", "RepoNotFound"
+        )
 
     def _whoami(self, request: Request) -> Response:
         return Response.json(
@@ -432,17 +450,7 @@ class FakeHub:
     def _repo_info(self, request: Request) -> Response:
         repo = self._repo_from(request)
         commit = repo.resolve(request.params.get("rev", DEFAULT_BRANCH))
-        siblings = []
-        for path, blob in sorted(commit.files.items()):
-            entry = blob.entry(path)
-            sibling = {"rfilename": path, "size": entry["size"], "blobId": entry["oid"]}
-            if "lfs" in entry:
-                sibling["lfs"] = {
-                    "sha256": blob.sha256,
-                    "size": entry["size"],
-                    "pointerSize": entry["lfs"]["pointerSize"],
-                }
-            siblings.append(sibling)
+        siblings = [blob.sibling(path) for path, blob in sorted(commit.files.items())]
         return Response.json(
             {
                 "_id": repo.repo_id,
@@ -501,8 +509,6 @@ class FakeHub:
         repo = self._repo_from(request)
         branch = request.params["rev"]
         if branch in repo.branches:
-            if request.json().get("exist_ok"):
-                return Response.json({})
             raise HubError(409, f"Reference already exists: refs/heads/{branch}")
         starting_point = request.json().get("startingPoint") or DEFAULT_BRANCH
         repo.branches[branch] = repo.resolve(starting_point).oid
@@ -525,9 +531,7 @@ class FakeHub:
                     "oid": existing.etag if existing is not None else None,
                 }
             )
-        return Response.json(
-            {"files": answers, "commitOid": repo.resolve(request.params["rev"]).oid}
-        )
+        return Response.json({"files": answers})
 
     def _lfs_batch(self, request: Request) -> Response:
         self._repo_from(request)
@@ -570,9 +574,7 @@ class FakeHub:
             repo.branches[branch] = base.oid
             pull_request_url = f"{self.endpoint}/{repo.url}/discussions/{repo.pull_requests}"
         elif revision not in repo.branches:
-            raise HubError(
-                400, f"Can only commit to a branch, got revision {revision!r}", "RevisionNotFound"
-            )
+            raise HubError(400, f"Can only commit to a branch, got revision {revision!r}")
         commit = repo.add_commit(
             branch, header.get("summary", ""), header.get("description", ""), files
         )

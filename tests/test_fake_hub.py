@@ -104,6 +104,38 @@ def test_missing_repo_folder_and_file_raise_the_client_errors(fake_hub, uploaded
         hf_hub_download(repo_id, "no-such-file.json")
 
 
+def test_branches_pull_requests_deletions_and_repo_deletion(fake_hub, uploaded_model):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo_id, _ = uploaded_model
+    api = HfApi()
+    assert api.whoami()["name"] == "fake-user"
+    api.create_repo(repo_id, exist_ok=True)
+
+    api.create_branch(repo_id, branch="v1")
+    api.upload_file(
+        path_or_fileobj=b"v1 only", path_in_repo="v1.txt", repo_id=repo_id, revision="v1"
+    )
+    assert sorted(ref.name for ref in api.list_repo_refs(repo_id).branches) == ["main", "v1"]
+    assert fake_hub.repo_files(repo_id, revision="v1")["v1.txt"] == b"v1 only"
+    assert "v1.txt" not in fake_hub.repo_files(repo_id)
+
+    pull_request = api.upload_file(
+        path_or_fileobj=b"proposal", path_in_repo="proposal.txt", repo_id=repo_id, create_pr=True
+    )
+    assert pull_request.pr_num == 1
+    assert "proposal.txt" in fake_hub.repo_files(repo_id, revision="refs/pr/1")
+
+    api.delete_folder("weights", repo_id=repo_id)
+    api.delete_file("notes.txt", repo_id=repo_id)
+    assert sorted(fake_hub.repo_files(repo_id)) == [".gitattributes"]
+
+    api.delete_repo(repo_id)
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info(repo_id)
+
+
 def test_transformers_push_to_hub_and_model_card_round_trip(fake_hub):
     import torch
     from huggingface_hub import ModelCard, ModelCardData
