@@ -2,6 +2,13 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .alignment import (
+    AlignmentResult,
+    PermutationSpec,
+    align,
+    apply_permutation,
+    random_permutation,
+)
 from .architectures import build_model, initialize, list_architectures, register_architecture
 from .configuration_sane import SaneConfig
 from .modeling_sane import (
@@ -22,6 +29,8 @@ AutoModel.register(SaneConfig, SaneModel, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentResult",
+    "PermutationSpec",
     "SaneConfig",
     "SaneDecoderModel",
     "SaneDecoderOutput",
@@ -33,8 +42,11 @@ __all__ = [
     "TokenizedWeights",
     "WeightLayout",
     "WeightTokenizer",
+    "align",
+    "apply_permutation",
     "build_model",
     "initialize",
     "list_architectures",
+    "random_permutation",
     "register_architecture",
 ]
