@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from sane_hf.configuration_sane import SaneConfig
+from sane_hf.modeling_sane import SaneModel
 from sane_hf.probing import (
     LogisticProbe,
     RidgeProbe,
+    SaneForPropertyPrediction,
     mask_from_counts,
     probe_features,
     raw_weight_features,
@@ -152,3 +155,43 @@ def test_probe_features_rejects_missing_split():
     features = {"SANE": {"train": np.ones((200, 2)), "validation": np.ones((100, 2))}}
     with pytest.raises(ValueError, match="lacks splits"):
         probe_features(features, targets)
+
+
+def test_property_prediction_model_loads_the_encoder_of_a_full_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    config = SaneConfig.from_preset("tiny", tokensize=6, n_layers=1)
+    SaneModel(config).save_pretrained(tmp_path)
+    full = SaneModel.from_pretrained(tmp_path)
+    model, info = SaneForPropertyPrediction.from_pretrained(
+        tmp_path, num_labels=2, output_loading_info=True
+    )
+    assert [key for key in info["missing_keys"] if not key.startswith("head.")] == []
+    assert not info["unexpected_keys"]
+    for key, value in full.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value)
+
+
+def test_property_prediction_model_learns_a_property():
+    torch.manual_seed(0)
+    config = SaneConfig.from_preset("tiny", tokensize=6, n_layers=1, num_labels=1)
+    model = SaneForPropertyPrediction(config)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(32, 10, 6, generator=generator)
+    labels = tokens[:, :, 0].mean(1, keepdim=True) * 3  # a property of the weights
+    index = torch.arange(10)
+    positions = torch.stack([index, index // 5, index % 5], dim=-1).expand(32, -1, -1)
+    attention_mask = torch.ones(32, 10, dtype=torch.bool)
+    attention_mask[:, 8:] = False
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        output = model(tokens, positions, attention_mask, labels=labels)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    assert output.predictions.shape == (32, 1)
+    assert losses[-1] < 0.3 * losses[0]
+    with pytest.raises(ValueError, match="num_labels=1"):
+        model(tokens, positions, labels=torch.zeros(32, 2))
