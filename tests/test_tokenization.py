@@ -244,6 +244,19 @@ def test_layout_json_round_trip(tmp_path):
     assert all(torch.equal(decoded[key], value) for key, value in model.state_dict().items())
     with pytest.raises(ValueError, match="WeightLayout"):
         WeightLayout.from_dict({"format": "something else"})
+    corrupted = layout.to_dict()
+    corrupted["layers"][1]["token_offset"] += 1
+    with pytest.raises(ValueError, match=r"layer 'bn1' starts at token 9, expected 8"):
+        WeightLayout.from_dict(corrupted)
+    assert repr(layout).startswith(f"WeightLayout(num_tokens={layout.num_tokens}, tokensize=64")
+
+
+@pytest.mark.parametrize("name", ["cnn_s", "cnn_m", "mlp", "resnet_bottleneck"])
+def test_state_dict_and_module_give_the_same_layout(name):
+    """Zoos are stored as safetensors state_dicts, sampling starts from modules: they must agree."""
+    model = MODELS[name][0]()
+    tokenizer = WeightTokenizer(tokensize=64)
+    assert tokenizer.layout(model.state_dict()) == tokenizer.layout(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -364,3 +377,19 @@ def test_bad_arguments():
         WeightTokenizer(dtype=torch.int32)
     with pytest.raises(TypeError, match=r"nn\.Module or a state_dict"):
         WeightTokenizer()([torch.ones(2)])
+
+
+def test_gradients_and_empty_tensors():
+    state = {
+        "fc.weight": nn.Parameter(torch.randn(3, 2)),
+        "fc.bias": nn.Parameter(torch.randn(3)),
+        "unused.weight": torch.empty(0, 4),
+    }
+    tokenizer = WeightTokenizer(tokensize=8)
+    encoded = tokenizer(state)
+    assert not encoded.tokens.requires_grad and len(encoded) == 3
+    assert encoded.layout.kept[0].key == "unused.weight"  # nothing to tokenize, kept by shape
+    decoded = tokenizer.decode(encoded.tokens.requires_grad_(), encoded.layout)
+    assert not decoded["fc.weight"].requires_grad
+    assert torch.equal(decoded["fc.weight"], state["fc.weight"].detach())
+    assert decoded["unused.weight"].shape == (0, 4)
