@@ -136,7 +136,11 @@ def test_masked_mse_ignores_padded_values():
 
     padded = ~batch["value_mask"]
     garbage = inputs["target_tokens"].masked_fill(padded, float("nan"))
-    assert model(**{**inputs, "target_tokens": garbage}).reconstruction_loss == loss
+    garbage_loss = model(**{**inputs, "target_tokens": garbage}).reconstruction_loss
+    assert garbage_loss == loss
+    garbage_loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradients and all(gradient.isfinite().all() for gradient in gradients)
 
     real = inputs["target_tokens"].clone()
     real[0, 0, 0] += 1.0

@@ -36,14 +36,15 @@ def masked_mse(
 ) -> torch.Tensor:
     """Mean squared error over the entries where `value_mask` is True (all entries if None).
 
-    Padding is excluded with `where` rather than a product, so whatever a padded target holds
-    (even NaN) cannot reach the loss or its gradient. Computed in float32.
+    Padding is zeroed with `where` before squaring rather than multiplied away after, so
+    whatever a padded target holds (even NaN) reaches neither the loss nor its gradient.
+    Computed in float32.
     """
-    squared_error = (reconstructions.float() - targets.float()).square()
+    error = reconstructions.float() - targets.float()
     if value_mask is None:
-        return squared_error.mean()
-    squared_error = torch.where(value_mask, squared_error, 0.0)
-    return squared_error.sum() / value_mask.sum().clamp_min(1)
+        return error.square().mean()
+    error = torch.where(value_mask.bool(), error, 0.0)
+    return error.square().sum() / value_mask.sum().clamp_min(1)
 
 
 def nt_xent(projections: torch.Tensor, temperature: float) -> torch.Tensor:
