@@ -195,9 +195,22 @@ def test_batched_permutations_match_single_ones():
             assert torch.equal(batched[key][i], tensor), key
 
 
-def _train_digits_mlp(seed, features, labels):
+def test_flat_index_maps_permute_flattened_weights():
+    model, _, _ = _build("cnn_s_gray")
+    spec = PermutationSpec.from_model(model)
+    state = model.state_dict()
+    perms = random_permutation(spec, torch.Generator().manual_seed(6), num=2)
+    positions = {key: torch.arange(t.numel()).view(t.shape) for key, t in state.items()}
+    index = apply_permutation(positions, spec, perms)  # [2, *shape] flat gather indices
+    permuted = apply_permutation(state, spec, perms)
+    for key, tensor in state.items():
+        gathered = tensor.flatten()[index[key].flatten(1)]
+        assert torch.equal(gathered, permuted[key].flatten(1)), key
+
+
+def _train_mlp(seed, features, labels):
     torch.manual_seed(seed)
-    model = build_model("mlp", in_features=64, hidden=(32, 32), activation="relu")
+    model = build_model("mlp", in_features=features.shape[1], hidden=(32, 32), activation="relu")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
         optimizer.zero_grad()
@@ -207,13 +220,11 @@ def _train_digits_mlp(seed, features, labels):
 
 
 def test_align_brings_independently_trained_models_closer():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    features = torch.tensor(digits.data[:500], dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target[:500])
-    reference = _train_digits_mlp(0, features, labels)
-    model = _train_digits_mlp(1, features, labels)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(256, 20, generator=generator)
+    labels = (features @ torch.randn(20, 5, generator=generator)).argmax(dim=1)  # a teacher task
+    reference = _train_mlp(0, features, labels)
+    model = _train_mlp(1, features, labels)
 
     result = align(model, reference)
 

@@ -78,6 +78,20 @@ class PermutationSpec:
     ``perm[i]``, so a tensor is permuted by gathering along each of its axes with
     ``axis_permutation_index(perm, block)``:
     ``permuted = tensor.index_select(axis, axis_permutation_index(perm, block))``.
+
+    Example (CNN-s, ``PermutationSpec.from_model(build_model("cnn_s")).to_dict()``, abridged)::
+
+        {"groups": {"0": 8, "4": 6, "8": 4, "12": 20},
+         "axes": {"0.weight": [["0", 1], null, null, null],    # [8, 1, 5, 5]: input fixed
+                  "4.weight": [["4", 1], ["0", 1], null, null],
+                  "12.weight": [["12", 1], ["8", 9]],           # [20, 36]: 4 channels x 3*3
+                  "15.weight": [null, ["12", 1]], "15.bias": [null], ...},
+         "buffers": []}
+
+    Other layouts of the same weights (a flat parameter vector, weight tokens) are permuted
+    with a flat gather index per tensor: ``apply_permutation`` applied to
+    ``{key: torch.arange(t.numel()).view(t.shape)}`` yields it, for a batch of permutations
+    at once if they are batched.
     """
 
     groups: dict[str, int]
@@ -329,6 +343,8 @@ def align(
         max_iter: maximum number of sweeps over all groups.
         seed: seeds the order in which groups are visited.
     """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     if spec is None:
         module = next(
             (m for m in (model_or_state_dict, reference) if isinstance(m, nn.Module)), None
@@ -378,6 +394,9 @@ class _WeightMatcher:
     the reference and current model tensors flattened to ``[channels, -1]`` along that axis
     (one matmul per (key, axis); the reference views are computed once). Because ``M`` is
     already permuted by ``perms[g]``, the assignment found is relative to it and is composed in.
+    Each (key, axis) term is cached: permuting its own axis only reorders its columns, so it is
+    recomputed only after another axis of the same tensor moved. This makes the last sweep,
+    which merely confirms convergence, nearly free.
     """
 
     def __init__(self, spec: PermutationSpec, model: StateDict, reference: StateDict):
@@ -388,7 +407,8 @@ class _WeightMatcher:
             else torch.float32
         )
         self.current = {key: tensor.to(dtype) for key, tensor in model.items()}
-        self.reference = {key: tensor.to(dtype) for key, tensor in reference.items()}
+        device = next(iter(model.values())).device if model else torch.device("cpu")
+        self.reference = {key: tensor.to(device, dtype) for key, tensor in reference.items()}
         self.members = {
             group: [(key, axis, block) for key, axis, block in members if key in model]
             for group, members in spec.group_axes.items()
@@ -398,10 +418,10 @@ class _WeightMatcher:
             for group, members in self.members.items()
             for key, axis, _ in members
         }
-        device = next(iter(model.values())).device if model else torch.device("cpu")
         self.perms = {
             group: torch.arange(size, device=device) for group, size in spec.groups.items()
         }
+        self.similarities: dict[tuple[str, int], torch.Tensor] = {}
 
     def run(self, max_iter: int, rng: random.Random) -> tuple[int, bool]:
         groups = [group for group, members in self.members.items() if members]
@@ -415,10 +435,7 @@ class _WeightMatcher:
     def _solve(self, group: str) -> bool:
         """Re-solve one group's assignment; apply it and return True if it strictly improves."""
         size = self.spec.groups[group]
-        similarity = sum(
-            self.reference_rows[key, axis] @ _channel_rows(self.current[key], axis, size).T
-            for key, axis, _ in self.members[group]
-        )
+        similarity = sum(self._similarity(key, axis, size) for key, axis, _ in self.members[group])
         similarity = similarity.double().cpu().numpy()
         _, assignment = linear_sum_assignment(similarity, maximize=True)
         gain = similarity[np.arange(size), assignment].sum() - np.trace(similarity)
@@ -430,7 +447,19 @@ class _WeightMatcher:
             self.current[key] = self.current[key].index_select(
                 axis, axis_permutation_index(assignment, block)
             )
+            for other_axis in range(self.current[key].dim()):
+                if other_axis != axis:
+                    self.similarities.pop((key, other_axis), None)
+            if (key, axis) in self.similarities:
+                self.similarities[key, axis] = self.similarities[key, axis][:, assignment]
         return True
+
+    def _similarity(self, key: str, axis: int, size: int) -> torch.Tensor:
+        """``[size, size]`` inner products of reference channels (rows) with model channels."""
+        if (key, axis) not in self.similarities:
+            model_rows = _channel_rows(self.current[key], axis, size)
+            self.similarities[key, axis] = self.reference_rows[key, axis] @ model_rows.T
+        return self.similarities[key, axis]
 
     def distance(self) -> float:
         squared = sum(
