@@ -21,6 +21,16 @@ from .modeling_sane import (
     SanePreTrainedModel,
 )
 from .tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
+from .zoo_dataset import (
+    NormalizationStats,
+    ZooDataset,
+    ZooMetadata,
+    build_zoo_dataset,
+    load_zoo_dataset,
+    push_zoo_dataset,
+    save_zoo_dataset,
+)
+from .zoo_import import ImportReport, ZooImportError, import_zoo
 
 # `AutoConfig`/`AutoModel` resolve "sane" checkpoints once sane_hf is imported.
 AutoConfig.register("sane", SaneConfig, exist_ok=True)
@@ -30,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentResult",
+    "ImportReport",
+    "NormalizationStats",
     "PermutationSpec",
     "SaneConfig",
     "SaneDecoderModel",
@@ -42,11 +54,19 @@ __all__ = [
     "TokenizedWeights",
     "WeightLayout",
     "WeightTokenizer",
+    "ZooDataset",
+    "ZooImportError",
+    "ZooMetadata",
     "align",
     "apply_permutation",
     "build_model",
+    "build_zoo_dataset",
+    "import_zoo",
     "initialize",
     "list_architectures",
+    "load_zoo_dataset",
+    "push_zoo_dataset",
     "random_permutation",
     "register_architecture",
+    "save_zoo_dataset",
 ]
