@@ -11,6 +11,7 @@ from .alignment import (
 )
 from .architectures import build_model, initialize, list_architectures, register_architecture
 from .configuration_sane import SaneConfig
+from .data import ImageDataset, dataset_from_tensors, load_dataset_by_name
 from .modeling_sane import (
     SaneDecoderModel,
     SaneDecoderOutput,
@@ -21,6 +22,7 @@ from .modeling_sane import (
     SanePreTrainedModel,
 )
 from .tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
+from .zoo import ZooConfig, train_zoo
 from .zoo_dataset import (
     NormalizationStats,
     ZooDataset,
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentResult",
+    "ImageDataset",
     "ImportReport",
     "NormalizationStats",
     "PermutationSpec",
@@ -54,6 +57,7 @@ __all__ = [
     "TokenizedWeights",
     "WeightLayout",
     "WeightTokenizer",
+    "ZooConfig",
     "ZooDataset",
     "ZooImportError",
     "ZooMetadata",
@@ -61,12 +65,15 @@ __all__ = [
     "apply_permutation",
     "build_model",
     "build_zoo_dataset",
+    "dataset_from_tensors",
     "import_zoo",
     "initialize",
     "list_architectures",
+    "load_dataset_by_name",
     "load_zoo_dataset",
     "push_zoo_dataset",
     "random_permutation",
     "register_architecture",
     "save_zoo_dataset",
+    "train_zoo",
 ]

@@ -1,0 +1,671 @@
+"""Train model zoos: populations of one architecture, many models at once.
+
+Protocol (Schürholt et al. 2022, "Model Zoos"):
+
+- *seed zoo*: fixed hyperparameters, ``num_models`` seeds (``seed``, ``seed + 1``, ...). The
+  defaults are the paper's MNIST setting: tanh, uniform init, Adam lr 3e-4, no weight decay,
+  batch 10, 50 epochs.
+- *hyperparameter zoo*: the product of ``grid`` (activation x dropout x init x optimizer x lr x
+  weight decay) times ``seeds_per_combination`` seeds, optionally sub-sampled to ``num_models``
+  models with a seeded draw.
+
+Every model has its own seed, which fixes its initialization (``torch.manual_seed(seed)`` before
+building and initializing it) and the order it sees the training data in (``data_order``).
+Checkpoints are kept at ``checkpoint_epochs`` (always including epoch 0, the initialization, and
+the last epoch) with train/validation/test loss and accuracy.
+
+Speed: models that share their module structure (activation, dropout) and optimizer are trained
+together. Their parameters are stacked into ``[M, ...]`` tensors and one training step is
+``vmap(grad(loss))`` over ``torch.func.functional_call``: every model gets its own batch (gathered
+from the in-memory dataset by per-model index tensors), its own dropout masks
+(``randomness="different"``) and its own BatchNorm running statistics (stacked buffers updated in
+place). Adam/AdamW/SGD are applied to the stacked tensors with a learning rate and weight decay per
+model, so a group can mix lr/wd values. ``models_per_chunk`` bounds how many models are in memory.
+
+Output: the raw zoo directory (read by the dataset builder)::
+
+    ZOO/zoo.json            architecture, architecture_kwargs, dataset, kind, epochs, num_classes,
+                            input_shape, dataset_info, config
+    ZOO/metadata.jsonl      one JSON object per checkpoint (file, model_id, epoch, seed, metrics,
+                            ggap = train_acc - test_acc, hyperparameters)
+    ZOO/checkpoints/<model_id>_epoch_<e:03d>.safetensors   full state_dict (nn.Module key names)
+    ZOO/train_state/        progress.json (finished chunks) and the unfinished chunk's state
+
+Resuming: finished chunks are listed in ``train_state/progress.json`` and never retrained; the
+chunk in progress saves its stacked parameters, buffers and optimizer state at every checkpoint
+epoch, so rerunning ``train_zoo`` with the same config continues from there, bit-exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from .architectures import ACTIVATIONS, INITIALIZATIONS, build_model, initialize
+from .data import ImageDataset, load_dataset_by_name
+
+SEED_ZOO_HYPERPARAMETERS: dict[str, Any] = {
+    "activation": "tanh",
+    "dropout": 0.0,
+    "init": "uniform",
+    "optimizer": "adam",
+    "lr": 3e-4,
+    "weight_decay": 0.0,
+}
+HYPERPARAMETER_GRID: dict[str, list] = {
+    "activation": ["tanh", "relu", "sigmoid", "gelu"],
+    "dropout": [0.0, 0.5],
+    "init": ["uniform", "normal", "kaiming_uniform", "kaiming_normal"],
+    "optimizer": ["adam", "sgd"],
+    "lr": [1e-3, 1e-4],
+    "weight_decay": [1e-3, 1e-4],
+}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ZOO_KINDS = ("seed", "hyperparameter")
+
+# Input shape each built-in architecture is meant for, and the kwarg that receives it.
+DEFAULT_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "cnn_s": (1, 28, 28),
+    "cnn_m": (3, 32, 32),
+    "resnet18": (3, 32, 32),
+    "resnet_bottleneck": (3, 32, 32),
+}
+_INPUT_KWARGS = {
+    "cnn_s": "in_channels",
+    "cnn_m": "in_channels",
+    "resnet18": "in_channels",
+    "resnet_bottleneck": "in_channels",
+    "mlp": "in_features",
+}
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("device",)
+
+
+@dataclass
+class ZooConfig:
+    """Everything that defines a zoo; ``train_zoo(config, dir)`` trains it, rerunning resumes it.
+
+    ``hyperparameters`` holds the seed zoo's fixed values, and the values of any hyperparameter a
+    hyperparameter zoo's ``grid`` leaves out. ``num_models`` is the number of seeds of a seed zoo
+    and sub-samples a hyperparameter zoo's grid (``None``: the full grid). ``input_shape``
+    defaults to the architecture's (e.g. ``(1, 28, 28)`` for CNN-s; native for MLPs).
+    ``dataset_kwargs`` go to ``load_dataset_by_name`` (``num_samples``, ``split_seed``,
+    ``fractions``). ``eval_batch_size`` samples are evaluated at once for every model in a chunk.
+    """
+
+    architecture: str = "cnn_s"
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    kind: str = "seed"
+    num_models: int | None = 100
+    seed: int = 0
+    seeds_per_combination: int = 1
+    hyperparameters: dict[str, Any] = field(default_factory=lambda: dict(SEED_ZOO_HYPERPARAMETERS))
+    grid: dict[str, list] = field(default_factory=lambda: dict(HYPERPARAMETER_GRID))
+    epochs: int = 50
+    checkpoint_epochs: list[int] | None = None
+    batch_size: int = 10
+    eval_batch_size: int = 256
+    models_per_chunk: int = 100
+    device: str = "cpu"
+    bf16: bool = False
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.input_shape is not None:
+            self.input_shape = tuple(self.input_shape)
+        self.adam_betas = tuple(self.adam_betas)
+        self.hyperparameters = {**SEED_ZOO_HYPERPARAMETERS, **self.hyperparameters}
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.kind not in ZOO_KINDS:
+            raise ValueError(f"kind must be one of {ZOO_KINDS}, got {self.kind!r}")
+        if self.kind == "seed" and not self.num_models:
+            raise ValueError("a seed zoo needs num_models >= 1")
+        for name, value in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("models_per_chunk", self.models_per_chunk),
+            ("seeds_per_combination", self.seeds_per_combination),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for epoch in self.checkpoint_epochs or []:
+            if not 0 <= epoch <= self.epochs:
+                raise ValueError(f"checkpoint epoch {epoch} is outside [0, epochs={self.epochs}]")
+        _check_hyperparameters(self.hyperparameters, "hyperparameters")
+        if self.kind == "hyperparameter":
+            _check_hyperparameters(self.grid, "grid", is_grid=True)
+
+    @property
+    def resolved_checkpoint_epochs(self) -> list[int]:
+        """Checkpoint epochs: the given ones (default: every epoch) plus 0 and the last epoch."""
+        epochs = (
+            range(self.epochs + 1) if self.checkpoint_epochs is None else self.checkpoint_epochs
+        )
+        return sorted({0, self.epochs, *epochs})
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The zoo's models in id order: seed, and the full hyperparameters of each."""
+        if self.kind == "seed":
+            choices = [(self.hyperparameters, self.seed + i) for i in range(self.num_models)]
+        else:
+            choices = self._grid_choices()
+        width = max(4, len(str(len(choices) - 1)))
+        return [
+            ModelSpec(f"model_{i:0{width}d}", seed, {**hp, "batch_size": self.batch_size})
+            for i, (hp, seed) in enumerate(choices)
+        ]
+
+    def _grid_choices(self) -> list[tuple[dict[str, Any], int]]:
+        names = list(self.grid)
+        combinations = [
+            {**self.hyperparameters, **dict(zip(names, values))}
+            for values in itertools.product(*(self.grid[name] for name in names))
+        ]
+        seeds = range(self.seed, self.seed + self.seeds_per_combination)
+        choices = [(hp, seed) for hp in combinations for seed in seeds]
+        if self.num_models is None or self.num_models == len(choices):
+            return choices
+        if self.num_models > len(choices):
+            raise ValueError(
+                f"num_models={self.num_models} exceeds the {len(choices)} models of the grid"
+            )
+        picked = np.random.default_rng(self.seed).choice(
+            len(choices), self.num_models, replace=False
+        )
+        return [choices[i] for i in np.sort(picked)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable fields (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ZooConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ZooConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ZooConfig:
+        """Read a config from a YAML (``.yaml``/``.yml``) or JSON file."""
+        import yaml
+
+        text = Path(path).read_text()
+        values = (
+            yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
+        )
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{path} must hold a mapping of ZooConfig fields, got {type(values).__name__}"
+            )
+        return cls.from_dict(values)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo member: its id, seed and hyperparameters (including ``batch_size``)."""
+
+    model_id: str
+    seed: int
+    hyperparameters: dict[str, Any]
+
+
+def _check_hyperparameters(values: dict[str, Any], where: str, is_grid: bool = False) -> None:
+    unknown = sorted(set(values) - set(SEED_ZOO_HYPERPARAMETERS))
+    if unknown:
+        raise ValueError(
+            f"{where} has unknown hyperparameters {unknown}; known: {sorted(SEED_ZOO_HYPERPARAMETERS)}"
+        )
+    allowed = {"activation": ACTIVATIONS, "init": INITIALIZATIONS, "optimizer": OPTIMIZERS}
+    for name, value in values.items():
+        options = value if is_grid else [value]
+        if is_grid and (not isinstance(value, list | tuple) or not value):
+            raise ValueError(f"{where}[{name!r}] must be a non-empty list, got {value!r}")
+        for option in options:
+            if name in allowed and option not in allowed[name]:
+                raise ValueError(
+                    f"{where}[{name!r}]: {option!r} is not one of {sorted(allowed[name])}"
+                )
+            if name in ("dropout", "lr", "weight_decay") and not option >= 0:
+                raise ValueError(f"{where}[{name!r}] must be >= 0, got {option!r}")
+
+
+def data_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The order in which the zoo model with ``seed`` visits the training samples in ``epoch``.
+
+    Derived from ``(seed, epoch)`` alone, so it does not depend on which models share a chunk and
+    a plain training loop can replay a zoo model exactly.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def structural_kwargs(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters that change the module (dropout is passed only when non-zero, since
+    dropout 0 is every architecture's default and ResNets take no dropout argument)."""
+    kwargs = {"activation": hyperparameters["activation"]}
+    if hyperparameters["dropout"]:
+        kwargs["dropout"] = hyperparameters["dropout"]
+    return kwargs
+
+
+def initialize_zoo_model(
+    architecture: str,
+    architecture_kwargs: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    seed: int,
+) -> nn.Module:
+    """Build and initialize one zoo model exactly as ``train_zoo`` does (for replays and checks)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(
+            architecture, **architecture_kwargs, **structural_kwargs(hyperparameters)
+        )
+        return initialize(model, hyperparameters["init"])
+
+
+def train_zoo(
+    config: ZooConfig,
+    output_dir: str | Path,
+    dataset: ImageDataset | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the zoo described by ``config`` into the raw zoo directory ``output_dir``.
+
+    ``dataset`` overrides ``config.dataset`` (e.g. user tensors from ``dataset_from_tensors``).
+    Returns ``output_dir``.
+    """
+    output_dir = Path(output_dir)
+    device = torch.device(config.device)
+    if dataset is None:
+        dataset = load_dataset_by_name(
+            config.dataset, _input_shape(config), **config.dataset_kwargs
+        )
+    architecture_kwargs = _architecture_kwargs(config, dataset)
+    _check_architecture(config, architecture_kwargs, dataset)
+    chunks = _plan_chunks(config.model_specs(), config.models_per_chunk)
+    _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs))
+    finished = _finished_chunks(output_dir)
+    data = dataset.to(device)
+    steps_per_epoch = math.ceil(len(dataset.train[1]) / config.batch_size)
+    remaining = len(chunks) - len(finished)
+    with (
+        tqdm(
+            total=remaining * config.epochs * steps_per_epoch, disable=not progress, unit="step"
+        ) as bar,
+        torch.random.fork_rng(
+            devices=None if device.type == "cuda" else [], device_type=device.type
+        ),
+    ):
+        for index, specs in enumerate(chunks):
+            if index in finished:
+                continue
+            bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(specs)} models)")
+            trainer = _ChunkTrainer(config, architecture_kwargs, specs, data, device)
+            records = trainer.run(output_dir, _state_dir(output_dir) / f"chunk_{index:04d}", bar)
+            _finish_chunk(output_dir, index, chunks, records)
+    return output_dir
+
+
+def _input_shape(config: ZooConfig) -> tuple[int, ...] | None:
+    return config.input_shape or DEFAULT_INPUT_SHAPES.get(config.architecture)
+
+
+def _architecture_kwargs(config: ZooConfig, dataset: ImageDataset) -> dict[str, Any]:
+    """The shape-defining kwargs: the config's, plus input size and classes for built-ins."""
+    kwargs = dict(config.architecture_kwargs)
+    input_kwarg = _INPUT_KWARGS.get(config.architecture)
+    if input_kwarg == "in_channels":
+        kwargs.setdefault("in_channels", dataset.input_shape[0])
+    elif input_kwarg == "in_features":
+        kwargs.setdefault("in_features", math.prod(dataset.input_shape))
+    if input_kwarg:
+        kwargs.setdefault("num_classes", dataset.num_classes)
+    return kwargs
+
+
+def _check_architecture(config: ZooConfig, kwargs: dict[str, Any], dataset: ImageDataset) -> None:
+    """Fail before training if the architecture does not map the inputs to ``num_classes`` logits."""
+    hyperparameters = config.model_specs()[0].hyperparameters
+    sample = dataset.train[0][:2]
+    try:
+        model = build_model(config.architecture, **kwargs, **structural_kwargs(hyperparameters))
+        shape = tuple(model.eval()(sample).shape)
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"architecture {config.architecture!r} with kwargs {kwargs} cannot be built or run on "
+            f"inputs of shape {dataset.input_shape} ({dataset.name!r}): {error}"
+        ) from error
+    if shape != (2, dataset.num_classes):
+        raise ValueError(
+            f"architecture {config.architecture!r} returns shape {shape} for 2 inputs; expected "
+            f"(2, {dataset.num_classes}) logits for {dataset.name!r}"
+        )
+
+
+def _plan_chunks(specs: list[ModelSpec], models_per_chunk: int) -> list[list[ModelSpec]]:
+    """Group models that can share one vmapped step (same module structure and optimizer)."""
+    groups: dict[tuple, list[ModelSpec]] = {}
+    for spec in specs:
+        hp = spec.hyperparameters
+        groups.setdefault((hp["activation"], hp["dropout"], hp["optimizer"]), []).append(spec)
+    return [
+        group[start : start + models_per_chunk]
+        for group in groups.values()
+        for start in range(0, len(group), models_per_chunk)
+    ]
+
+
+class _PopulationOptimizer:
+    """Adam, AdamW or SGD with momentum on stacked parameters ``[M, ...]``, updated in place.
+
+    Follows ``torch.optim``'s update rules (L2 weight decay added to the gradient for adam/sgd,
+    decoupled decay for adamw) with a learning rate and a weight decay per model.
+    """
+
+    def __init__(self, config: ZooConfig, specs: list[ModelSpec], params: dict[str, Tensor]):
+        device = next(iter(params.values())).device
+        self.name = specs[0].hyperparameters["optimizer"]
+        self.lr = torch.tensor([s.hyperparameters["lr"] for s in specs], device=device)
+        self.weight_decay = torch.tensor(
+            [s.hyperparameters["weight_decay"] for s in specs], device=device
+        )
+        self.beta1, self.beta2 = config.adam_betas
+        self.eps = config.adam_eps
+        self.momentum = config.sgd_momentum
+        self.steps = 0
+        slots = ("momentum",) if self.name == "sgd" else ("exp_avg", "exp_avg_sq")
+        self.state = {
+            f"{slot}.{k}": torch.zeros_like(p) for slot in slots for k, p in params.items()
+        }
+
+    @torch.no_grad()
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
+        self.steps += 1
+        for key, param in params.items():
+            shape = (-1,) + (1,) * (param.dim() - 1)
+            lr, weight_decay = self.lr.view(shape), self.weight_decay.view(shape)
+            update = self._sgd if self.name == "sgd" else self._adam
+            update(key, param, grads[key], lr, weight_decay)
+
+    def _sgd(self, key: str, param: Tensor, grad: Tensor, lr: Tensor, weight_decay: Tensor) -> None:
+        grad = grad + weight_decay * param
+        if self.momentum:
+            grad = self.state[f"momentum.{key}"].mul_(self.momentum).add_(grad)
+        param.sub_(lr * grad)
+
+    def _adam(
+        self, key: str, param: Tensor, grad: Tensor, lr: Tensor, weight_decay: Tensor
+    ) -> None:
+        if self.name == "adamw":
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * param
+        exp_avg, exp_avg_sq = self.state[f"exp_avg.{key}"], self.state[f"exp_avg_sq.{key}"]
+        exp_avg.lerp_(grad, 1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        bias_correction1 = 1 - self.beta1**self.steps
+        bias_correction2_sqrt = math.sqrt(1 - self.beta2**self.steps)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        param.sub_((lr / bias_correction1) * exp_avg / denom)
+
+
+class _ChunkTrainer:
+    """Trains one chunk of models with one vmapped step, checkpointing as it goes."""
+
+    def __init__(
+        self,
+        config: ZooConfig,
+        architecture_kwargs: dict[str, Any],
+        specs: list[ModelSpec],
+        data: ImageDataset,
+        device: torch.device,
+    ):
+        self.config, self.specs, self.data, self.device = config, specs, data, device
+        hp = specs[0].hyperparameters
+        models = [
+            initialize_zoo_model(
+                config.architecture, architecture_kwargs, s.hyperparameters, s.seed
+            )
+            for s in specs
+        ]
+        # A parameter-less template: every tensor comes from the stacked dicts below.
+        self.module = build_model(
+            config.architecture, **architecture_kwargs, **structural_kwargs(hp)
+        ).to("meta")
+        self.params = _stack([dict(m.named_parameters()) for m in models], device)
+        self.buffers = _stack([dict(m.named_buffers()) for m in models], device)
+        self.state_keys = list(models[0].state_dict())
+        self.optimizer = _PopulationOptimizer(config, specs, self.params)
+        self.epoch = 0
+        self.records: list[dict] = []
+        self._train_step = vmap(grad(self._loss), randomness="different")
+        self._logits = vmap(self._forward, in_dims=(0, 0, None))
+
+    def _forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.module, (params, buffers), (x,))
+
+    def _loss(self, params, buffers, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self._forward(params, buffers, x).float(), y)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def run(self, output_dir: Path, state_path: Path, bar: tqdm) -> list[dict]:
+        """Train to ``config.epochs`` (resuming from ``state_path`` if saved); return the records."""
+        if _state_json(state_path).exists():
+            self._load_state(state_path)
+            bar.update(self.epoch * self._steps_per_epoch())
+        else:
+            self._checkpoint(output_dir, state_path)  # epoch 0: the initialization
+        while self.epoch < self.config.epochs:
+            self.epoch += 1
+            self._train_epoch(bar)
+            if self.epoch in self.config.resolved_checkpoint_epochs:
+                self._checkpoint(output_dir, state_path)
+        return self.records
+
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train[1]) / self.config.batch_size)
+
+    def _train_epoch(self, bar: tqdm) -> None:
+        x, y = self.data.train
+        # Dropout masks come from the global generator, seeded per chunk and epoch for resumption.
+        torch.manual_seed(
+            int(np.random.SeedSequence([self.specs[0].seed, self.epoch]).generate_state(1)[0])
+        )
+        orders = np.stack([data_order(s.seed, self.epoch, len(y)) for s in self.specs])
+        orders = torch.from_numpy(orders).to(self.device)
+        self.module.train()
+        for batch in orders.split(self.config.batch_size, dim=1):
+            with self._autocast():
+                grads = self._train_step(self.params, self.buffers, x[batch], y[batch])
+            self.optimizer.step(self.params, grads)
+            bar.update(1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Tensor]:
+        """Loss and accuracy of every model on every split: ``{"train_loss": [M], ...}``."""
+        self.module.eval()
+        metrics = {}
+        for split, (x, y) in self.data.splits().items():
+            loss_sum = torch.zeros(len(self.specs), device=self.device)
+            correct = torch.zeros(len(self.specs), device=self.device)
+            for xb, yb in zip(
+                x.split(self.config.eval_batch_size), y.split(self.config.eval_batch_size)
+            ):
+                with self._autocast():
+                    logits = self._logits(self.params, self.buffers, xb).float()  # [M, b, classes]
+                target = yb.expand(len(self.specs), -1)
+                loss_sum += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
+                correct += (logits.argmax(-1) == target).sum(1)
+            metrics[f"{split}_loss"] = loss_sum.cpu().double() / len(y)
+            metrics[f"{split}_acc"] = correct.cpu().double() / len(y)
+        return metrics
+
+    def _checkpoint(self, output_dir: Path, state_path: Path) -> None:
+        metrics = {k: v.tolist() for k, v in self.evaluate().items()}
+        tensors = {k: v.cpu() for k, v in {**self.params, **self.buffers}.items()}
+        for i, spec in enumerate(self.specs):
+            file = f"checkpoints/{spec.model_id}_epoch_{self.epoch:03d}.safetensors"
+            _atomic_save({k: tensors[k][i] for k in self.state_keys}, output_dir / file)
+            record = {
+                "file": file,
+                "model_id": spec.model_id,
+                "epoch": self.epoch,
+                "seed": spec.seed,
+            }
+            record.update({name: values[i] for name, values in metrics.items()})
+            record["ggap"] = record["train_acc"] - record["test_acc"]
+            record["hyperparameters"] = spec.hyperparameters
+            self.records.append(record)
+        self._save_state(state_path)
+
+    def _save_state(self, state_path: Path) -> None:
+        """Save the chunk's training state; the JSON names the tensor file, so it commits last."""
+        tensors = {f"param.{k}": v for k, v in self.params.items()}
+        tensors |= {f"buffer.{k}": v for k, v in self.buffers.items()}
+        tensors |= {f"optimizer.{k}": v for k, v in self.optimizer.state.items()}
+        tensor_file = state_path.with_name(f"{state_path.name}_epoch_{self.epoch:03d}.safetensors")
+        _atomic_save({k: v.cpu() for k, v in tensors.items()}, tensor_file)
+        state = {
+            "tensors": tensor_file.name,
+            "epoch": self.epoch,
+            "optimizer_steps": self.optimizer.steps,
+            "model_ids": [s.model_id for s in self.specs],
+            "records": self.records,
+        }
+        _atomic_write(_state_json(state_path), json.dumps(state))
+        for old in state_path.parent.glob(f"{state_path.name}_epoch_*.safetensors"):
+            if old != tensor_file:
+                old.unlink()
+
+    def _load_state(self, state_path: Path) -> None:
+        state = json.loads(_state_json(state_path).read_text())
+        if state["model_ids"] != [s.model_id for s in self.specs]:
+            raise ValueError(f"{_state_json(state_path)} belongs to other models than this chunk")
+        tensors = load_file(state_path.parent / state["tensors"], device=str(self.device))
+        for prefix, target in [
+            ("param.", self.params),
+            ("buffer.", self.buffers),
+            ("optimizer.", self.optimizer.state),
+        ]:
+            for key in target:
+                target[key] = tensors[prefix + key]
+        self.epoch = state["epoch"]
+        self.optimizer.steps = state["optimizer_steps"]
+        self.records = state["records"]
+
+
+def _stack(tensor_dicts: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
+    return {
+        k: torch.stack([d[k].detach() for d in tensor_dicts]).to(device) for k in tensor_dicts[0]
+    }
+
+
+def _zoo_info(config: ZooConfig, dataset: ImageDataset, architecture_kwargs: dict) -> dict:
+    return {
+        "architecture": config.architecture,
+        "architecture_kwargs": architecture_kwargs,
+        "dataset": dataset.name,
+        "kind": config.kind,
+        "epochs": config.resolved_checkpoint_epochs,
+        "num_classes": dataset.num_classes,
+        "input_shape": list(dataset.input_shape),
+        "num_models": len(config.model_specs()),
+        "dataset_info": dataset.info(),
+        "config": config.to_dict(),
+        "protocol": "Model Zoos (Schürholt et al. 2022); trained with sane_hf.train_zoo",
+    }
+
+
+def _start_or_resume(output_dir: Path, info: dict) -> None:
+    """Write zoo.json, or check that an existing one describes the same zoo."""
+    zoo_json = output_dir / "zoo.json"
+    if zoo_json.exists():
+        previous = json.loads(zoo_json.read_text())
+        old, new = previous.get("config", {}), info["config"]
+        changed = sorted(
+            k
+            for k in old.keys() | new.keys()
+            if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES
+        )
+        if changed or previous.get("dataset_info") != json.loads(json.dumps(info["dataset_info"])):
+            raise ValueError(
+                f"{output_dir} holds a zoo trained with a different config (fields {changed or ['dataset']} "
+                "differ); use another output directory or the original config to resume"
+            )
+    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    _state_dir(output_dir).mkdir(exist_ok=True)
+    _atomic_write(zoo_json, json.dumps(info, indent=2))
+
+
+def _state_dir(output_dir: Path) -> Path:
+    return output_dir / "train_state"
+
+
+def _state_json(state_path: Path) -> Path:
+    return state_path.with_suffix(".json")
+
+
+def _finished_chunks(output_dir: Path) -> set[int]:
+    progress = _state_dir(output_dir) / "progress.json"
+    return set(json.loads(progress.read_text())["finished_chunks"]) if progress.exists() else set()
+
+
+def _finish_chunk(
+    output_dir: Path, index: int, chunks: list[list[ModelSpec]], records: list[dict]
+) -> None:
+    """Publish a chunk's records in metadata.jsonl, then mark it finished and drop its state."""
+    finished = _finished_chunks(output_dir)
+    finished_ids = {s.model_id for i in finished for s in chunks[i]}
+    kept = [r for r in _read_metadata(output_dir) if r["model_id"] in finished_ids]
+    all_records = sorted(kept + records, key=lambda r: (r["model_id"], r["epoch"]))
+    _atomic_write(output_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in all_records))
+    progress = {"finished_chunks": sorted(finished | {index}), "num_chunks": len(chunks)}
+    _atomic_write(_state_dir(output_dir) / "progress.json", json.dumps(progress))
+    for path in _state_dir(output_dir).glob(f"chunk_{index:04d}[._]*"):
+        path.unlink()
+
+
+def _read_metadata(output_dir: Path) -> Iterator[dict]:
+    path = output_dir / "metadata.jsonl"
+    if path.exists():
+        yield from (json.loads(line) for line in path.read_text().splitlines() if line)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,211 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sane_hf import ZooConfig, build_model, load_dataset_by_name, train_zoo
+from sane_hf.cli import main
+from sane_hf.zoo import _ChunkTrainer, data_order, initialize_zoo_model, structural_kwargs
+
+TINY = {"dataset_kwargs": {"num_samples": 100}, "batch_size": 10}
+
+
+def _metadata(zoo_dir):
+    return [json.loads(line) for line in (zoo_dir / "metadata.jsonl").read_text().splitlines()]
+
+
+def _rebuild(zoo_dir, record):
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    hp = record["hyperparameters"]
+    model = build_model(zoo["architecture"], **zoo["architecture_kwargs"], **structural_kwargs(hp))
+    model.load_state_dict(load_file(zoo_dir / record["file"]), strict=True)
+    return model.eval()
+
+
+def test_seed_zoo_writes_the_raw_zoo_format(tmp_path):
+    config = ZooConfig(num_models=3, epochs=2, models_per_chunk=2, **TINY)
+    zoo_dir = train_zoo(config, tmp_path / "zoo", progress=False)
+
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    assert zoo["architecture"] == "cnn_s" and zoo["kind"] == "seed"
+    assert zoo["architecture_kwargs"] == {"in_channels": 1, "num_classes": 10}
+    assert zoo["epochs"] == [0, 1, 2] and zoo["input_shape"] == [1, 28, 28]
+    records = _metadata(zoo_dir)
+    assert [(r["model_id"], r["epoch"]) for r in records] == [
+        (f"model_{i:04d}", e) for i in range(3) for e in range(3)
+    ]
+    assert [r["seed"] for r in records[::3]] == [0, 1, 2]
+    assert records[0]["hyperparameters"] == {
+        "activation": "tanh",
+        "dropout": 0.0,
+        "init": "uniform",
+        "optimizer": "adam",
+        "lr": 3e-4,
+        "weight_decay": 0.0,
+        "batch_size": 10,
+    }
+    # Epoch 0 is the initialization, reproducible from the seed alone.
+    init = initialize_zoo_model(
+        "cnn_s", zoo["architecture_kwargs"], records[3]["hyperparameters"], 1
+    )
+    for key, value in _rebuild(zoo_dir, records[3]).state_dict().items():
+        assert torch.equal(value, init.state_dict()[key])
+    # The stored metrics are those of the stored weights.
+    dataset = load_dataset_by_name("digits", (1, 28, 28), num_samples=100)
+    x, y = dataset.test
+    for record in records[-3:]:
+        with torch.no_grad():
+            logits = _rebuild(zoo_dir, record)(x)
+        assert record["test_acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+        assert record["test_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+        assert record["ggap"] == pytest.approx(record["train_acc"] - record["test_acc"])
+    assert records[-1]["train_loss"] < records[-3]["train_loss"], "training did not reduce the loss"
+
+
+def _plain_loop(config, record, architecture_kwargs, input_shape):
+    """Train one zoo model alone with torch.optim on the batches the zoo model saw."""
+    hp = record["hyperparameters"]
+    dataset = load_dataset_by_name("digits", input_shape, **config.dataset_kwargs)
+    model = initialize_zoo_model(config.architecture, architecture_kwargs, hp, record["seed"])
+    optimizer = {
+        "sgd": lambda p: torch.optim.SGD(
+            p, hp["lr"], momentum=config.sgd_momentum, weight_decay=hp["weight_decay"]
+        ),
+        "adam": lambda p: torch.optim.Adam(p, hp["lr"], weight_decay=hp["weight_decay"]),
+        "adamw": lambda p: torch.optim.AdamW(p, hp["lr"], weight_decay=hp["weight_decay"]),
+    }[hp["optimizer"]](model.parameters())
+    x, y = dataset.train
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        order = torch.from_numpy(data_order(record["seed"], epoch, len(y)))
+        for batch in order.split(config.batch_size):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "optimizer", "architecture_kwargs", "input_shape"),
+    [
+        ("cnn_s", "sgd", {}, None),
+        ("cnn_s", "adam", {}, None),
+        ("mlp", "adamw", {"hidden": [16]}, (1, 8, 8)),
+        # BatchNorm: running statistics must be trained per model and saved.
+        ("resnet_bottleneck", "sgd", {"widths": [4, 4, 4, 4]}, (3, 8, 8)),
+    ],
+)
+def test_vectorized_training_matches_a_plain_loop(
+    tmp_path, architecture, optimizer, architecture_kwargs, input_shape
+):
+    # Four models with different lr/wd in one vmapped group.
+    config = ZooConfig(
+        architecture=architecture,
+        architecture_kwargs=architecture_kwargs,
+        input_shape=input_shape,
+        kind="hyperparameter",
+        num_models=None,
+        hyperparameters={"optimizer": optimizer, "activation": "relu", "init": "kaiming_uniform"},
+        grid={
+            "lr": [1e-2, 5e-3] if optimizer == "sgd" else [1e-2, 1e-3],
+            "weight_decay": [0.0, 0.1],
+        },
+        epochs=1,
+        **TINY,
+    )
+    zoo_dir = train_zoo(config, tmp_path / "zoo", progress=False)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    last = [r for r in _metadata(zoo_dir) if r["epoch"] == 1]
+    assert len({r["hyperparameters"]["lr"] for r in last}) == 2
+    for record in last:
+        expected = _plain_loop(config, record, zoo["architecture_kwargs"], zoo["input_shape"])
+        trained = load_file(zoo_dir / record["file"])
+        assert trained.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    if architecture == "resnet_bottleneck":
+        assert trained["bn1.running_var"].ne(1).all() and trained["bn1.num_batches_tracked"] == 7
+
+
+def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
+    config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
+    reference = train_zoo(config, tmp_path / "reference", progress=False)
+
+    original_epoch = _ChunkTrainer._train_epoch
+    calls = []
+
+    def interrupted_epoch(self, bar):
+        calls.append(self.epoch)
+        if len(calls) == 5:  # chunk 0 done (3 epochs); chunk 1 saved epoch 1, dies in epoch 2
+            raise KeyboardInterrupt
+        original_epoch(self, bar)
+
+    monkeypatch.setattr(_ChunkTrainer, "_train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_zoo(config, tmp_path / "resumed", progress=False)
+    progress = json.loads((tmp_path / "resumed/train_state/progress.json").read_text())
+    assert progress["finished_chunks"] == [0]
+    assert {r["model_id"] for r in _metadata(tmp_path / "resumed")} == {"model_0000", "model_0001"}
+
+    calls.clear()
+    resumed = train_zoo(config, tmp_path / "resumed", progress=False)
+    assert calls == [2, 3], "resumption retrained finished work"
+    assert _metadata(resumed) == _metadata(reference)
+    assert sorted(p.name for p in (resumed / "train_state").iterdir()) == ["progress.json"]
+    for record in _metadata(reference):
+        expected, got = load_file(reference / record["file"]), load_file(resumed / record["file"])
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    config = ZooConfig(num_models=1, epochs=1, **TINY)
+    train_zoo(config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different config \(fields \['epochs'\]"):
+        train_zoo(ZooConfig(num_models=1, epochs=2, **TINY), tmp_path, progress=False)
+
+
+def test_hyperparameter_zoo_grid_subsampling_and_groups():
+    config = ZooConfig(kind="hyperparameter", num_models=40, seeds_per_combination=2, seed=7)
+    specs = config.model_specs()
+    assert len(specs) == 40 and specs == config.model_specs()
+    combos = {(tuple(s.hyperparameters.values()), s.seed) for s in specs}
+    assert len(combos) == 40 and {s.seed for s in specs} <= {7, 8}
+    other = ZooConfig(kind="hyperparameter", num_models=40, seeds_per_combination=2, seed=8)
+    assert [s.hyperparameters for s in other.model_specs()] != [s.hyperparameters for s in specs]
+    assert len(ZooConfig(kind="hyperparameter", num_models=None).model_specs()) == 256
+    with pytest.raises(ValueError, match="exceeds the 256 models"):
+        ZooConfig(kind="hyperparameter", num_models=300).model_specs()
+    with pytest.raises(ValueError, match="'swish' is not one of"):
+        ZooConfig(kind="hyperparameter", grid={"activation": ["swish"]})
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        ZooConfig(hyperparameters={"momentum": 0.5})
+
+
+def test_dropout_masks_differ_between_models(tmp_path):
+    # Two identical models (same seed and hyperparameters) only differ by their dropout masks.
+    config = ZooConfig(
+        kind="hyperparameter",
+        num_models=None,
+        hyperparameters={"dropout": 0.5},
+        grid={"lr": [1e-3, 1e-3]},
+        epochs=1,
+        **TINY,
+    )
+    zoo_dir = train_zoo(config, tmp_path, progress=False)
+    first, second = (load_file(zoo_dir / r["file"]) for r in _metadata(zoo_dir) if r["epoch"] == 1)
+    assert not torch.equal(first["0.weight"], second["0.weight"])
+
+
+def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
+    config_file = tmp_path / "zoo.yaml"
+    config_file.write_text("architecture: mlp\narchitecture_kwargs: {hidden: [8]}\nepochs: 1\n")
+    args = ["zoo", "train", "--config", str(config_file), "--num-models", "2", "--no-progress"]
+    args += ["--dataset", "mnist1d", "--num-samples", "60", "--output", str(tmp_path / "zoo")]
+    assert main(args) == 0
+    zoo = json.loads((tmp_path / "zoo/zoo.json").read_text())
+    assert zoo["architecture_kwargs"] == {"hidden": [8], "in_features": 40, "num_classes": 10}
+    assert len(_metadata(tmp_path / "zoo")) == 4
+    assert main(args) == 0  # finished: nothing left to train
+    assert len(_metadata(tmp_path / "zoo")) == 4
