@@ -242,12 +242,13 @@ def test_zoo_statistics_per_epoch_and_split():
     )
 
 
-def test_cli_build_and_info(raw_zoo, tmp_path, capsys):
+def test_cli_build_and_info(raw_zoo, tmp_path, capsys, fake_hub):
     output, plot = tmp_path / "dataset", tmp_path / "accuracy.png"
     assert main(["zoo", "build", str(raw_zoo), "--output", str(output), "--no-align",
-                 "--tokensize", "100", "--no-progress"]) == 0  # fmt: skip
+                 "--tokensize", "100", "--push-to-hub", "fake-user/cli-zoo", "--no-progress"]) == 0  # fmt: skip
     assert load_zoo_dataset(output).metadata.layout.tokensize == 100
-    capsys.readouterr()
+    assert load_zoo_dataset("fake-user/cli-zoo").metadata == load_zoo_dataset(output).metadata
+    assert "pushed to " in capsys.readouterr().out
 
     assert main(["zoo", "info", str(output), "--plot", str(plot)]) == 0
     printed = capsys.readouterr().out

@@ -420,6 +420,8 @@ class _ZooEncoder:
         self.counts = self.layout.row_counts().numpy()
         self.spec: PermutationSpec | None = None
         self.reference: dict[str, torch.Tensor] | None = None
+        self.normalization: NormalizationStats | None = None
+        self.mean = self.std = None  # per-value maps [N, T] of the normalization
 
     def load(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         path = self.root / record["file"]

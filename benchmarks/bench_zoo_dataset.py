@@ -1,0 +1,100 @@
+"""Speed of building, saving and reading a zoo dataset on CPU.
+
+Writes a synthetic raw zoo of CNN-s models (random weights drifting per epoch: the cost of
+building does not depend on the weights being trained), then times ``build_zoo_dataset`` with
+and without alignment, ``save_zoo_dataset``, ``load_zoo_dataset`` (memory-mapped) and reading
+rows as torch tensors.
+
+    python benchmarks/bench_zoo_dataset.py [--models 200] [--epochs 5]
+
+Prints JSON and writes it to ``benchmarks/results/bench_zoo_dataset.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sane_hf import build_model, build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
+
+RESULTS = Path(__file__).parent / "results" / "bench_zoo_dataset.json"
+
+
+def write_raw_zoo(root: Path, num_models: int, num_epochs: int) -> None:
+    (root / "checkpoints").mkdir(parents=True)
+    zoo = {"architecture": "cnn_s", "architecture_kwargs": {}, "dataset": "synthetic"}
+    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(range(num_epochs))}))
+    lines = []
+    for model in range(num_models):
+        torch.manual_seed(model)
+        state_dict = build_model("cnn_s").state_dict()
+        for epoch in range(num_epochs):
+            state_dict = {k: v + 0.01 * torch.randn_like(v) for k, v in state_dict.items()}
+            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
+            save_file(state_dict, root / file)
+            accuracy = 0.1 + 0.8 * epoch / num_epochs
+            lines.append(
+                {"file": file, "model_id": f"model_{model:04d}", "epoch": epoch, "seed": model,
+                 "train_loss": 1.0, "train_acc": accuracy, "val_loss": None, "val_acc": None,
+                 "test_loss": 1.0, "test_acc": accuracy, "ggap": 0.0,
+                 "hyperparameters": {"activation": "tanh", "dropout": 0.0}}
+            )  # fmt: skip
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    num_checkpoints = args.models * args.epochs
+
+    with tempfile.TemporaryDirectory() as work_dir:
+        raw = Path(work_dir) / "raw"
+        write_raw_zoo(raw, args.models, args.epochs)
+        _, unaligned_seconds = timed(lambda: build_zoo_dataset(raw, align=False, progress=False))
+        dataset, aligned_seconds = timed(lambda: build_zoo_dataset(raw, progress=False))
+        _, save_seconds = timed(lambda: save_zoo_dataset(dataset, Path(work_dir) / "saved"))
+        zoo, load_seconds = timed(lambda: load_zoo_dataset(Path(work_dir) / "saved"))
+        train = zoo.splits["train"].with_format("torch")
+        rows = range(0, len(train), max(1, len(train) // 200))
+        _, read_seconds = timed(lambda: [train[i]["tokens"] for i in rows])
+        num_tokens = zoo.metadata.layout.num_tokens
+
+    results = {
+        "benchmark": "zoo_dataset",
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "load_average": os.getloadavg()},
+        "zoo": {"architecture": "cnn_s", "models": args.models, "epochs": args.epochs,
+                "checkpoints": num_checkpoints, "tokens_per_checkpoint": num_tokens,
+                "tokensize": 289},
+        "build_seconds": {"no_align": round(unaligned_seconds, 3),
+                          "align": round(aligned_seconds, 3)},
+        "checkpoints_per_second": {"no_align": round(num_checkpoints / unaligned_seconds, 1),
+                                   "align": round(num_checkpoints / aligned_seconds, 1)},
+        "save_seconds": round(save_seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "row_read_ms": round(1000 * read_seconds / len(rows), 3),
+    }  # fmt: skip
+    text = json.dumps(results, indent=2)
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
