@@ -97,7 +97,7 @@ def _build(name):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
                 module.weight.normal_(generator=generator)
                 module.bias.normal_(generator=generator)
                 module.running_mean.normal_(generator=generator)

@@ -22,8 +22,9 @@ outputs are then fixed; this still finds the hidden dimension of transformer MLP
 (GPT-2's ``c_fc``/``c_proj``, ViT's ``fc1``/``fc2``).
 
 Assumptions of the derivation: convolution and BatchNorm inputs carry a batch dimension (how
-``nn.Module`` layers are called in a zoo), and a parameter of a traced module is not used by
-code outside it (shared parameters are detected and joined).
+``nn.Module`` layers are called in a zoo); a parameter of a traced module is not used by code
+outside it (shared parameters are detected and joined); and a submodule traced on its own
+because its parent could not be traced is used through its ``forward``.
 """
 
 from __future__ import annotations
@@ -619,7 +620,8 @@ _ELEMENTWISE_METHODS = {
 _SHAPE_METHODS = {"size", "dim", "numel"}
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 _PYTHON_MODULES = {"_operator", "operator", "math", "builtins"}
-_BATCH_NORM_RANKS = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+_BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BATCH_NORM_RANKS = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}  # BatchNorm1d takes [N, C] or [N, C, L]
 _BATCH_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -806,7 +808,7 @@ class _SpecBuilder:
             return self._dense(
                 name, value, module.in_channels, module.out_channels, 0, -dims - 1, dims + 2
             )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, _BATCH_NORM_MODULES):
             rank = value.rank or _BATCH_NORM_RANKS.get(type(module))
             if rank is None:
                 return self._unknown(node, values)
