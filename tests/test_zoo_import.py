@@ -215,10 +215,12 @@ def test_safetensors_folder_is_validated_and_copied_to_canonical_names(tmp_path)
                 "train_acc": 0.6,
                 "test_loss": 1.1,
                 "test_acc": 0.5,
+                "val_acc": None,  # no validation split: not an extra metric
                 "hyperparameters": {"activation": "tanh"},
             }
         )
     (source / "broken.safetensors").write_bytes(b"not a safetensors file")
+    lines[1]["lr_at_end"] = 1e-5
     lines.append({**lines[0], "train_acc": 60.0, "epoch": 1})
     (source / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
@@ -240,7 +242,8 @@ def test_safetensors_folder_is_validated_and_copied_to_canonical_names(tmp_path)
         "checkpoints/m0_epoch_000.safetensors",
         "checkpoints/m1_epoch_000.safetensors",
     ]
-    assert records[0]["ggap"] == pytest.approx(0.1)
+    assert records[0]["ggap"] == pytest.approx(0.1) and records[0]["val_acc"] is None
+    assert "metrics" not in records[0] and records[1]["metrics"] == {"lr_at_end": 1e-5}
     assert torch.equal(
         load_file(output / records[1]["file"])["0.weight"], cnn_s_state_dict(1, 0)["0.weight"]
     )

@@ -267,9 +267,9 @@ def as_state_dict(loaded: Any) -> dict[str, torch.Tensor]:
 def properties_from_metrics(metrics: dict[str, Any], where: str) -> dict[str, Any]:
     """Map a metrics dict to the raw zoo properties; raise `CheckpointProblem` if one is missing.
 
-    Returns our named metrics (train/val/test loss and acc, ggap) plus ``metrics``: the other
-    entries of the line under their own names (all but a nested trial ``config``, which repeats
-    ``params.json``).
+    Returns our named metrics (train/val/test loss and acc, ggap) plus, if there are any,
+    ``metrics``: the other entries of the line under their own names (all but a nested trial
+    ``config``, which repeats ``params.json``).
     """
     properties: dict[str, Any] = {}
     used = set()
@@ -291,12 +291,16 @@ def properties_from_metrics(metrics: dict[str, Any], where: str) -> dict[str, An
             )
     if properties["ggap"] is None:
         properties["ggap"] = properties["train_acc"] - properties["test_acc"]
-    properties["metrics"] = {
+    aliases = {alias for names in METRIC_ALIASES.values() for alias in names}
+    extra = {
         key: value
         for key, value in metrics.items()
-        if key not in used and key not in EPOCH_KEYS and key != "config"
+        if key not in used
+        and key not in EPOCH_KEYS
+        and key != "config"
+        and not (key in aliases and value is None)  # an empty val_acc is no extra metric
     }
-    return properties
+    return properties | ({"metrics": extra} if extra else {})
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -611,7 +615,8 @@ def _import_safetensors_line(source: Path, number: int, line: dict, model: _Mode
             raise CheckpointProblem(f"a second checkpoint of {model.model_id} at epoch {epoch}")
         metrics = {key: value for key, value in line.items() if key not in RECORD_KEYS}
         properties = properties_from_metrics(metrics, where)
-        properties["metrics"] = line.get("metrics", {}) | properties["metrics"]
+        if extra := line.get("metrics", {}) | properties.get("metrics", {}):
+            properties["metrics"] = extra
         loaded = load_safetensors_checkpoint(source / file)
         model.add(loaded, epoch, seed, properties, line.get("hyperparameters", {}))
     except CheckpointProblem as problem:
