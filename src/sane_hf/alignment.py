@@ -698,7 +698,7 @@ class _LayerTracer(torch.fx.Tracer):
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` (a linear layer with weight ``[in, out]``), without importing transformers."""
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+    return pytorch_utils is not None and type(module) is pytorch_utils.Conv1D  # not subclasses
 
 
 def _try_trace(module: nn.Module) -> torch.fx.Graph | None:
