@@ -230,6 +230,14 @@ def test_float16_tokens_and_an_epoch_subset(raw_zoo):
         torch.testing.assert_close(value, original[key], rtol=2e-3, atol=5e-4)
 
 
+def test_alignment_epoch_chooses_the_checkpoint_that_is_matched(raw_zoo):
+    dataset = build_zoo_dataset(raw_zoo, epochs=[0, 2], alignment_epoch=0, progress=False)
+    alignment = zoo_metadata(dataset).alignment
+    assert (alignment["reference_epoch"], alignment["alignment_epoch"]) == (0, 0)
+    with pytest.raises(ValueError, match="has no checkpoint at alignment_epoch=1"):
+        build_zoo_dataset(raw_zoo, epochs=[0, 2], alignment_epoch=1, progress=False)
+
+
 def test_zoo_statistics_per_epoch_and_split():
     records = [
         {"model_id": model, "epoch": epoch, "train_acc": 0.5, "test_acc": acc}

@@ -236,7 +236,8 @@ class ZooMetadata:
         normalization: the training-split `NormalizationStats` the tokens were standardized with.
         tokenizer: ``WeightTokenizer`` settings (``tokensize``, ``include_norm``) and the stored
             token ``dtype``.
-        alignment: ``{"aligned", "reference_model_id", "reference_epoch", "alignment_epoch"}``.
+        alignment: ``{"aligned", "alignment_epoch"}``, plus ``"reference_model_id"`` and
+            ``"reference_epoch"`` when aligned.
         split: ``{"seed", "fractions", "models": {split: [model ids]}}``.
         statistics: counts and accuracy per epoch (see `zoo_statistics`).
     """
@@ -511,6 +512,36 @@ def _group_records(records: Sequence[dict], epochs: Sequence[int] | None) -> dic
     return dict(sorted(by_model.items()))  # file order must not matter, not even for float sums
 
 
+def _split_zoo(
+    records_by_model: Mapping[str, list], seed: int, fractions: Sequence[float]
+) -> dict[str, list[str]]:
+    splits = split_models(records_by_model, seed, fractions)
+    if not all(splits.values()):
+        sizes = {split: len(model_ids) for split, model_ids in splits.items()}
+        raise ValueError(
+            f"every split needs at least one model: {len(records_by_model)} models with fractions "
+            f"{tuple(fractions)} give {sizes}"
+        )
+    return splits
+
+
+def _set_reference(
+    encoder: _ZooEncoder,
+    records_by_model: Mapping[str, list[dict]],
+    reference: str,
+    alignment_epoch: int | None,
+) -> dict[str, Any]:
+    """Make ``reference`` (at the alignment epoch, default its last) the alignment target."""
+    if reference not in records_by_model:
+        raise ValueError(
+            f"reference model {reference!r} is not in the zoo (or has no selected epoch)"
+        )
+    records = records_by_model[reference]
+    record = records[_alignment_index(reference, records, alignment_epoch)]
+    encoder.set_reference(encoder.load(record))
+    return {"reference_model_id": reference, "reference_epoch": record["epoch"]}
+
+
 @contextlib.contextmanager
 def _datasets_progress_bars_hidden() -> Iterator[None]:
     """Our own bar counts checkpoints; hide datasets' per-split bars while building."""
@@ -546,8 +577,9 @@ def build_zoo_dataset(
         tokensize, include_norm: `WeightTokenizer` settings (289 fits the CNN zoos).
         align: permute every model onto the ``reference`` model's ordering (weight matching).
         reference: model id of the alignment reference; default: the first (sorted) model of the
-            training split, at its last selected epoch.
-        alignment_epoch: the epoch whose permutation every model gets (default: its last one).
+            training split.
+        alignment_epoch: the epoch whose permutation every model gets, matched against the
+            reference at that epoch (default: each model's last selected epoch).
         seed, split_fractions: the by-model split (see `split_models`).
         epochs: keep only checkpoints of these epochs.
         dtype: storage dtype of the tokens, ``"float32"`` or ``"float16"`` (normalized tokens
@@ -567,32 +599,15 @@ def build_zoo_dataset(
         raise ValueError(f"dtype must be one of {list(TOKEN_DTYPES)}, got {dtype!r}")
     zoo = load_zoo_info(root)
     records_by_model = _group_records(load_zoo_metadata(root), epochs)
-    splits = split_models(records_by_model, seed, split_fractions)
-    if not all(splits.values()):
-        sizes = {split: len(model_ids) for split, model_ids in splits.items()}
-        raise ValueError(
-            f"every split needs at least one model: {len(records_by_model)} models with fractions "
-            f"{tuple(split_fractions)} give {sizes}"
-        )
+    splits = _split_zoo(records_by_model, seed, split_fractions)
 
     encoder = _ZooEncoder(root, zoo, WeightTokenizer(tokensize, include_norm), dtype_name)
     train_records = [r for model_id in splits["train"] for r in records_by_model[model_id]]
     encoder.fit_normalization(train_records, progress)
-    alignment = {
-        "aligned": align,
-        "reference_model_id": None,
-        "reference_epoch": None,
-        "alignment_epoch": alignment_epoch,
-    }
+    alignment = {"aligned": align, "alignment_epoch": alignment_epoch}
     if align:
         reference = reference or splits["train"][0]
-        if reference not in records_by_model:
-            raise ValueError(
-                f"reference model {reference!r} is not in the zoo (or has no selected epoch)"
-            )
-        reference_record = records_by_model[reference][-1]
-        encoder.set_reference(encoder.load(reference_record))
-        alignment |= {"reference_model_id": reference, "reference_epoch": reference_record["epoch"]}
+        alignment |= _set_reference(encoder, records_by_model, reference, alignment_epoch)
 
     all_records = [record for records in records_by_model.values() for record in records]
     columns = _metadata_columns(all_records)
@@ -602,7 +617,6 @@ def build_zoo_dataset(
     cache_dir = cache_dir or tempfile.mkdtemp(
         prefix="sane_zoo_", dir=get_temporary_cache_files_directory()
     )
-
     metadata = ZooMetadata(
         zoo=zoo,
         layout=encoder.layout,
