@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -5,11 +6,15 @@ from sane_hf.configuration_sane import SaneConfig
 from sane_hf.embedding import (
     decode_latents,
     default_window_and_halo,
+    embed,
     encode_tokens,
     halo_windows,
     pool_latents,
 )
 from sane_hf.modeling_sane import SaneModel
+from sane_hf.zoo_dataset import zoo_metadata
+from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+from synthetic_zoo import template as synthetic_template
 
 NUM_TOKENS = 37
 
@@ -106,3 +111,41 @@ def test_pool_latents_means_over_all_tokens_and_per_layer():
     single_mean, single_layers = pool_latents(latents[0], positions)
     torch.testing.assert_close(single_layers, layer_means[0])
     torch.testing.assert_close(single_mean, mean[0])
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def zoo_sane():
+    torch.manual_seed(0)
+    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+
+
+def test_zoo_split_embeddings_match_embedding_each_network(zoo, zoo_sane):
+    split = zoo["validation"]
+    embeddings = embed(zoo_sane, split, window=8, halo=4, models_per_chunk=4, progress=False)
+    assert embeddings.mean.shape == (len(split), zoo_sane.config.latent_dim)
+    assert embeddings.token_latents is None  # not kept for zoos unless asked for
+    np.testing.assert_array_equal(embeddings.properties["epoch"], split["epoch"])
+    assert embeddings.properties["activation"].tolist() == [
+        row["activation"] for row in split["hyperparameters"]
+    ]
+    assert np.isnan(embeddings.properties["val_acc"]).all()  # missing values stay visible
+
+    # a network given as raw weights is normalized with the zoo's statistics first
+    metadata = zoo_metadata(zoo)
+    row = 5
+    state_dict = metadata.decode(split[row]["tokens"])
+    single = embed(
+        zoo_sane, state_dict, normalization=metadata.normalization, window=8, halo=4, progress=False
+    )
+    torch.testing.assert_close(single.mean, embeddings.mean[row], rtol=1e-4, atol=1e-5)
+    assert single.token_latents.shape == (len(split[row]["tokens"]), zoo_sane.config.latent_dim)
+
+
+def test_embedding_raw_weights_without_statistics_is_an_error(zoo_sane):
+    with pytest.raises(ValueError, match="normalization="):
+        embed(zoo_sane, synthetic_template())

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sane_hf.cli import main
 from sane_hf.configuration_sane import SaneConfig
 from sane_hf.modeling_sane import SaneModel
 from sane_hf.probing import (
@@ -12,9 +13,12 @@ from sane_hf.probing import (
     SaneForPropertyPrediction,
     mask_from_counts,
     probe_features,
+    probe_zoo,
     raw_weight_features,
     weight_statistics,
 )
+from sane_hf.zoo_dataset import save_zoo_dataset
+from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 
 
 def _splits(x, sizes=(200, 100, 100)):
@@ -195,3 +199,48 @@ def test_property_prediction_model_learns_a_property():
     assert losses[-1] < 0.3 * losses[0]
     with pytest.raises(ValueError, match="num_labels=1"):
         model(tokens, positions, labels=torch.zeros(32, 2))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def sane():
+    torch.manual_seed(0)
+    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+
+
+def test_probe_zoo_compares_sane_with_baselines_on_the_same_splits(zoo, sane):
+    report = probe_zoo(sane, zoo, include_layer_means=True, progress=False)
+    assert report.feature_sets == ["SANE", "SANE layers", "s(W)", "W"]
+    # the synthetic zoo encodes the epoch in the weight variance: s(W) must find it
+    assert report.score("epoch", "s(W)") > 0.8
+    assert report.score("test_acc", "s(W)") > 0.8
+    for name in ("SANE", "SANE layers", "W"):
+        assert np.isfinite(report.score("test_acc", name))
+    assert report.score("activation", "SANE") >= 0.0  # categorical: logistic accuracy
+    assert "val_acc" in report.skipped and "missing" in report.skipped["val_acc"]
+    assert report.skipped["lr"] == "constant on the train split"
+    assert "seed" not in report.properties and "model_id" not in report.properties
+
+
+def test_probe_zoo_skips_the_raw_weight_baseline_for_large_models(zoo, sane):
+    report = probe_zoo(sane, zoo, properties=["epoch"], max_raw_features=100, progress=False)
+    assert report.feature_sets == ["SANE", "s(W)"]
+    assert "max_raw_features=100" in report.skipped["W (baseline)"]
+    with pytest.raises(ValueError, match="not a column"):
+        probe_zoo(sane, zoo, properties=["flops"], progress=False)
+
+
+def test_cli_probe_writes_table_json_and_plot(zoo, sane, tmp_path, capsys):
+    sane.save_pretrained(tmp_path / "sane")
+    save_zoo_dataset(zoo, tmp_path / "zoo")
+    argv = ["probe", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
+    argv += ["--properties", "epoch", "test_acc", "--output-dir", str(tmp_path / "out"), "--plot"]
+    assert main(argv) == 0
+    assert "s(W)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert {r["features"] for r in saved["results"]} == {"SANE", "s(W)", "W"}
+    assert (tmp_path / "out" / "probe.png").stat().st_size > 0

@@ -1,14 +1,28 @@
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from sane_hf import build_model
+from sane_hf.cli import main
+from sane_hf.configuration_sane import SaneConfig
+from sane_hf.evaluation import evaluate_samples, load_task_dataset, scratch_models
+from sane_hf.modeling_sane import SaneModel
 from sane_hf.sampling import (
+    SaneSampler,
     condition_batchnorm,
     draw_latents,
     gaussian_prior_latents,
     nearest_neighbor_distances,
     novelty_report,
+    select_prompts,
+    split_token_chunks,
 )
+from sane_hf.zoo_dataset import save_zoo_dataset, zoo_metadata
+from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+from synthetic_zoo import template as synthetic_template
 
 
 def _prompts(num_prompts=4, num_tokens=12, latent_dim=3):
@@ -137,3 +151,179 @@ def test_novelty_of_an_exact_copy_is_zero_and_prompts_exclude_themselves():
 def test_nearest_neighbor_distances_rejects_layout_mismatch():
     with pytest.raises(ValueError, match="share one layout"):
         nearest_neighbor_distances(torch.zeros(1, 2, 3), torch.zeros(4, 3, 3))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def sane():
+    torch.manual_seed(0)
+    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+
+
+@pytest.fixture(scope="module")
+def sampler(zoo, sane):
+    return SaneSampler.from_zoo(sane, zoo_metadata(zoo), window=8, halo=4)
+
+
+@pytest.fixture(scope="module")
+def prompt_tokens(zoo):
+    rows = select_prompts(zoo["train"], 3, metric="train_acc")
+    return zoo["train"].with_format("torch", columns=["tokens"])[rows]["tokens"]
+
+
+def test_samples_load_strictly_into_the_network_and_run(sampler, prompt_tokens):
+    samples = sampler.sample(prompt_tokens, 4, generator=torch.Generator().manual_seed(0))
+    assert len(samples) == 4 and samples.tokens.shape == (4, *prompt_tokens.shape[1:])
+    inputs = torch.randn(5, 1, 8, 8)
+    for network, state_dict in zip(samples.models, samples.state_dicts):
+        synthetic_template().load_state_dict(state_dict, strict=True)
+        assert torch.isfinite(network(inputs)).all()
+    assert not samples.tokens[:, ~sampler.mask].any()  # padding is zeroed
+
+
+@pytest.mark.parametrize("mode", ["shared", "joint"])
+def test_zero_bandwidth_sampling_reproduces_the_prompt_autoencoded(sampler, prompt_tokens, mode):
+    samples = sampler.sample(
+        prompt_tokens, 5, mode=mode, bandwidth=0.0, generator=torch.Generator().manual_seed(1)
+    )
+    reconstructed = sampler.decode(sampler.encode(prompt_tokens))
+    chosen = samples.prompt_indices[:, 0]
+    torch.testing.assert_close(samples.tokens, reconstructed[chosen])
+    # ... and the networks hold exactly those tokens, de-normalized
+    metadata_weights = sampler.normalization.denormalize_tokens(reconstructed, sampler.layout)
+    expected = sampler.tokenizer.decode(metadata_weights[chosen[0]], sampler.layout)
+    for key, value in samples.models[0].state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+
+
+def test_seeded_sampling_is_reproducible(sampler, prompt_tokens):
+    first = sampler.sample(
+        prompt_tokens, 3, mode="token", generator=torch.Generator().manual_seed(2)
+    )
+    second = sampler.sample(
+        prompt_tokens, 3, mode="token", generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(first.tokens, second.tokens)
+
+
+def test_subsampling_keeps_the_best_candidates(sampler, prompt_tokens):
+    seen = []
+
+    def score(network):  # any deterministic function of the weights
+        seen.append(network[1].weight.sum().item())
+        return seen[-1]
+
+    best = sampler.subsample(
+        prompt_tokens, 3, 8, score, bandwidth=0.5, generator=torch.Generator().manual_seed(3)
+    )
+    assert len(seen) == 8 and len(best) == 3
+    assert best.scores.tolist() == pytest.approx(sorted(seen, reverse=True)[:3])
+    assert [score(network) for network in best.models] == pytest.approx(best.scores.tolist())
+
+
+def test_bootstrapping_from_the_gaussian_prior_never_loses_its_best(sampler):
+    def score(network):
+        return -network[1].weight.abs().mean().item()
+
+    generator = torch.Generator().manual_seed(4)
+    first = sampler.bootstrap(None, 2, 6, score, rounds=1, prior_sigma=1.0, generator=generator)
+    generator = torch.Generator().manual_seed(4)
+    more = sampler.bootstrap(None, 2, 6, score, rounds=3, prior_sigma=1.0, generator=generator)
+    assert first.prompt_indices is None and more.prompt_indices is None
+    # the same first round, then the kept models compete with the new candidates
+    assert (more.scores >= first.scores).all()
+    assert more.scores.tolist() == pytest.approx([score(net) for net in more.models])
+
+
+def test_sampling_a_wider_variant_with_another_number_of_classes(zoo, sane):
+    metadata = zoo_metadata(zoo)
+    with pytest.warns(UserWarning, match="row index up to 11"):
+        wide = SaneSampler.from_zoo(
+            sane, metadata, architecture_kwargs={"hidden": [12], "num_classes": 4}, window=8, halo=4
+        )
+    samples = wide.bootstrap(
+        None, 2, 3, lambda net: 0.0, rounds=1, generator=torch.Generator().manual_seed(0)
+    )
+    assert samples.models[0][1].weight.shape == (12, 64)
+    assert samples.models[0](torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    prompts = [synthetic_template()]
+    with pytest.raises(ValueError, match="prompts must have the target architecture"):
+        wide.prompt_tokens(prompts)
+
+
+def test_target_layers_beyond_the_position_tables_are_a_clear_error(zoo, sane):
+    too_deep = build_model("mlp", in_features=64, hidden=[2] * 70, num_classes=10)
+    with pytest.raises(ValueError, match=r"does not fit SANE's position tables.*layer position"):
+        SaneSampler(sane, too_deep, zoo_metadata(zoo).normalization)
+    deeper = build_model("mlp", in_features=64, hidden=[6, 6], num_classes=10)
+    with pytest.raises(ValueError, match="normalization statistics do not cover"):
+        SaneSampler(sane, deeper, zoo_metadata(zoo).normalization)
+
+
+def test_novelty_of_zoo_members_is_zero_and_of_samples_positive(zoo, sampler, prompt_tokens):
+    samples = sampler.sample(prompt_tokens, 2, generator=torch.Generator().manual_seed(5))
+    members = prompt_tokens[:2]
+    report = novelty_report(
+        torch.cat([members, samples.tokens]),
+        split_token_chunks(zoo["train"], chunk_size=16),
+        sampler.mask,
+        prompt_tokens,
+    )
+    assert report.sample_distances[:2].tolist() == [0.0, 0.0]
+    assert (report.sample_distances[2:] > 0).all()
+    assert (report.prompt_distances > 0).all()  # prompts are not compared with themselves
+
+
+def test_select_prompts_takes_the_best_of_one_epoch(zoo):
+    split = zoo["train"]
+    rows = select_prompts(split, 4, epoch=3, metric="train_acc")
+    chosen = split.select(rows)
+    assert set(chosen["epoch"]) == {3}
+    others = [r["train_acc"] for r in split if r["epoch"] == 3 and r["train_acc"] is not None]
+    assert sorted(chosen["train_acc"], reverse=True) == sorted(others, reverse=True)[:4]
+    with pytest.raises(ValueError, match="missing values"):
+        select_prompts(split, 4, metric="val_acc")
+
+
+def test_cli_sample_writes_networks_novelty_and_evaluation(zoo, sane, tmp_path, capsys):
+    sane.save_pretrained(tmp_path / "sane")
+    save_zoo_dataset(zoo, tmp_path / "zoo")
+    output = tmp_path / "out"
+    argv = ["sample", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
+    argv += ["--output-dir", str(output), "--num-samples", "2", "--num-candidates", "3"]
+    argv += ["--num-prompts", "3", "--prompt-metric", "train_acc", "--finetune-epochs", "1"]
+    argv += ["--window", "8", "--halo", "4", "--score-samples", "50"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "from scratch" in printed and "nearest-neighbour" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["scores"]) == 2 and len(summary["novelty"]["sample_distances"]) == 2
+    assert summary["evaluation"]["epochs"] == [0, 1]
+    files = sorted((output / "samples").iterdir())
+    assert len(files) == 2
+    synthetic_template().load_state_dict(load_file(files[0]), strict=True)
+    assert (output / "evaluation.png").stat().st_size > 0
+
+
+def test_evaluate_samples_fine_tunes_copies_and_reports_table3(tmp_path):
+    task = load_task_dataset({"dataset": "digits", "input_shape": [1, 8, 8]})
+    scratch = scratch_models(synthetic_template(), 2, init="uniform", seed=0)
+    before = [network.state_dict()["1.weight"].clone() for network in scratch]
+    evaluation = evaluate_samples(
+        {"from scratch": scratch}, task, epochs=2, lr=1e-2, batch_size=32, progress=False
+    )
+    accuracy = evaluation.accuracy["from scratch"]
+    assert accuracy.shape == (2, 3) and evaluation.epochs == [0, 1, 2]
+    assert accuracy[:, 2].mean() > accuracy[:, 0].mean() + 0.3  # 10 classes: chance is 0.1
+    for network, weight in zip(scratch, before):
+        assert torch.equal(network.state_dict()["1.weight"], weight)  # copies were trained
+    table = evaluation.table([0, 2])
+    assert "epoch 0" in table and "epoch 2" in table and "from scratch" in table
+    evaluation.plot(tmp_path / "evaluation.png")
+    assert (tmp_path / "evaluation.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="not evaluated"):
+        evaluation.table([5])

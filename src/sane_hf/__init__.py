@@ -12,6 +12,8 @@ from .alignment import (
 from .architectures import build_model, initialize, list_architectures, register_architecture
 from .configuration_sane import SaneConfig
 from .data import ImageDataset, dataset_from_tensors, load_dataset_by_name
+from .embedding import Embeddings, decode_latents, embed, encode_tokens
+from .evaluation import SampleEvaluation, evaluate_samples, scratch_models
 from .modeling_sane import (
     SaneDecoderModel,
     SaneDecoderOutput,
@@ -20,6 +22,24 @@ from .modeling_sane import (
     SaneModel,
     SaneModelOutput,
     SanePreTrainedModel,
+)
+from .probing import (
+    LogisticProbe,
+    ProbeReport,
+    RidgeProbe,
+    SaneForPropertyPrediction,
+    probe_features,
+    probe_zoo,
+    weight_statistics,
+)
+from .sampling import (
+    NoveltyReport,
+    SampledModels,
+    SaneSampler,
+    condition_batchnorm,
+    draw_latents,
+    novelty_report,
+    select_prompts,
 )
 from .tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
 from .zoo import ZooConfig, train_zoo
@@ -42,18 +62,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentResult",
+    "Embeddings",
     "ImageDataset",
     "ImportReport",
+    "LogisticProbe",
     "NormalizationStats",
+    "NoveltyReport",
     "PermutationSpec",
+    "ProbeReport",
+    "RidgeProbe",
+    "SampleEvaluation",
+    "SampledModels",
     "SaneConfig",
     "SaneDecoderModel",
     "SaneDecoderOutput",
     "SaneEncoderModel",
     "SaneEncoderOutput",
+    "SaneForPropertyPrediction",
     "SaneModel",
     "SaneModelOutput",
     "SanePreTrainedModel",
+    "SaneSampler",
     "TokenizedWeights",
     "WeightLayout",
     "WeightTokenizer",
@@ -65,15 +94,27 @@ __all__ = [
     "apply_permutation",
     "build_model",
     "build_zoo_dataset",
+    "condition_batchnorm",
     "dataset_from_tensors",
+    "decode_latents",
+    "draw_latents",
+    "embed",
+    "encode_tokens",
+    "evaluate_samples",
     "import_zoo",
     "initialize",
     "list_architectures",
     "load_dataset_by_name",
     "load_zoo_dataset",
+    "novelty_report",
+    "probe_features",
+    "probe_zoo",
     "push_zoo_dataset",
     "random_permutation",
     "register_architecture",
     "save_zoo_dataset",
+    "scratch_models",
+    "select_prompts",
     "train_zoo",
+    "weight_statistics",
 ]

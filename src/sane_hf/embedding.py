@@ -15,11 +15,22 @@ all models and all positions are built with one gather and encoded in batches of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
+
+from .tokenization import TokenizedWeights, WeightTokenizer
+
+if TYPE_CHECKING:
+    from .zoo_dataset import NormalizationStats
+
+TOKEN_COLUMNS = ("tokens", "positions", "counts")
 
 
 def halo_windows(num_tokens: int, window: int, halo: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +240,162 @@ def pool_latents(
     layer_means = (sums / counts[:, None].clamp_min(1)).view(num_models, num_layers, latent_dim)
     mean = latents.mean(1)
     return (mean[0], layer_means[0]) if single else (mean, layer_means)
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of one network (no model axis) or of the models of a zoo split (axis ``M``).
+
+    Attributes:
+        mean: ``[D]`` / ``[M, D]`` mean of the token latents: SANE's model embedding.
+        layer_means: ``[L, D]`` / ``[M, L, D]`` mean latent of every layer (by layer index).
+        token_latents: ``[N, D]`` / ``[M, N, D]`` all token latents; for a zoo only when asked
+            for (``return_token_latents=True``), as they take ``N`` times the memory.
+        properties: for a zoo, every non-token column as an array of length ``M`` (struct
+            columns such as ``hyperparameters`` are flattened into their fields).
+    """
+
+    mean: torch.Tensor
+    layer_means: torch.Tensor
+    token_latents: torch.Tensor | None = None
+    properties: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def embed(
+    model: nn.Module,
+    weights: nn.Module | Mapping[str, torch.Tensor] | TokenizedWeights | Dataset,
+    *,
+    normalization: NormalizationStats | None = None,
+    tokenizer: WeightTokenizer | None = None,
+    window: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 256,
+    models_per_chunk: int = 256,
+    return_token_latents: bool | None = None,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed one network or every model of a zoo dataset split with halo windows.
+
+    Args:
+        model: a ``SaneModel`` or ``SaneEncoderModel``.
+        weights: an ``nn.Module``, a state_dict or ``TokenizedWeights`` of raw weights; or a zoo
+            dataset split (``datasets.Dataset`` with ``tokens``/``positions`` columns, already
+            normalized). Zoo models are aligned to a reference; align a network to the same
+            reference (``sane_hf.alignment.align``) to embed it the way the zoo was.
+        normalization: the zoo's training statistics (``metadata.normalization``); required for
+            raw weights, which are standardized with them before they are tokenized.
+        tokenizer: tokenizes modules and state_dicts; default ``WeightTokenizer(config.tokensize)``
+            (use ``metadata.build_tokenizer()`` to match a zoo built without normalization layers).
+        window, halo: content window and context per side; default: halo windows as long as the
+            model's training window (``default_window_and_halo``).
+        batch_size: windows encoded at once (across models and positions).
+        models_per_chunk: zoo rows read and encoded at once.
+        return_token_latents: keep all token latents; default True for one network, False for a
+            zoo split.
+        progress: progress bar over a zoo split.
+    """
+    if isinstance(weights, Dataset):
+        return _embed_zoo_split(
+            model,
+            weights,
+            window,
+            halo,
+            batch_size,
+            models_per_chunk,
+            bool(return_token_latents),
+            progress,
+        )
+    tokens, positions = _normalized_tokens(model, weights, normalization, tokenizer)
+    latents = encode_tokens(model, tokens, positions, window, halo, batch_size)
+    mean, layer_means = pool_latents(latents, positions)
+    keep = return_token_latents is None or return_token_latents
+    return Embeddings(mean, layer_means, latents if keep else None)
+
+
+def _normalized_tokens(
+    model: nn.Module,
+    weights: nn.Module | Mapping[str, torch.Tensor] | TokenizedWeights,
+    normalization: NormalizationStats | None,
+    tokenizer: WeightTokenizer | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of one network standardized with the zoo's statistics, and their positions."""
+    if normalization is None:
+        raise ValueError(
+            "embedding a network needs normalization=<the zoo's NormalizationStats> "
+            "(e.g. load_zoo_dataset(path).metadata.normalization): SANE was trained on "
+            "standardized weights"
+        )
+    if not isinstance(weights, TokenizedWeights):
+        if not isinstance(weights, nn.Module | Mapping):
+            raise TypeError(
+                "weights must be an nn.Module, a state_dict, TokenizedWeights or a zoo dataset "
+                f"split, got {type(weights).__name__}"
+            )
+        tokenizer = tokenizer or WeightTokenizer(_half(model, "encoder").in_features)
+        weights = tokenizer(weights)
+    tokens = normalization.normalize_tokens(weights.tokens, weights.layout)
+    return tokens, weights.positions
+
+
+def _embed_zoo_split(
+    model: nn.Module,
+    split: Dataset,
+    window: int | None,
+    halo: int | None,
+    batch_size: int,
+    models_per_chunk: int,
+    return_token_latents: bool,
+    progress: bool,
+) -> Embeddings:
+    missing = [name for name in ("tokens", "positions") if name not in split.column_names]
+    if missing:
+        raise ValueError(f"the dataset split lacks the zoo columns {missing}")
+    rows = split.with_format("torch", columns=["tokens", "positions"])
+    means, layer_means, token_latents = [], [], []
+    chunks = range(0, len(split), models_per_chunk)
+    for start in tqdm(chunks, desc="embedding models", unit="chunk", disable=not progress):
+        chunk = rows[start : start + models_per_chunk]
+        latents = encode_tokens(
+            model, chunk["tokens"], chunk["positions"].long(), window, halo, batch_size
+        )
+        mean, per_layer = pool_latents(latents, chunk["positions"][0].long())
+        means.append(mean.cpu())
+        layer_means.append(per_layer.cpu())
+        if return_token_latents:
+            token_latents.append(latents.cpu())
+    return Embeddings(
+        torch.cat(means),
+        torch.cat(layer_means),
+        torch.cat(token_latents) if return_token_latents else None,
+        zoo_properties(split),
+    )
+
+
+def zoo_properties(split: Dataset) -> dict[str, np.ndarray]:
+    """Every non-token column of a zoo split as an array, struct columns flattened into fields.
+
+    A struct field takes the field's name (``hyperparameters.activation`` -> ``activation``)
+    unless a top-level column has that name, in which case it keeps the dotted name.
+    """
+    columns = split.remove_columns([c for c in TOKEN_COLUMNS if c in split.column_names])
+    table = columns.to_dict()
+    properties = {}
+    for name, values in table.items():
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, dict) for v in present):
+            for key in dict.fromkeys(k for v in present for k in v):
+                flat_name = f"{name}.{key}" if key in table else key
+                field_values = [None if v is None else v.get(key) for v in values]
+                properties[flat_name] = _column_array(field_values)
+        else:
+            properties[name] = _column_array(values)
+    return properties
+
+
+def _column_array(values: list) -> np.ndarray:
+    """Numbers become float64 with missing values as NaN (a column of only missing values too);
+    anything else keeps its type."""
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return np.array(values)

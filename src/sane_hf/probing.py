@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import r2_score
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .configuration_sane import SaneConfig
+from .embedding import embed
 from .modeling_sane import SanePreTrainedModel, SaneTransformer, masked_mean
 
 SPLITS = ("train", "validation", "test")
@@ -351,7 +353,7 @@ def _skip_reason(values: Mapping[str, np.ndarray]) -> str | None:
         if split not in values:
             return f"no values for split {split!r}"
     if not _is_categorical(values["train"]) and not np.isfinite(values["train"]).all():
-        return "non-finite values in the train split"
+        return "missing or non-finite values in the train split"
     if len(np.unique(values["train"])) < 2:
         return "constant on the train split"
     if len(np.unique(values["test"])) < 2 and not _is_categorical(values["test"]):
@@ -401,6 +403,133 @@ def probe_features(
             )
             results.append(result)
     return ProbeReport(results, skipped)
+
+
+BASELINES = ("s(W)", "W")
+NOT_PROPERTIES = ("model_id", "seed", "file")  # identifiers, not properties of the weights
+
+
+def default_properties(
+    properties: Mapping[str, np.ndarray], categorical: Sequence[str]
+) -> list[str]:
+    """Every numeric column except identifiers, plus the given categorical columns."""
+    numeric = [
+        name
+        for name, values in properties.items()
+        if values.dtype.kind in "fiu" and name not in NOT_PROPERTIES
+    ]
+    return numeric + [name for name in categorical if name in properties]
+
+
+def baseline_features(
+    split: Dataset,
+    baselines: Sequence[str] = BASELINES,
+    max_raw_features: int = 50_000,
+    models_per_chunk: int = 1024,
+) -> dict[str, np.ndarray]:
+    """``s(W)`` and ``W`` features of every row of a zoo split (normalized tokens, real values).
+
+    ``W`` is left out (with a ``ValueError`` naming the size) when a model has more than
+    ``max_raw_features`` weights.
+    """
+    unknown = [name for name in baselines if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+    rows = split.with_format("torch", columns=["tokens", "positions", "counts"])
+    first = rows[0]
+    mask = mask_from_counts(first["counts"].long(), first["tokens"].shape[-1])
+    positions = first["positions"].long()
+    features = {name: [] for name in baselines}
+    for start in range(0, len(split), models_per_chunk):
+        tokens = rows[start : start + models_per_chunk]["tokens"].float()
+        if "s(W)" in features:
+            features["s(W)"].append(weight_statistics(tokens, mask, positions).numpy())
+        if "W" in features:
+            features["W"].append(raw_weight_features(tokens, mask, max_raw_features).numpy())
+    return {name: np.concatenate(chunks) for name, chunks in features.items()}
+
+
+def probe_zoo(
+    model: nn.Module,
+    dataset: Mapping[str, Dataset],
+    *,
+    properties: Sequence[str] | None = None,
+    baselines: Sequence[str] = BASELINES,
+    max_raw_features: int = 50_000,
+    include_layer_means: bool = False,
+    window: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 256,
+    regularization_grid: Sequence[float] = REGULARIZATION_GRID,
+    progress: bool = True,
+) -> ProbeReport:
+    """Probe SANE embeddings of a zoo dataset for model properties, next to the baselines.
+
+    Args:
+        model: a trained ``SaneModel`` / ``SaneEncoderModel``.
+        dataset: the zoo's ``DatasetDict`` (``train``/``validation``/``test`` splits).
+        properties: columns to predict; default: every numeric column (accuracies, losses,
+            ``ggap``, ``epoch``, numeric hyperparameters) and the string-valued hyperparameters
+            (``activation``, ``init``, ``optimizer``) as categories.
+        baselines: ``"s(W)"`` and/or ``"W"``, computed on the same splits. ``W`` is skipped
+            (noted in ``ProbeReport.skipped``) for models above ``max_raw_features`` weights.
+        include_layer_means: also probe the concatenated per-layer mean latents ("SANE layers").
+        window, halo, batch_size: halo-window encoding (see ``sane_hf.embed``).
+    """
+    missing = [split for split in SPLITS if split not in dataset]
+    if missing:
+        raise ValueError(f"the zoo dataset lacks the splits {missing}")
+    features: dict[str, dict[str, np.ndarray]] = {}
+    targets: dict[str, dict[str, np.ndarray]] = {}
+    skipped: dict[str, str] = {}
+    if "W" in baselines:
+        num_weights = int(np.sum(dataset["train"][0]["counts"]))
+        if num_weights > max_raw_features:
+            skipped["W (baseline)"] = (
+                f"{num_weights} weights per model > max_raw_features={max_raw_features}"
+            )
+            baselines = [name for name in baselines if name != "W"]
+    for split in SPLITS:
+        embeddings = embed(
+            model,
+            dataset[split],
+            window=window,
+            halo=halo,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        features.setdefault("SANE", {})[split] = embeddings.mean.double().numpy()
+        if include_layer_means:
+            layer_means = embeddings.layer_means.flatten(1).double().numpy()
+            features.setdefault("SANE layers", {})[split] = layer_means
+        for name, values in baseline_features(dataset[split], baselines, max_raw_features).items():
+            features.setdefault(name, {})[split] = values
+        if properties is None:
+            properties = default_properties(
+                embeddings.properties, _categorical_hyperparameters(dataset[split])
+            )
+        for name in properties:
+            if name not in embeddings.properties:
+                raise ValueError(
+                    f"property {name!r} is not a column of the zoo; available: "
+                    f"{sorted(embeddings.properties)}"
+                )
+            targets.setdefault(name, {})[split] = embeddings.properties[name]
+    report = probe_features(features, targets, regularization_grid)
+    report.skipped.update(skipped)
+    return report
+
+
+def _categorical_hyperparameters(split: Dataset) -> list[str]:
+    """String-valued fields of the ``hyperparameters`` struct column (activation, init, ...)."""
+    fields = split.features.get("hyperparameters")
+    if not isinstance(fields, dict):
+        return []
+    return [
+        name
+        for name, feature in fields.items()
+        if getattr(feature, "dtype", None) in ("string", "large_string")
+    ]
 
 
 @dataclass
