@@ -182,6 +182,46 @@ def test_rows_decode_to_aligned_weights_that_compute_the_same_function(built):
     assert distance_after < 0.95 * distance_before
 
 
+def test_batchnorm_residual_zoo_decodes_to_the_same_function(tmp_path):
+    """BatchNorm running statistics and num_batches_tracked survive alignment and tokenization."""
+    root = tmp_path / "resnet"
+    (root / "checkpoints").mkdir(parents=True)
+    kwargs = {"widths": [4, 8, 8, 8]}
+    (root / "zoo.json").write_text(
+        json.dumps({"architecture": "resnet_bottleneck", "architecture_kwargs": kwargs})
+    )
+    lines, inputs = [], torch.randn(2, 3, 8, 8)
+    for model in range(7):
+        torch.manual_seed(model)
+        network = build_model("resnet_bottleneck", **kwargs)
+        network(inputs)  # training-mode forward: running statistics move away from 0 and 1
+        file = f"checkpoints/model_{model}.safetensors"
+        save_file(network.state_dict(), root / file)
+        lines.append(
+            {
+                "file": file,
+                "model_id": f"model_{model}",
+                "epoch": 0,
+                "seed": model,
+                "train_loss": 1.0,
+                "train_acc": 0.5,
+                "test_loss": 1.0,
+                "test_acc": 0.5,
+            }
+        )
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    dataset = build_zoo_dataset(root, tokensize=64, progress=False)
+    metadata = zoo_metadata(dataset)
+    network = metadata.build_model().eval()
+    for split in dataset.values():
+        for row in split.with_format("torch"):
+            network.load_state_dict(load_file(root / f"checkpoints/{row['model_id']}.safetensors"))
+            expected = network(inputs)
+            network.load_state_dict(metadata.decode(row["tokens"]))
+            torch.testing.assert_close(network(inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_save_and_load_round_trip_is_bit_exact(built, tmp_path):
     save_zoo_dataset(built, tmp_path / "saved")
     assert (tmp_path / "saved" / "sane_zoo.json").is_file()

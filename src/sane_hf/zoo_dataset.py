@@ -574,7 +574,9 @@ def build_zoo_dataset(
 
     Args:
         raw_zoo_dir: directory with ``zoo.json``, ``metadata.jsonl`` and the checkpoints.
-        tokensize, include_norm: `WeightTokenizer` settings (289 fits the CNN zoos).
+        tokensize, include_norm: `WeightTokenizer` settings (289 fits the CNN zoos). With
+            ``include_norm=False`` normalization layers are not stored: decoding takes them from
+            a freshly built model (BatchNorm statistics then need re-estimating).
         align: permute every model onto the ``reference`` model's ordering (weight matching).
         reference: model id of the alignment reference; default: the first (sorted) model of the
             training split.
@@ -646,8 +648,9 @@ def build_zoo_dataset(
 
 
 def _attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
+    description = metadata.to_json()
     for split in dataset.values():
-        split.info.description = metadata.to_json()
+        split.info.description = description
 
 
 # ----------------------------------------------------------------------------------------------
