@@ -21,6 +21,7 @@ Prints JSON and writes `benchmarks/results/bench_train_step_<preset>.json`.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -176,6 +177,8 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
+        # other processes competing for the CPU make CPU timings noisy: record how many there were
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(results, indent=2))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
