@@ -213,13 +213,13 @@ def test_tiny_model_overfits_a_batch():
     inputs = two_views(make_batch(batch_size=2, window=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.6 * losses[0]
 
 
 def test_bad_inputs_raise_clear_errors():
