@@ -51,6 +51,11 @@ def make_activation(name: str) -> nn.Module:
         ) from None
 
 
+def _activation_and_dropout(activation: str, dropout: float) -> tuple[nn.Module, nn.Module]:
+    """The ``act, Dropout`` pair that follows every hidden layer of the Model Zoos CNNs."""
+    return make_activation(activation), nn.Dropout(dropout)
+
+
 class CNNSmall(nn.Sequential):
     """CNN-s of the Model Zoos: 2,464 parameters on 28x28 grayscale, 2,864 on RGB."""
 
@@ -64,19 +69,15 @@ class CNNSmall(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_channels, 8, 5),
             nn.MaxPool2d(2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Conv2d(8, 6, 5),
             nn.MaxPool2d(2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Conv2d(6, 4, 2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Flatten(),
             nn.Linear(36, 20),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Linear(20, num_classes),
         )
 
@@ -94,20 +95,16 @@ class CNNMedium(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_channels, 16, 3),
             nn.MaxPool2d(2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Conv2d(16, 32, 3),
             nn.MaxPool2d(2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Conv2d(32, 15, 3),
             nn.MaxPool2d(2),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Flatten(),
             nn.Linear(60, 20),
-            make_activation(activation),
-            nn.Dropout(dropout),
+            *_activation_and_dropout(activation, dropout),
             nn.Linear(20, num_classes),
         )
 
@@ -126,7 +123,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for size in hidden:
-            layers += [nn.Linear(width, size), make_activation(activation), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, size), *_activation_and_dropout(activation, dropout)]
             width = size
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
