@@ -3,9 +3,10 @@
 That is the reference's largest case: 53,704 tokens of 288 values. Reference on a 2-core CPU:
 tokenize 257 ms, decode 19 ms. Targets: tokenize <= 25 ms, decode <= 10 ms.
 
-Each case is warmed up, then timed ``--repeats`` times; the median is reported (the CPU is
-shared, so single runs are noisy). "tokenize" includes the mask and positions. Prints JSON and
-writes it to ``benchmarks/results/bench_tokenizer.json``.
+Each case is warmed up, then timed ``--repeats`` times; the median is reported, with the load
+average around the run (the CPU is shared: on 2 cores with other jobs running, every parallel
+region of torch waits for its second thread to be scheduled). "tokenize" includes the mask and
+positions. Prints JSON and writes it to ``benchmarks/results/bench_tokenizer.json``.
 
     python benchmarks/bench_tokenizer.py [--repeats 30]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -54,6 +56,7 @@ def main() -> None:
     encoded = tokenizer(model)
     assert len(encoded) == 53_704, len(encoded)
 
+    load_before = os.getloadavg()[0]
     results = {
         "benchmark": "WeightTokenizer, ResNet-18 (100 classes, BN kept), T=288",
         "num_tokens": len(encoded),
@@ -66,6 +69,7 @@ def main() -> None:
         "tokenize_module": median_ms(lambda: tokenizer(model), args.repeats),
         "tokenize_state_dict": median_ms(lambda: tokenizer(state_dict), args.repeats),
         "decode": median_ms(lambda: tokenizer.decode(encoded.tokens, encoded.layout), args.repeats),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "reference_ms": {"tokenize": 257, "decode": 19},
         "target_ms": {"tokenize": 25, "decode": 10},
     }
