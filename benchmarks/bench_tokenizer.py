@@ -1,12 +1,14 @@
 """Speed of WeightTokenizer on one ResNet-18 checkpoint (100 classes, BatchNorm kept, T=288).
 
 That is the reference's largest case: 53,704 tokens of 288 values. Reference on a 2-core CPU:
-tokenize 257 ms, decode 19 ms. Targets: tokenize <= 25 ms, decode <= 10 ms.
+tokenize 257 ms, decode 19 ms. Targets: tokenize <= 25 ms, decode <= 10 ms. "tokenize" includes
+the mask and positions.
 
-Each case is warmed up, then timed ``--repeats`` times; the median is reported, with the load
-average around the run (the CPU is shared: on 2 cores with other jobs running, every parallel
-region of torch waits for its second thread to be scheduled). "tokenize" includes the mask and
-positions. Prints JSON and writes it to ``benchmarks/results/bench_tokenizer.json``.
+The cases run interleaved, ``--repeats`` rounds after a warm-up, and the median is reported with
+the load average around the run: the 2 cores are shared, and when other jobs keep them busy every
+parallel region of torch waits for its second thread to be scheduled. So everything is measured
+twice, with torch's default threads and with ``torch.set_num_threads(1)``. Prints JSON and writes
+it to ``benchmarks/results/bench_tokenizer.json``.
 
     python benchmarks/bench_tokenizer.py [--repeats 30]
 """
@@ -19,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,18 +32,31 @@ from sane_hf.architectures import build_model
 RESULTS = Path(__file__).parent / "results" / "bench_tokenizer.json"
 
 
-def median_ms(function, repeats: int, warmup: int = 3) -> dict[str, float]:
-    for _ in range(warmup):
-        function()
-    times = []
+def time_interleaved(
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Wall-clock median/min/max milliseconds per case, and the median CPU time of the calling
+    thread (all the work when torch runs one thread: what the case costs on an idle core).
+    Rounds alternate the cases so that load hits all of them alike."""
+    for function in cases.values():
+        for _ in range(warmup):
+            function()
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, function in cases.items():
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            function()
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.thread_time() - start_cpu) * 1e3)
     return {
-        "median_ms": round(statistics.median(times), 2),
-        "min_ms": round(min(times), 2),
-        "max_ms": round(max(times), 2),
+        name: {
+            "median_ms": round(statistics.median(wall[name]), 2),
+            "min_ms": round(min(wall[name]), 2),
+            "max_ms": round(max(wall[name]), 2),
+            "thread_cpu_median_ms": round(statistics.median(cpu[name]), 2),
+        }
+        for name in cases
     }
 
 
@@ -55,8 +71,19 @@ def main() -> None:
     tokenizer = WeightTokenizer(tokensize=288)
     encoded = tokenizer(model)
     assert len(encoded) == 53_704, len(encoded)
+    cases = {
+        "tokenize_module": lambda: tokenizer(model),
+        "tokenize_state_dict": lambda: tokenizer(state_dict),
+        "decode": lambda: tokenizer.decode(encoded.tokens, encoded.layout),
+    }
 
+    default_threads = torch.get_num_threads()
     load_before = os.getloadavg()[0]
+    with_default_threads = time_interleaved(cases, args.repeats)
+    torch.set_num_threads(1)
+    with_one_thread = time_interleaved(cases, args.repeats)
+    torch.set_num_threads(default_threads)
+
     results = {
         "benchmark": "WeightTokenizer, ResNet-18 (100 classes, BN kept), T=288",
         "num_tokens": len(encoded),
@@ -64,12 +91,11 @@ def main() -> None:
         "num_parameters": sum(v.numel() for v in state_dict.values() if v.is_floating_point()),
         "repeats": args.repeats,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "tokenize_module": median_ms(lambda: tokenizer(model), args.repeats),
-        "tokenize_state_dict": median_ms(lambda: tokenizer(state_dict), args.repeats),
-        "decode": median_ms(lambda: tokenizer.decode(encoded.tokens, encoded.layout), args.repeats),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_1min": [load_before, os.getloadavg()[0]],
+        "default_threads": default_threads,
+        **with_default_threads,
+        "one_thread": with_one_thread,
         "reference_ms": {"tokenize": 257, "decode": 19},
         "target_ms": {"tokenize": 25, "decode": 10},
     }

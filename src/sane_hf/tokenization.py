@@ -49,6 +49,7 @@ TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_KINDS = ("norm", "running_mean", "running_var")
 LAYOUT_FORMAT = "sane_hf.WeightLayout"
 LAYOUT_VERSION = 1
+MAX_CACHED_PLANS = 16  # architectures a tokenizer remembers (a ResNet-18 plan holds a 15 MB mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def _token_table(layout: WeightLayout) -> dict[str, Tensor]:
     }
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenizedWeights:
     """The tokens of one network with their mask, positions and layout."""
 
@@ -594,6 +595,8 @@ class WeightTokenizer:
         )
         plan = self._plans.get(signature)
         if plan is None:
+            if len(self._plans) >= MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))  # forget the oldest architecture
             layout = self._place(source)
             plan = self._plans[signature] = _Plan(layout, layout.positions(), layout.mask())
         return plan
