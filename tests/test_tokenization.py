@@ -25,6 +25,7 @@ class Mixed(nn.Module):
         self.instance_norm = nn.InstanceNorm2d(6, affine=True, track_running_stats=True)
         self.deconv1d = nn.ConvTranspose1d(3, 2, 2)
         self.conv3d = nn.Conv3d(2, 3, 2)
+        self.deconv3d = nn.ConvTranspose3d(3, 6, 2, groups=3)
         self.scale = nn.Parameter(torch.ones(()))
         self.table = nn.Parameter(torch.zeros(2, 3, 5))
         self.register_buffer("offsets", torch.zeros(7))
@@ -38,7 +39,11 @@ class Mixed(nn.Module):
             0, 1
         )
         y = self.instance_norm(self.batch_norm(self.group_norm(self.deconv(image))))
-        z = self.deconv1d(signal).sum() + self.conv3d(volume).sum() + self.table.sum()
+        z = (
+            self.deconv1d(signal).sum()
+            + self.deconv3d(self.conv3d(volume)).sum()
+            + self.table.sum()
+        )
         return x.sum() * self.scale + y.sum() + z + self.offsets.sum()
 
 

@@ -1,5 +1,9 @@
 """Weight tokenization: cut a network's parameters into fixed-size tokens, and back.
 
+    tokenizer = WeightTokenizer(tokensize=288)
+    encoded = tokenizer(model)  # or a state_dict: tokens [N, T], mask, positions, layout
+    state_dict = tokenizer.decode(encoded.tokens, encoded.layout)  # bit-exact
+
 SANE reads a network as a sequence of weight tokens (Schürholt et al., ICML 2024):
 
 - Every weight-bearing layer becomes rows, one per output channel / neuron: a conv kernel
@@ -21,7 +25,9 @@ Tensors no rule knows are still tokenized (``_generic_layers``): a tensor with t
 dimensions as rows along dim 0 of ``flatten(1)``; a vector or scalar as one row, because nothing
 says its entries are per-channel and one row wastes no padding. No floating-point tensor is ever
 dropped: non-float buffers (``num_batches_tracked``) are stored by value in the layout, and
-normalization tensors left out with ``include_norm=False`` are listed in it.
+normalization tensors left out with ``include_norm=False`` are listed in it. Tied parameters
+(GPT-2's ``lm_head`` and ``wte``) are tokenized under each of their keys, as ``state_dict()``
+lists them.
 
 The ``WeightLayout`` records everything decoding needs (keys, shapes, dtypes, how each tensor
 maps onto rows, token offsets), so ``WeightTokenizer.decode`` is the exact inverse without any
