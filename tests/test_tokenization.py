@@ -398,3 +398,14 @@ def test_gradients_and_empty_tensors():
     assert not decoded["fc.weight"].requires_grad
     assert torch.equal(decoded["fc.weight"], state["fc.weight"].detach())
     assert decoded["unused.weight"].shape == (0, 4)
+
+
+def test_layout_of_a_model_without_weights():
+    """Sampling for a new architecture only needs its layout: a meta-device model will do,
+    unless it has non-float buffers, whose values the layout must store."""
+    tokenizer = WeightTokenizer(tokensize=289)
+    with torch.device("meta"):
+        cnn, resnet = build_model("cnn_m"), build_model("resnet_bottleneck")
+    assert tokenizer.layout(cnn) == tokenizer.layout(build_model("cnn_m"))
+    with pytest.raises(ValueError, match=r"'bn1\.num_batches_tracked' is on the meta device"):
+        tokenizer.layout(resnet)

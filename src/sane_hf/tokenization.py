@@ -690,6 +690,8 @@ def _with_kept_values(layout: WeightLayout, source: _Source) -> WeightLayout:
     kept = []
     for key in source.kept:
         value = source.tensors[key]
+        if value.is_meta:
+            raise ValueError(f"{key!r} is on the meta device: the layout must store its value")
         values = tuple(value.flatten().tolist())
         kept.append(KeptTensor(key, tuple(value.shape), _dtype_name(value.dtype), values))
     return dataclasses.replace(layout, kept=tuple(kept))
