@@ -8,13 +8,21 @@ from torch import nn
 from sane_hf import build_model
 from sane_hf.cli import main
 from sane_hf.configuration_sane import SaneConfig
-from sane_hf.evaluation import evaluate_samples, load_task_dataset, scratch_models
+from sane_hf.data import dataset_from_tensors
+from sane_hf.evaluation import (
+    accuracy_score,
+    evaluate_samples,
+    load_task_dataset,
+    random_batches,
+    scratch_models,
+)
 from sane_hf.modeling_sane import SaneModel
 from sane_hf.sampling import (
     SaneSampler,
     condition_batchnorm,
     draw_latents,
     gaussian_prior_latents,
+    model_groups,
     nearest_neighbor_distances,
     novelty_report,
     select_prompts,
@@ -264,18 +272,32 @@ def test_target_layers_beyond_the_position_tables_are_a_clear_error(zoo, sane):
         SaneSampler(sane, deeper, zoo_metadata(zoo).normalization)
 
 
-def test_novelty_of_zoo_members_is_zero_and_of_samples_positive(zoo, sampler, prompt_tokens):
+def test_novelty_of_zoo_members_is_zero_and_prompts_skip_their_own_model(
+    zoo, sampler, prompt_tokens
+):
+    train = zoo["train"]
     samples = sampler.sample(prompt_tokens, 2, generator=torch.Generator().manual_seed(5))
-    members = prompt_tokens[:2]
+    rows = select_prompts(train, 3, metric="train_acc")
+    groups = model_groups(train)
     report = novelty_report(
-        torch.cat([members, samples.tokens]),
-        split_token_chunks(zoo["train"], chunk_size=16),
+        torch.cat([prompt_tokens[:2], samples.tokens]),
+        split_token_chunks(train, chunk_size=16),
         sampler.mask,
         prompt_tokens,
+        prompt_groups=groups[rows],
+        reference_groups=groups,
     )
-    assert report.sample_distances[:2].tolist() == [0.0, 0.0]
+    assert report.sample_distances[:2].tolist() == [0.0, 0.0]  # copies of training models
     assert (report.sample_distances[2:] > 0).all()
-    assert (report.prompt_distances > 0).all()  # prompts are not compared with themselves
+
+    everything = train.with_format("torch", columns=["tokens"])[:]["tokens"][:, sampler.mask]
+    distances = torch.cdist(prompt_tokens[:, sampler.mask].double(), everything.double())
+    distances[groups[rows][:, None] == groups[None, :]] = float("inf")  # other epochs too
+    torch.testing.assert_close(report.prompt_distances, distances.min(1).values)
+    identity_only = novelty_report(
+        samples.tokens, split_token_chunks(train), sampler.mask, prompt_tokens
+    )
+    assert (identity_only.prompt_distances <= report.prompt_distances).all()
 
 
 def test_select_prompts_takes_the_best_of_one_epoch(zoo):
@@ -327,3 +349,26 @@ def test_evaluate_samples_fine_tunes_copies_and_reports_table3(tmp_path):
     assert (tmp_path / "evaluation.png").stat().st_size > 0
     with pytest.raises(ValueError, match="not evaluated"):
         evaluation.table([5])
+
+
+class ConstantClassifier(nn.Module):
+    """Predicts class 0 for every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([1.0] + [0.0] * 9))
+
+    def forward(self, inputs):
+        return self.bias.expand(len(inputs), -1)
+
+
+def test_candidate_scores_and_batches_come_from_all_classes():
+    labels = torch.arange(10).repeat_interleave(60)
+    task = dataset_from_tensors(torch.randn(600, 4), labels)
+    assert (task.train[1][:42] == 0).all()  # stratified splits are ordered by class
+    score = accuracy_score(task, num_samples=300)
+    assert score(ConstantClassifier()) == pytest.approx(0.1, abs=0.05)
+    batches = random_batches(task, num_batches=3, batch_size=50)
+    assert [len(batch) for batch in batches] == [50, 50, 50]
+    first_rows = {tuple(x.tolist()) for x in task.train[0][:150]}
+    assert sum(tuple(x.tolist()) in first_rows for x in torch.cat(batches)) < 100

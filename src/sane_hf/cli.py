@@ -399,7 +399,8 @@ def _run_sample(args) -> int:
     if samples.scores is not None:
         summary["scores"] = samples.scores.tolist()
     if torch.equal(sampler.positions, zoo.metadata.layout.positions()):
-        summary["novelty"] = _novelty(sampler, samples, zoo, prompts)
+        from_training_split = prompt_zoo is zoo and args.prompt_split == "train"
+        summary["novelty"] = _novelty(sampler, samples, zoo, prompts, rows, from_training_split)
     if args.finetune_epochs >= 0:
         summary["evaluation"] = _evaluate(args, sampler, samples, task, hyperparameters)
     with open(f"{args.output_dir}/summary.json", "w") as file:
@@ -412,14 +413,14 @@ def _draw_samples(args, sampler, prompts, task):
     """Plain KDE sampling, or subsampling/bootstrapping scored on training data."""
     import torch
 
-    from .evaluation import accuracy_score
+    from .evaluation import accuracy_score, random_batches
 
     norms = [
         m
         for m in sampler.template.modules()
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
     ]
-    bn_batches = list(task.train[0][: 64 * args.bn_batches].split(64)) if norms else None
+    bn_batches = random_batches(task, args.bn_batches, seed=args.seed) if norms else None
     options = {
         "mode": args.mode,
         "bandwidth": args.bandwidth,
@@ -432,7 +433,7 @@ def _draw_samples(args, sampler, prompts, task):
         None if args.prior else prompts,
         args.num_samples,
         args.num_candidates or args.num_samples,
-        accuracy_score(task, args.score_samples),
+        accuracy_score(task, args.score_samples, args.seed),
         args.rounds,
         prior_sigma=args.prior_sigma,
         **options,
@@ -451,15 +452,19 @@ def _save_samples(samples, output_dir: str) -> None:
         save_file(tensors, folder / f"sample_{index:03d}.safetensors")
 
 
-def _novelty(sampler, samples, zoo, prompts) -> dict:
-    """Distances of samples and prompts to the nearest model of the training split."""
-    from .sampling import novelty_report, split_token_chunks
+def _novelty(sampler, samples, zoo, prompts, rows, from_training_split: bool) -> dict:
+    """Distances of samples, and of prompts to other models, to the nearest training model."""
+    from .sampling import model_groups, novelty_report, split_token_chunks
 
+    train = zoo.splits["train"]
+    groups = model_groups(train)
     report = novelty_report(
         samples.tokens,
-        split_token_chunks(zoo.splits["train"]),
+        split_token_chunks(train),
         sampler.mask,
         sampler.prompt_tokens(prompts),
+        prompt_groups=groups[rows] if from_training_split else None,
+        reference_groups=groups if from_training_split else None,
     )
     print(report.summary())
     return report.to_dict()
@@ -481,6 +486,7 @@ def _evaluate(args, sampler, samples, task, hyperparameters) -> dict:
         task,
         args.finetune_epochs,
         seed=args.seed,
+        device=_device(args),
         **recipe,
     )
     print(evaluation.table())

@@ -104,14 +104,32 @@ def load_task_dataset(zoo: Mapping, name: str | None = None) -> ImageDataset:
     return load_dataset_by_name(dataset_name, zoo.get("input_shape"), **dataset_kwargs)
 
 
-def accuracy_score(dataset: ImageDataset, num_samples: int = 500) -> Callable[[nn.Module], float]:
-    """A ``score_fn`` for subsampling: accuracy on the first ``num_samples`` training samples.
+def accuracy_score(
+    dataset: ImageDataset, num_samples: int = 500, seed: int = 0
+) -> Callable[[nn.Module], float]:
+    """A ``score_fn`` for subsampling: accuracy on ``num_samples`` random training samples.
 
-    Scoring on training data keeps the test split untouched for the final evaluation.
+    Training data keeps the test split untouched for the final evaluation. The subset is drawn
+    at random (seeded) because a split may be ordered by class: its first samples can be a
+    few classes only, and ranking on them barely correlates with test accuracy.
     """
     inputs, labels = dataset.train
-    inputs, labels = inputs[:num_samples], labels[:num_samples]
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(labels), generator=generator)[:num_samples]
+    inputs, labels = inputs[subset], labels[subset]
     return lambda model: accuracy(model, inputs, labels)
+
+
+def random_batches(
+    dataset: ImageDataset, num_batches: int, batch_size: int = 64, seed: int = 0
+) -> list[torch.Tensor]:
+    """Input batches drawn at random (seeded) from the training split, e.g. for BatchNorm
+    conditioning: the split may be ordered by class, so its first samples are not representative.
+    """
+    inputs = dataset.train[0]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(inputs), generator=generator)[: num_batches * batch_size]
+    return list(inputs[order].split(batch_size))
 
 
 @torch.no_grad()

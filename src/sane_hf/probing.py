@@ -309,17 +309,15 @@ class ProbeReport:
 
     def plot(self, path: str | Path) -> None:
         """Scatter plots of predicted vs true test values, one panel per numeric property."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global state
 
         regressions = [p for p in self.properties if self._metric(p) == "r2"]
         if not regressions:
             raise ValueError("no numeric property was probed: nothing to plot")
         columns = min(3, len(regressions))
         rows = math.ceil(len(regressions) / columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+        figure = Figure(figsize=(4 * columns, 4 * rows), dpi=120)
+        axes = figure.subplots(rows, columns, squeeze=False)
         for axis, name in zip(axes.flat, regressions):
             for result in (r for r in self.results if r.property == name):
                 axis.scatter(
@@ -336,8 +334,7 @@ class ProbeReport:
         for axis in list(axes.flat)[len(regressions) :]:
             axis.set_visible(False)
         figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
+        figure.savefig(path)
 
     def _metric(self, property_name: str) -> str:
         return next(r.metric for r in self.results if r.property == property_name)

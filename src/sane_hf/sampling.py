@@ -176,6 +176,8 @@ def nearest_neighbor_distances(
     queries: torch.Tensor,
     reference: torch.Tensor | Iterable[torch.Tensor],
     mask: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+    reference_groups: torch.Tensor | None = None,
     exclude_identical: bool | torch.Tensor = False,
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,14 +188,18 @@ def nearest_neighbor_distances(
         reference: ``[R, N, T]`` tokens, or an iterable of such chunks (to stream a large zoo;
             it is consumed once).
         mask: ``[N, T]`` bool, True on real values; padding entries are ignored.
+        query_groups, reference_groups: ``[k]`` and ``[R]`` integer ids (e.g. of the model a
+            checkpoint belongs to); a query never matches a reference of its own group. Use
+            ``-1`` for queries without a group.
         exclude_identical: for all queries (bool) or per query (``[k]`` bool): skip reference
-            models identical to the query (distance exactly 0), i.e. the query itself when it is
-            a member of the reference set.
+            models identical to the query (distance exactly 0), i.e. the query itself.
         chunk_size: reference models compared at once when ``reference`` is one tensor.
 
     Returns:
         ``(distances [k], indices [k])``; indices count over the concatenated reference.
     """
+    if (query_groups is None) != (reference_groups is None):
+        raise ValueError("pass both query_groups and reference_groups, or neither")
     query_values = _real_values(queries, mask).double()
     exclude = torch.as_tensor(exclude_identical, device=queries.device).expand(len(queries))
     if isinstance(reference, torch.Tensor):
@@ -211,6 +217,10 @@ def nearest_neighbor_distances(
         # the direct (non-matmul) kernel returns exactly 0 for identical models
         distances = torch.cdist(query_values, values, compute_mode="donot_use_mm_for_euclid_dist")
         distances = distances.masked_fill(exclude[:, None] & (distances == 0), float("inf"))
+        if query_groups is not None:
+            groups = reference_groups[offset : offset + len(values)].to(distances.device)
+            own_group = query_groups.to(distances.device)[:, None] == groups[None, :]
+            distances = distances.masked_fill(own_group, float("inf"))
         chunk_best, chunk_index = distances.min(dim=1)
         chunk_best, chunk_index = chunk_best.cpu(), chunk_index.cpu()
         improved = chunk_best < best
@@ -219,6 +229,10 @@ def nearest_neighbor_distances(
         offset += len(values)
     if offset == 0:
         raise ValueError("the reference set is empty")
+    if reference_groups is not None and offset != len(reference_groups):
+        raise ValueError(
+            f"reference_groups has {len(reference_groups)} entries for {offset} reference models"
+        )
     return best, best_index
 
 
@@ -228,7 +242,8 @@ class NoveltyReport:
 
     ``sample_distances[i]`` is the distance of sample ``i`` to its nearest reference (training)
     model. ``prompt_distances`` gives the scale: how far the prompts - real, distinct networks -
-    are from their nearest *other* reference model. Samples much closer than that are copies.
+    are from the nearest reference checkpoint of *another* model. Samples much closer to a
+    training model than that are copies of it.
     """
 
     sample_distances: torch.Tensor
@@ -262,21 +277,38 @@ def novelty_report(
     reference_tokens: torch.Tensor | Iterable[torch.Tensor],
     mask: torch.Tensor | None = None,
     prompt_tokens: torch.Tensor | None = None,
+    prompt_groups: torch.Tensor | None = None,
+    reference_groups: torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> NoveltyReport:
-    """Distances of samples (and of prompts, excluding themselves) to their nearest reference model.
+    """Distances of samples, and of prompts to models other than themselves, to the nearest
+    reference model (e.g. every checkpoint of the training split).
 
-    All tokens must be in the normalized space of the zoo and share one layout. Samples and prompts
-    are compared in one pass over ``reference_tokens``, so it may be a one-shot iterable of chunks.
+    All tokens must be in the normalized space of the zoo and share one layout. Samples and
+    prompts are compared in one pass over ``reference_tokens``, so it may be a one-shot iterable
+    of chunks. ``prompt_groups``/``reference_groups`` (integer model ids) exclude every checkpoint
+    of a prompt's own model: other epochs of the same run are not "other networks". Without
+    them a prompt only skips reference models identical to it.
     """
-    queries, exclude = sample_tokens, torch.zeros(len(sample_tokens), dtype=torch.bool)
+    if (prompt_groups is None) != (reference_groups is None):
+        raise ValueError("pass both prompt_groups and reference_groups, or neither")
+    num_samples = len(sample_tokens)
+    queries, exclude, query_groups = sample_tokens, torch.zeros(num_samples, dtype=torch.bool), None
     if prompt_tokens is not None:
         queries = torch.cat([sample_tokens, prompt_tokens.to(sample_tokens)])
         exclude = torch.cat([exclude, torch.ones(len(prompt_tokens), dtype=torch.bool)])
+    if prompt_groups is not None:
+        no_group = torch.full((num_samples,), -1, dtype=torch.long)
+        query_groups = torch.cat([no_group, torch.as_tensor(prompt_groups).long().cpu()])
     distances, nearest = nearest_neighbor_distances(
-        queries, reference_tokens, mask, exclude.to(queries.device), chunk_size
+        queries,
+        reference_tokens,
+        mask,
+        query_groups,
+        reference_groups,
+        exclude.to(queries.device),
+        chunk_size,
     )
-    num_samples = len(sample_tokens)
     prompt_distances = distances[num_samples:] if prompt_tokens is not None else None
     return NoveltyReport(distances[:num_samples], nearest[:num_samples], prompt_distances)
 
@@ -646,3 +678,11 @@ def split_token_chunks(split: Dataset, chunk_size: int = 1024) -> Iterable[torch
     rows = split.with_format("torch", columns=["tokens"])
     for start in range(0, len(split), chunk_size):
         yield rows[start : start + chunk_size]["tokens"].float()
+
+
+def model_groups(split: Dataset) -> torch.Tensor:
+    """``[rows]`` integer id of the model each row of a zoo split belongs to (all epochs of a
+    model share one id): the ``reference_groups``/``prompt_groups`` of ``novelty_report``."""
+    model_ids = split.select_columns(["model_id"]).to_dict()["model_id"]
+    _, groups = np.unique(np.array(model_ids), return_inverse=True)
+    return torch.from_numpy(groups).long()
