@@ -129,3 +129,27 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
     return go_offline
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zoo dataset folder from the real pipeline at CPU-test size, built once per session.
+
+    `train_zoo` trains 8 CNN-s for 2 epochs on 300 digits (checkpoints at epochs 0, 1, 2), then
+    `build_zoo_dataset` splits (5/1/2 models), aligns, normalizes and tokenizes them.
+    """
+    from sane_hf.zoo import ZooConfig, train_zoo
+    from sane_hf.zoo_dataset import build_zoo_dataset, save_zoo_dataset
+
+    root = tmp_path_factory.mktemp("tiny_digits_zoo")
+    config = ZooConfig(
+        architecture="cnn_s",
+        dataset="digits",
+        dataset_kwargs={"num_samples": 300},
+        num_models=8,
+        epochs=2,
+        batch_size=32,
+    )
+    train_zoo(config, root / "raw", progress=False)
+    save_zoo_dataset(build_zoo_dataset(root / "raw", progress=False), root / "dataset")
+    return root / "dataset"

@@ -158,9 +158,14 @@ def test_an_epoch_visits_every_checkpoint_equally_often_across_processes():
 def test_eval_batches_cover_every_window_once_across_processes():
     tokens, counts, positions, _ = cnn_zoo(3)
     sampler = WindowSampler(tokens, counts, positions, window_size=20, batch_size=4, device="cpu")
-    windows = []
+    windows, batches_per_rank = [], []
     for rank in range(2):
-        for batch in sampler.eval_batches(rank, num_processes=2):
+        batches = list(sampler.eval_batches(rank, num_processes=2))
+        batches_per_rank.append(len(batches))
+        for batch in batches:
             assert batch.num_views == 1 and torch.equal(batch.views, batch.targets)
-            windows += zip(batch.checkpoint_index.tolist(), batch.positions[:, 0, 0].tolist())
+            counted = batch.token_mask.any(dim=(1, 2))
+            starts = batch.positions[:, 0, 0]
+            windows += zip(batch.checkpoint_index[counted].tolist(), starts[counted].tolist())
+    assert batches_per_rank == [2, 2]  # 9 windows in batches of 4: equal counts, 7 slots repeat
     assert sorted(windows) == [(c, s) for c in range(3) for s in (0, 20, 40)]

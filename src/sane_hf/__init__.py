@@ -10,6 +10,7 @@ from .alignment import (
     random_permutation,
 )
 from .architectures import build_model, initialize, list_architectures, register_architecture
+from .augmentation import TokenPermutation, WindowSampler
 from .configuration_sane import SaneConfig
 from .data import ImageDataset, dataset_from_tensors, load_dataset_by_name
 from .embedding import Embeddings, decode_latents, embed, encode_tokens
@@ -23,6 +24,7 @@ from .modeling_sane import (
     SaneModelOutput,
     SanePreTrainedModel,
 )
+from .pretraining import PretrainingConfig, pretrain
 from .probing import (
     LogisticProbe,
     ProbeReport,
@@ -69,6 +71,7 @@ __all__ = [
     "NormalizationStats",
     "NoveltyReport",
     "PermutationSpec",
+    "PretrainingConfig",
     "ProbeReport",
     "RidgeProbe",
     "SampleEvaluation",
@@ -83,9 +86,11 @@ __all__ = [
     "SaneModelOutput",
     "SanePreTrainedModel",
     "SaneSampler",
+    "TokenPermutation",
     "TokenizedWeights",
     "WeightLayout",
     "WeightTokenizer",
+    "WindowSampler",
     "ZooConfig",
     "ZooDataset",
     "ZooImportError",
@@ -107,6 +112,7 @@ __all__ = [
     "load_dataset_by_name",
     "load_zoo_dataset",
     "novelty_report",
+    "pretrain",
     "probe_features",
     "probe_zoo",
     "push_zoo_dataset",

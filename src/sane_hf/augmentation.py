@@ -3,8 +3,9 @@
 SANE trains on random windows of each model's token sequence and compares two augmented views
 of every window (multiplicative noise, a random function-preserving permutation, optional
 random erasing). A zoo is small next to the network that learns from it, so the whole split
-lives in one tensor ``[num_checkpoints, num_tokens, tokensize]`` on the accelerator (or in
-pinned host memory when it does not fit), and a batch is a handful of batched tensor ops:
+lives in one tensor ``[num_checkpoints, num_tokens, tokensize]`` on the accelerator (or in host
+memory when it does not fit, with windows copied over through pinned memory), and a batch is a
+handful of batched tensor ops:
 no DataLoader, no per-sample Python, nothing that can starve the GPU.
 
 Every random choice of a batch comes from generators seeded by ``(seed, epoch, batch, rank)``,
@@ -219,6 +220,10 @@ class TokenPermutation:
         # Element id -> token entry holding it; virtual elements past the real ones -> padding.
         self.entry_of_element = torch.cat([torch.full((num_elements,), -1), entries.flatten()])
         self.entry_of_element[element_ids[real]] = entries[real]
+        # Slots past each group's size, made once: making them per batch would copy the sizes
+        # from the host, a copy that waits for the device's queue (the previous training step).
+        sizes = torch.tensor(self.group_sizes, dtype=torch.long)
+        self.unused_slots = torch.arange(self.max_group_size) >= sizes[:, None]
 
     @classmethod
     def from_spec(cls, spec: PermutationSpec, layout: WeightLayout) -> TokenPermutation:
@@ -275,7 +280,7 @@ class TokenPermutation:
 
     def to(self, device: torch.device | str) -> TokenPermutation:
         """Move the index tables to ``device`` (in place) and return self."""
-        for name in ("base", "slots", "multipliers", "entry_of_element"):
+        for name in ("base", "slots", "multipliers", "entry_of_element", "unused_slots"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -286,12 +291,10 @@ class TokenPermutation:
         the unused tail sorts last and is never read).
         """
         device = generator.device
-        sizes = torch.tensor(self.group_sizes, device=device)
         keys = torch.rand(
             batch_size, self.num_groups, self.max_group_size, generator=generator, device=device
         )
-        unused = torch.arange(self.max_group_size, device=device) >= sizes[:, None]
-        return keys.masked_fill(unused, 2.0).argsort(dim=-1)
+        return keys.masked_fill(self.unused_slots.to(device), 2.0).argsort(dim=-1)
 
     def identity(self, batch_size: int, device: torch.device | str) -> Tensor:
         """Identity permutations in the layout of ``random``."""
@@ -337,14 +340,17 @@ class WindowBatch:
     from (permuted like their view, without noise or erasing). All views of a window share its
     ``positions`` ``[B, window, 3]``, ``token_mask`` ``[B, window, tokensize]`` (real entries)
     and ``attention_mask`` ``[B, window]`` (real tokens; False past the end of a sequence that is
-    shorter than the window).
+    shorter than the window). Training batches of sequences at least as long as the window have
+    no padding token and ``attention_mask=None``: the model then runs without a mask, which lets
+    SDPA use its flash kernel and spares transformers' "is the mask all True?" check, a device
+    synchronization.
     """
 
     views: Tensor
     targets: Tensor
     positions: Tensor
     token_mask: Tensor
-    attention_mask: Tensor
+    attention_mask: Tensor | None
     checkpoint_index: Tensor
 
     @property
@@ -360,7 +366,9 @@ class WindowBatch:
         return {
             "tokens": self.views.flatten(0, 1),
             "positions": per_view(self.positions),
-            "attention_mask": per_view(self.attention_mask),
+            "attention_mask": None
+            if self.attention_mask is None
+            else per_view(self.attention_mask),
             "target_tokens": self.targets.flatten(0, 1),
             "value_mask": per_view(self.token_mask),
             "num_views": self.num_views,
@@ -372,7 +380,8 @@ class WindowSampler:
 
     Args:
         tokens: ``[num_checkpoints, num_tokens, tokensize]`` the split's (normalized) tokens, on
-            the device that gathers windows (the accelerator, or pinned host memory).
+            the device that gathers windows: the accelerator, or host memory for zoos too large
+            for it (windows are then gathered on the host and copied through pinned memory).
         counts: ``[num_tokens]`` real values per token (the same for every checkpoint).
         positions: ``[num_tokens, 3]`` token positions.
         window_size: tokens per window; shorter sequences are padded.
@@ -463,6 +472,8 @@ class WindowSampler:
         if self.permutation is not None:
             permutations = self.permutation.random(2 * self.batch_size, data_generator)
         clean = self.gather_windows(checkpoints, starts, permutations)
+        if self.num_tokens >= self.window_size:  # windows start inside: none reaches the end
+            clean.attention_mask = None
         if permutations is None:  # two identical views; the augmentation makes them differ
             clean.targets = clean.views = clean.views.expand(2, -1, -1, -1)
         augment_generator = seeded_generator(self.device, self.seed, 2, epoch, index, rank)
@@ -487,9 +498,8 @@ class WindowSampler:
             entries = self.permutation.source_entries(index.repeat(num_views, 1), permutations)
             entries = entries.view(num_views, *index.shape, self.tokensize)
         offsets = checkpoints.view(1, -1, 1, 1) * (self.num_tokens * self.tokensize)
-        windows = self.tokens.view(-1)[offsets + entries]
-        windows = windows.to(self.device, non_blocking=True).float()
-        index, valid = index.to(self.device), valid.to(self.device)
+        windows = self._to_device(self.tokens.view(-1)[offsets + entries]).float()
+        index, valid = self._to_device(index), self._to_device(valid)
         token_mask = self.real_mask[index] & valid.unsqueeze(-1)
         windows = windows.masked_fill(~token_mask, 0.0)
         return WindowBatch(
@@ -498,8 +508,15 @@ class WindowSampler:
             positions=self.positions[index],
             token_mask=token_mask,
             attention_mask=valid,
-            checkpoint_index=checkpoints.to(self.device),
+            checkpoint_index=self._to_device(checkpoints),
         )
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        """Move gathered host data to the accelerator through pinned memory: the copy is then
+        asynchronous, and the host goes on queueing work while the device trains."""
+        if self.data_device.type == "cpu" and self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def augment(self, batch: WindowBatch, generator: torch.Generator) -> WindowBatch:
         """Noise and erasing on the views; the clean windows stay as targets."""
@@ -511,16 +528,22 @@ class WindowSampler:
     def eval_batches(self, rank: int = 0, num_processes: int = 1) -> Iterator[WindowBatch]:
         """Every window of every checkpoint once (consecutive, the last one padded), unaugmented.
 
-        Process ``rank`` gets every ``num_processes``-th batch; sums over all processes cover
-        the split exactly once.
+        Process ``rank`` takes every ``num_processes``-th batch. All processes get the same
+        number of batches of one shape (collectives such as FSDP's all-gathers need that):
+        slots past the last window repeat earlier windows with an all-False ``token_mask``, so
+        sums over processes count every window exactly once.
         """
-        checkpoints = torch.arange(self.num_checkpoints, device=self.data_device)
-        starts = torch.arange(self.windows_per_checkpoint, device=self.data_device)
-        checkpoints = checkpoints.repeat_interleave(self.windows_per_checkpoint)
-        starts = starts.repeat(self.num_checkpoints) * self.window_size
-        for first in range(rank * self.batch_size, len(starts), num_processes * self.batch_size):
-            chunk = slice(first, first + self.batch_size)
-            yield self.gather_windows(checkpoints[chunk], starts[chunk])
+        num_windows = self.num_checkpoints * self.windows_per_checkpoint
+        per_round = self.batch_size * num_processes
+        end = math.ceil(num_windows / per_round) * per_round
+        for first in range(rank * self.batch_size, end, per_round):
+            slots = torch.arange(first, first + self.batch_size, device=self.data_device)
+            windows = slots % num_windows
+            checkpoints = windows // self.windows_per_checkpoint
+            starts = windows % self.windows_per_checkpoint * self.window_size
+            batch = self.gather_windows(checkpoints, starts)
+            batch.token_mask &= self._to_device(slots < num_windows)[:, None, None]
+            yield batch
 
 
 def _structure(layout: WeightLayout) -> list[tuple]:

@@ -217,6 +217,31 @@ def _run_zoo_info(args) -> int:
 ZOO_COMMANDS.append(_add_zoo_info_command)
 
 
+def _add_pretrain_command(subparsers) -> None:
+    from .pretraining import build_argument_parser
+
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain SANE on a zoo dataset (Accelerate; YAML config + overrides)",
+        description="Pretrain SANE on a zoo dataset: --config YAML (training/configs/*.yaml), "
+        "then plain flags (--learning-rate 3e-4), then --set key=value (--set model.d_model=64). "
+        "For several GPUs: accelerate launch training/pretrain.py with the same arguments.",
+    )
+    build_argument_parser(parser)
+    parser.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from .pretraining import run
+
+    summary = run(args)
+    print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
+    return 0
+
+
+COMMANDS.append(_add_pretrain_command)
+
+
 def _add_window_arguments(parser) -> None:
     """Halo-window and device flags shared by ``probe`` and ``sample``."""
     parser.add_argument(

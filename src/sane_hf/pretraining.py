@@ -1,0 +1,769 @@
+"""SANE pretraining with Accelerate, laid out like the Hugging Face ``*_no_trainer.py`` examples.
+
+Top to bottom: parse the config, create the Accelerator, load the zoo onto the device, build the
+model, the optimizer and the schedule, ``prepare``, resume, train (validating every epoch), save.
+
+Usage::
+
+    python training/pretrain.py --config training/configs/tiny.yaml --dataset ZOO --output-dir OUT
+    sane-hf pretrain --config training/configs/tiny.yaml --dataset ZOO --set learning_rate=3e-4
+    accelerate launch --multi_gpu --num_processes 8 training/pretrain.py --config training/configs/cnn.yaml ...
+    accelerate launch --config_file training/configs/accelerate_fsdp.yaml training/pretrain.py ...
+
+Configuration: a YAML file of ``PretrainingConfig`` fields, whose ``model`` section names a
+``SaneConfig`` preset and overrides of its fields. Later sources win: the YAML file, then plain
+flags (one per top-level field: ``--learning-rate 3e-4``, ``--max-steps 100``), then
+``--set key=value`` (dotted keys reach into ``model``: ``--set model.d_model=64``). Values are
+parsed as YAML 1.2 (``1e-3`` is a float, ``[64, 8, 32]`` a list, ``null`` is None).
+
+Exact resumption: every random choice of a batch (checkpoints, windows, permutations, noise,
+erasing) is derived from ``(seed, epoch, batch, rank)``, and ``accelerator.save_state`` keeps
+model, optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
+resumed with ``--resume-from-checkpoint latest`` logs the same losses as an uninterrupted run.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import gather_object, set_seed
+from datasets import Dataset
+from huggingface_hub import HfApi
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from tqdm.auto import tqdm
+
+from .alignment import PermutationSpec
+from .augmentation import TokenPermutation, WindowBatch, WindowSampler
+from .configuration_sane import SaneConfig
+from .modeling_sane import SaneModel
+from .tokenization import WeightLayout
+from .zoo_dataset import METADATA_FILE as ZOO_METADATA_FILE
+from .zoo_dataset import ZooMetadata, load_zoo_dataset
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "training_summary.json"
+CONFIG_FILE = "pretraining_config.yaml"
+
+
+@strict
+@dataclass
+class PretrainingConfig:
+    """Everything a pretraining run needs; the presets are ``training/configs/*.yaml``.
+
+    Data:
+        dataset: path of a zoo dataset (``sane-hf zoo build``); trains on its ``train`` split
+            and validates on ``validation``.
+        model: ``SaneConfig`` preset (``preset: tiny|cnn|resnet18``) and field overrides. The
+            token size is taken from the dataset; ``windowsize`` is the training window.
+        batch_size: windows per device and micro-batch (each gives two views).
+        epoch_size: windows per epoch over all processes; default: every checkpoint
+            ``ceil(num_tokens / windowsize)`` times, so each token is seen once per epoch.
+        noise_sigma: multiplicative noise ``x * (1 + sigma * eps)`` on each view.
+        permutation: a random function-preserving permutation per view.
+        erase_probability: chance of random erasing per view (0 disables it).
+        data_device: where the zoo's tokens live: ``auto`` (the accelerator if they take at most
+            a quarter of its memory, else host memory), ``device`` or ``cpu``.
+
+    Optimization:
+        num_epochs / max_steps: length of the run; ``max_steps`` (optimizer steps) wins when set.
+        learning_rate, weight_decay, adam_betas: AdamW (fused on CUDA), peak of the OneCycle
+            schedule, which warms up over ``warmup_fraction`` of the steps.
+        max_grad_norm: gradient clipping (None disables it).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (Accelerate autocast; bf16 also on CPU).
+        torch_compile: compile the model with inductor.
+
+    Run:
+        output_dir: checkpoints, logs, and the final model (``save_pretrained``).
+        checkpointing_steps: ``accelerator.save_state`` every this many steps (None: never);
+            ``checkpoints_total_limit`` keeps only the newest ones.
+        resume_from_checkpoint: a checkpoint folder, or ``latest`` in ``output_dir``.
+        stop_at_step: end the run after this step as if it were killed (no final save): for
+            time-boxed jobs and for testing resumption.
+        logging_steps: log (and measure data-wait time, with device synchronization) every this
+            many steps. ``report_to``: an Accelerate tracker (``tensorboard``, ``wandb``, ...) or
+            ``none``; metrics also go to ``output_dir/metrics.jsonl``.
+        push_to_hub / hub_model_id: upload the final model and the zoo metadata.
+    """
+
+    dataset: str | None = None
+    output_dir: str = "outputs/sane-pretraining"
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    batch_size: int = 32
+    epoch_size: int | None = None
+    noise_sigma: float = 0.1
+    permutation: bool = True
+    erase_probability: float = 0.0
+    data_device: str = "auto"
+    num_epochs: int = 50
+    max_steps: int | None = None
+    learning_rate: float = 1e-4
+    weight_decay: float = 3e-9
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_fraction: float = 0.3
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    torch_compile: bool = False
+    seed: int = 42
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    stop_at_step: int | None = None
+    logging_steps: int = 10
+    report_to: str = "tensorboard"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def validate_values(self) -> None:
+        """Raise a ValueError naming the first field whose value cannot work (run by @strict)."""
+        choices = {
+            "mixed_precision": ("no", "bf16", "fp16"),
+            "data_device": ("auto", "device", "cpu"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ["batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps"]
+        positive += ["epoch_size", "max_steps", "checkpointing_steps", "checkpoints_total_limit"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if not 0 < self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must lie in (0, 1), got {self.warmup_fraction}")
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        if "preset" not in self.model:
+            raise ValueError("the model section needs a `preset` (tiny, cnn or resnet18)")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (the Hub repo to upload to)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "PretrainingConfig":
+        """Build from plain values; ints are accepted for float fields. ``source`` names where
+        the values came from in error messages."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise ValueError(f"unknown key(s) {unknown} in {source}; valid keys: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        values = {name: _int_to_float(value, hints[name]) for name, value in values.items()}
+        try:
+            return cls(**values)
+        except StrictDataclassError as error:
+            raise ValueError(f"invalid value in {source}: {error}") from error
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | os.PathLike, overrides: Sequence[str] = ()
+    ) -> "PretrainingConfig":
+        """Read a YAML config and apply ``key=value`` overrides (dotted keys for ``model``)."""
+        with open(path) as file:
+            values = yaml.load(file, Loader=_YamlLoader) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values)}")
+        return cls.from_dict(apply_overrides(values, overrides), source=f"{path} or --set")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as file:
+            yaml.safe_dump(self.to_dict(), file, sort_keys=False)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.2), not as the string YAML 1.1 makes
+    of a number without a dot."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _int_to_float(value: Any, hint: Any) -> Any:
+    """``learning_rate: 1`` means 1.0: convert ints where a field (or its list items) is float."""
+    if typing.get_origin(hint) is list and isinstance(value, list):
+        return [_int_to_float(item, typing.get_args(hint)[0]) for item in value]
+    accepts_float = hint is float or float in typing.get_args(hint)
+    if accepts_float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML 1.2: numbers, ``true``, ``null``, ``[1, 2]``, or a string."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a (nested) config dict; dotted keys reach into sections."""
+    values = json.loads(json.dumps(values))  # a deep copy of plain YAML data
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {override!r}")
+        *sections, name = key.split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {override!r}: {section!r} is not a section")
+        target[name] = parse_value(text)
+    return values
+
+
+def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """``--config``, ``--set`` and one flag per top-level field (added to ``parser`` if given)."""
+    parser = parser or argparse.ArgumentParser(description="SANE pretraining with Accelerate")
+    parser.add_argument("--config", help="YAML config, e.g. training/configs/tiny.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value; dotted keys for the model section (model.d_model=64)",
+    )
+    for config_field in dataclasses.fields(PretrainingConfig):
+        if config_field.name == "model":
+            continue
+        parser.add_argument(
+            "--" + config_field.name.replace("_", "-"),
+            dest=f"field_{config_field.name}",
+            metavar="VALUE",
+            help=f"set {config_field.name} (parsed as YAML)",
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainingConfig:
+    """The config of parsed arguments: YAML file, then plain flags, then ``--set``."""
+    flags = [
+        f"{name.removeprefix('field_')}={value}"
+        for name, value in vars(args).items()
+        if name.startswith("field_") and value is not None
+    ]
+    overrides = [*flags, *args.overrides]
+    if args.config is None:
+        return PretrainingConfig.from_dict(apply_overrides({}, overrides), source="arguments")
+    return PretrainingConfig.from_yaml(args.config, overrides)
+
+
+def build_model_config(
+    model_section: dict[str, Any], tokensize: int, zoo_dataset: str | None = None
+) -> SaneConfig:
+    """``SaneConfig`` of the ``model`` section; the token size comes from the zoo, and so does
+    ``zoo_dataset`` (its Hub id, for the model card) unless the section sets it."""
+    overrides = {"zoo_dataset": zoo_dataset, **model_section}
+    preset = overrides.pop("preset")
+    if overrides.setdefault("tokensize", tokensize) != tokensize:
+        raise ValueError(
+            f"model.tokensize={overrides['tokensize']} but the zoo's tokens have {tokensize} "
+            "values: leave model.tokensize unset"
+        )
+    return SaneConfig.from_preset(preset, **overrides)
+
+
+def check_positions_fit(model_config: SaneConfig, positions: torch.Tensor) -> None:
+    """Fail before training if the zoo's positions exceed the model's position tables."""
+    needed = (positions.amax(dim=0) + 1).tolist()
+    for name, need, size in zip(("global", "layer", "row"), needed, model_config.max_positions):
+        if need > size:
+            raise ValueError(
+                f"the zoo needs {need} {name} positions but model.max_positions allows {size}: "
+                f"set --set model.max_positions=[{', '.join(map(str, needed))}] (or larger)"
+            )
+
+
+def choose_data_device(nbytes: int, device: torch.device, setting: str) -> torch.device:
+    """The accelerator when the zoo takes at most a quarter of its memory (or when asked)."""
+    if setting == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if setting == "device" or device.type != "cuda":
+        return device
+    total = torch.cuda.get_device_properties(device).total_memory
+    return device if nbytes <= total // 4 else torch.device("cpu")
+
+
+def create_optimizer(
+    model: torch.nn.Module, config: PretrainingConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases); fused on CUDA."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.learning_rate,
+        betas=tuple(config.adam_betas),
+        fused=device.type == "cuda",
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type != "cpu":
+        torch.get_device_module(device).synchronize(device)
+
+
+class DataWaitMeter:
+    """How long steps wait for their batches, measured on chosen steps only.
+
+    A measured step synchronizes the device before and after building each batch, so the wait
+    is the real time from the end of the previous work to the batch being ready; unmeasured
+    steps keep the device queue running ahead.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.measuring = False
+        self.fractions: list[float] = []
+
+    def start_step(self, measure: bool) -> None:
+        self.measuring = measure
+        if measure:
+            synchronize(self.device)
+            self.step_start = time.perf_counter()
+            self.waited = 0.0
+
+    def batch(self, make_batch: Callable[..., WindowBatch], *args: int) -> WindowBatch:
+        """``make_batch(*args)``, timed when the step is measured."""
+        if not self.measuring:
+            return make_batch(*args)
+        synchronize(self.device)
+        start = time.perf_counter()
+        batch = make_batch(*args)
+        synchronize(self.device)
+        self.waited += time.perf_counter() - start
+        return batch
+
+    def end_step(self) -> float | None:
+        """The fraction of the measured step spent waiting for data, else None."""
+        if not self.measuring:
+            return None
+        synchronize(self.device)
+        fraction = self.waited / (time.perf_counter() - self.step_start)
+        self.fractions.append(fraction)
+        return fraction
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, sampler: WindowSampler, accelerator: Accelerator
+) -> dict[str, float]:
+    """Reconstruction MSE and R^2 over the real values of every validation window (clean).
+
+    Each process scores its share of the windows (the same number of forward passes on every
+    process, as FSDP requires); sums are reduced across processes, so the result is the same
+    for any number of processes.
+    """
+    model.eval()
+    # squared error, number of real values, their sum, their sum of squares
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    for batch in sampler.eval_batches(accelerator.process_index, accelerator.num_processes):
+        with accelerator.autocast():
+            reconstructions = model(**batch.model_inputs()).reconstructions
+        targets, mask = batch.targets[0].double(), batch.token_mask
+        error = (reconstructions.double() - targets).square()
+        sums += torch.stack(
+            [error[mask].sum(), mask.sum(), targets[mask].sum(), targets[mask].square().sum()]
+        )
+    squared_error, count, total, total_squares = accelerator.reduce(sums, "sum").tolist()
+    model.train()
+    variance_sum = total_squares - total**2 / count
+    return {"val_mse": squared_error / count, "val_r2": 1 - squared_error / variance_sum}
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
+    name = Path(path).name
+    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX) :].isdigit():
+        raise ValueError(f"{path} is not a checkpoint folder (expected {CHECKPOINT_PREFIX}<step>)")
+    return int(name[len(CHECKPOINT_PREFIX) :])
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+    return sorted(
+        (f for f in folders if f.name[len(CHECKPOINT_PREFIX) :].isdigit()), key=checkpoint_step
+    )
+
+
+def resolve_checkpoint(config: PretrainingConfig) -> Path:
+    """The folder ``resume_from_checkpoint`` points to (``latest``: the newest in output_dir)."""
+    if config.resume_from_checkpoint != "latest":
+        path = Path(config.resume_from_checkpoint)
+        checkpoint_step(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint folder at {path}")
+        return path
+    checkpoints = list_checkpoints(config.output_dir)
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=latest: no checkpoint in {config.output_dir}"
+        )
+    return checkpoints[-1]
+
+
+def save_checkpoint(accelerator: Accelerator, config: PretrainingConfig, step: int) -> None:
+    """``accelerator.save_state`` to ``output_dir/checkpoint-<step>``, dropping the oldest beyond
+    ``checkpoints_total_limit``."""
+    accelerator.save_state(os.path.join(config.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
+    if accelerator.is_main_process and config.checkpoints_total_limit:
+        for old in list_checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
+            shutil.rmtree(old)
+
+
+class MetricsLog:
+    """Metrics to the Accelerate trackers and, from the main process, to ``metrics.jsonl``."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / METRICS_FILE
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The lines of a run's ``metrics.jsonl`` (a resumed run appends to it)."""
+    with open(Path(output_dir) / METRICS_FILE) as file:
+        return [json.loads(line) for line in file]
+
+
+def _tracker_config(config: PretrainingConfig) -> dict[str, Any]:
+    """Flat scalar config for trackers (TensorBoard's hparams take no lists or dicts)."""
+    values = {f"model.{k}": v for k, v in config.model.items()}
+    values.update({k: v for k, v in config.to_dict().items() if k != "model"})
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+
+
+@dataclass
+class PretrainingData:
+    """The zoo, ready to train on: window samplers and what the model and the save need."""
+
+    train: WindowSampler
+    validation: WindowSampler | None
+    model_config: SaneConfig
+    metadata: ZooMetadata
+
+
+def split_tokens(split: Dataset, layout: WeightLayout) -> torch.Tensor:
+    """All tokens of a zoo split as one ``[checkpoints, tokens, tokensize]`` tensor, in their
+    storage dtype (float16 zoos stay float16)."""
+    tokens = torch.from_numpy(np.stack(split.with_format("numpy")["tokens"]))
+    expected = (layout.num_tokens, layout.tokensize)
+    if tuple(tokens.shape[1:]) != expected:
+        raise ValueError(
+            f"the split's tokens are {tuple(tokens.shape[1:])} per checkpoint but the zoo's "
+            f"layout describes {expected}"
+        )
+    return tokens
+
+
+def load_pretraining_data(config: PretrainingConfig, accelerator: Accelerator) -> PretrainingData:
+    """Load the zoo, put its tokens on the data device and build the window samplers."""
+    splits, metadata = load_zoo_dataset(config.dataset)
+    if "train" not in splits:
+        raise ValueError(f"{config.dataset} has no train split (splits: {list(splits)})")
+    layout = metadata.layout
+    hub_id = None if Path(config.dataset).exists() else config.dataset
+    model_config = build_model_config(config.model, layout.tokensize, zoo_dataset=hub_id)
+    positions, counts = layout.positions(), layout.row_counts()
+    check_positions_fit(model_config, positions)
+    permutation = None
+    if config.permutation:
+        spec = PermutationSpec.from_model(metadata.build_model())
+        permutation = TokenPermutation.from_spec(spec, layout)
+
+    def sampler(split_name: str, seed: int) -> WindowSampler:
+        tokens = split_tokens(splits[split_name], layout)
+        nbytes = tokens.numel() * tokens.element_size()
+        data_device = choose_data_device(nbytes, accelerator.device, config.data_device)
+        return WindowSampler(
+            tokens.to(data_device),
+            counts,
+            positions,
+            window_size=model_config.windowsize,
+            batch_size=config.batch_size,
+            device=accelerator.device,
+            permutation=permutation,
+            noise_sigma=config.noise_sigma,
+            erase_probability=config.erase_probability,
+            seed=seed,
+            epoch_size=config.epoch_size,
+        )
+
+    validation = sampler("validation", config.seed) if len(splits.get("validation", [])) else None
+    return PretrainingData(sampler("train", config.seed), validation, model_config, metadata)
+
+
+def pretrain(config: PretrainingConfig) -> dict[str, Any]:
+    """Pretrain SANE on a zoo as ``config`` says; returns the run summary (also written to
+    ``output_dir/training_summary.json``)."""
+    if config.dataset is None:
+        raise ValueError("no dataset: set `dataset` (--dataset PATH) to a zoo dataset folder")
+
+    # Accelerator: devices, processes, mixed precision, accumulation, trackers, compilation.
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=config.output_dir,
+        dynamo_backend="inductor" if config.torch_compile else None,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(config.seed)  # the model's initialization; batches have their own seeds
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+        config.save(Path(config.output_dir) / CONFIG_FILE)
+
+    # Data: the zoo's tokens on the device, windows and views built there.
+    data = load_pretraining_data(config, accelerator)
+    train_sampler = data.train
+
+    # Model.
+    model = SaneModel(data.model_config)
+    # The zoo's positions were checked against the tables once; a check per forward would
+    # synchronize with the device twice a step.
+    model.set_position_checks(False)
+
+    # Optimizer and OneCycle schedule (in optimizer steps).
+    optimizer = create_optimizer(model, config, accelerator.device)
+    batches_per_epoch = train_sampler.batches_per_epoch(accelerator.num_processes)
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = config.max_steps or config.num_epochs * steps_per_epoch
+    # cycle_momentum=False: the betas stay as configured; only the learning rate cycles.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.learning_rate,
+        total_steps=total_steps,
+        pct_start=config.warmup_fraction,
+        cycle_momentum=False,
+    )
+
+    # Prepare. The schedule is stepped by hand once per optimizer step (a prepared one steps
+    # num_processes times), so it is only registered for checkpointing.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # Resume: model, optimizer, schedule and global RNGs; batches follow from the step.
+    start_step = 0
+    if config.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(config)
+        accelerator.load_state(checkpoint)
+        start_step = checkpoint_step(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {start_step}")
+
+    accelerator.init_trackers("sane-pretraining", config=_tracker_config(config))
+    metrics_log = MetricsLog(accelerator, config.output_dir)
+    tokens_per_step = (
+        2 * config.batch_size * train_sampler.window_size * accumulation * accelerator.num_processes
+    )
+    logger.info(
+        f"{train_sampler.num_checkpoints} training checkpoints of {train_sampler.num_tokens} "
+        f"tokens, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+        f"{tokens_per_step} tokens per step"
+    )
+
+    # Train.
+    data_wait = DataWaitMeter(accelerator.device)
+    running = torch.zeros(3, device=accelerator.device)  # loss, reconstruction, contrastive
+    eval_metrics: dict[str, float] = {}
+    steps_per_second = []
+    progress = tqdm(
+        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process
+    )
+    model.train()
+    interval_start, interval_steps = time.perf_counter(), 0
+    completed, batch = start_step, None
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        data_wait.start_step(measure=(step + 1) % config.logging_steps == 0)
+        for micro_step in range(accumulation):
+            batch = data_wait.batch(
+                train_sampler.train_batch,
+                epoch,
+                step_in_epoch * accumulation + micro_step,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+            with accelerator.accumulate(model):
+                output = model(**batch.model_inputs())
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running += (
+                torch.stack(
+                    [output.loss, output.reconstruction_loss, output.contrastive_loss]
+                ).detach()
+                / accumulation
+            )
+        wait_fraction = data_wait.end_step()
+        progress.update(1)
+        interval_steps += 1
+
+        completed = step + 1
+        if completed % config.logging_steps == 0 or completed == total_steps:
+            loss, reconstruction, contrastive = (
+                accelerator.reduce(running, "mean") / interval_steps
+            ).tolist()
+            elapsed = time.perf_counter() - interval_start
+            steps_per_second.append(interval_steps / elapsed)
+            metrics = {
+                "loss": loss,
+                "reconstruction_loss": reconstruction,
+                "contrastive_loss": contrastive,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "epoch": completed / steps_per_epoch,
+                "steps_per_second": interval_steps / elapsed,
+                "tokens_per_second": interval_steps * tokens_per_step / elapsed,
+            }
+            if wait_fraction is not None:
+                metrics["data_wait_fraction"] = wait_fraction
+            metrics_log.log(metrics, step=completed)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            running.zero_()
+            interval_start, interval_steps = time.perf_counter(), 0
+
+        # Evaluation and checkpointing are not training time: the throughput interval skips them.
+        pause_start = time.perf_counter()
+        if data.validation is not None and (
+            completed % steps_per_epoch == 0 or completed == total_steps
+        ):
+            eval_metrics = evaluate(model, data.validation, accelerator)
+            metrics_log.log({**eval_metrics, "epoch": completed / steps_per_epoch}, step=completed)
+        if config.checkpointing_steps and completed % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, config, completed)
+        interval_start += time.perf_counter() - pause_start
+
+        if completed == config.stop_at_step:
+            logger.info(f"stop_at_step={completed}: ending the run without a final save")
+            break
+    progress.close()
+
+    # Save the model, the zoo description it needs downstream, and the run summary.
+    summary = {
+        "steps": completed,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "num_processes": accelerator.num_processes,
+        "steps_per_second": float(np.mean(steps_per_second)) if steps_per_second else None,
+        "data_wait_fraction": float(np.mean(data_wait.fractions)) if data_wait.fractions else None,
+        **eval_metrics,
+        "processes": replica_report(accelerator, model, batch),
+    }
+    accelerator.wait_for_everyone()
+    if completed == total_steps:
+        save_model(accelerator, model, data, config, eval_metrics)
+    if accelerator.is_main_process:
+        with open(Path(config.output_dir) / SUMMARY_FILE, "w") as file:
+            json.dump(summary, file, indent=1)
+    accelerator.end_training()
+    # Accelerate keeps mixed precision and accumulation settings in process-wide singletons;
+    # forget them so that another run in this process (a notebook, a test) may change them.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return summary
+
+
+def replica_report(
+    accelerator: Accelerator, model: torch.nn.Module, batch: WindowBatch | None
+) -> list[dict[str, float | None]]:
+    """Per process: the parameter norm (equal on all data-parallel replicas when gradients are
+    synchronized) and a checksum of its last batch (different: each process sees its own data)."""
+    parameter_norm = torch.stack(
+        [p.detach().double().square().sum() for p in accelerator.unwrap_model(model).parameters()]
+    ).sum()
+    report = {
+        "rank": accelerator.process_index,
+        "parameter_norm": parameter_norm.sqrt().item(),
+        "batch_checksum": None if batch is None else batch.views.double().sum().item(),
+    }
+    return gather_object([report])
+
+
+def save_model(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data: PretrainingData,
+    config: PretrainingConfig,
+    eval_metrics: dict[str, float],
+) -> None:
+    """``save_pretrained`` (weights, config, model card) plus ``sane_zoo.json``, which
+    embedding and sampling need to tokenize, normalize and decode for this model; then push."""
+    unwrapped = accelerator.unwrap_model(model)
+    card_metrics = eval_metrics if unwrapped.config.zoo_dataset and eval_metrics else None
+    unwrapped.save_pretrained(
+        config.output_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+        metrics=card_metrics,
+        repo_id=config.hub_model_id,
+    )
+    if not accelerator.is_main_process:
+        return
+    (Path(config.output_dir) / ZOO_METADATA_FILE).write_text(data.metadata.to_json())
+    if config.push_to_hub:
+        api = HfApi()
+        repo_id = api.create_repo(config.hub_model_id, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=config.output_dir,
+            ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", METRICS_FILE, SUMMARY_FILE],
+            commit_message="Upload SANE model pretrained with sane-hf",
+        )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain with the config of parsed arguments (``build_argument_parser``), logging to the
+    console like the Hugging Face examples."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO,
+    )
+    return pretrain(config_from_args(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of ``training/pretrain.py``."""
+    run(build_argument_parser().parse_args(argv))
+    return 0
