@@ -143,10 +143,14 @@ class SaneDecoderOutput(ModelOutput):
     reconstructions: torch.FloatTensor | None = None
 
 
-def check_positions(positions: torch.Tensor, max_positions: tuple[int, int, int]) -> None:
+def check_positions(
+    positions: torch.Tensor, max_positions: tuple[int, int, int], check_range: bool = True
+) -> None:
     """Raise a ValueError naming the position component that falls outside its table.
 
-    Skipped under torch.compile: the check reads values back to the host.
+    Shape and dtype are always checked. The range check reads the extremes back to the host, a
+    device synchronization that stalls the GPU queue, so it is skipped with `check_range=False`
+    and under torch.compile.
     """
     if positions.dim() != 3 or positions.shape[-1] != 3:
         raise ValueError(
@@ -155,7 +159,7 @@ def check_positions(positions: torch.Tensor, max_positions: tuple[int, int, int]
         )
     if positions.is_floating_point():
         raise ValueError(f"positions must be integer indices, got dtype {positions.dtype}")
-    if torch.compiler.is_compiling() or positions.numel() == 0:
+    if not check_range or torch.compiler.is_compiling() or positions.numel() == 0:
         return
     flat = positions.reshape(-1, 3)
     smallest, largest = flat.amin(dim=0).tolist(), flat.amax(dim=0).tolist()
@@ -172,22 +176,39 @@ class SanePositionEmbeddings(nn.Module):
     """Learned positions: `concat(E_global[g] + E_layer[l], E_row[r])`, width d_model.
 
     Chunks of one weight row share layer and row index and differ in the global index only.
+    Every forward checks that the positions fit the tables unless `check_range` is False (see
+    `set_position_checks`).
     """
 
     def __init__(self, config: SaneConfig):
         super().__init__()
         half_width = config.d_model // 2
         self.max_positions = tuple(config.max_positions)
+        self.check_range = True
         global_size, layer_size, row_size = self.max_positions
         self.global_embeddings = nn.Embedding(global_size, half_width)
         self.layer_embeddings = nn.Embedding(layer_size, half_width)
         self.row_embeddings = nn.Embedding(row_size, half_width)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        check_positions(positions, self.max_positions)
+        check_positions(positions, self.max_positions, self.check_range)
         global_index, layer_index, row_index = positions.unbind(dim=-1)
         global_and_layer = self.global_embeddings(global_index) + self.layer_embeddings(layer_index)
         return torch.cat([global_and_layer, self.row_embeddings(row_index)], dim=-1)
+
+
+def set_position_checks(module: nn.Module, enabled: bool) -> None:
+    """Turn the per-forward range check of every SANE position table in `module` on or off.
+
+    The check reads values back to the host: a device synchronization per forward pass, which
+    keeps the CPU from queueing the next kernels and rules out CUDA graphs. Loops that validate
+    their positions once up front (pretraining checks the zoo's positions against the tables,
+    embedding checks the whole sequence) turn it off for the hot path. An out-of-range position
+    then fails inside the embedding lookup instead, with a less helpful message.
+    """
+    for submodule in module.modules():
+        if isinstance(submodule, SanePositionEmbeddings):
+            submodule.check_range = enabled
 
 
 def eager_attention_forward(
@@ -385,6 +406,10 @@ class SanePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    def set_position_checks(self, enabled: bool) -> None:
+        """Turn the range check of positions on or off; see `set_position_checks`."""
+        set_position_checks(self, enabled)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -565,4 +590,5 @@ __all__ = [
     "SanePreTrainedModel",
     "masked_mse",
     "nt_xent",
+    "set_position_checks",
 ]

@@ -1,0 +1,116 @@
+"""The fast training path computes what the plain one does.
+
+The speed switches of the GPU step (no position range check, no attention mask for batches
+without padding, SDPA instead of eager attention, fused AdamW, bf16 autocast without a grad
+scaler) must not change what is learned: short runs of the tiny preset on real pipeline batches
+(CNN-m windows, permutations, noise) give the same loss curve, and the bf16 curve stays within
+the run-to-run noise of the float32 one. CPU only, compile off.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from sane_hf import SaneConfig, SaneModel, WeightTokenizer
+from sane_hf.alignment import PermutationSpec
+from sane_hf.architectures import build_model
+from sane_hf.augmentation import TokenPermutation, WindowSampler
+
+BATCH_SIZE = 4
+NUM_BATCHES, PASSES = 3, 4  # a few batches seen repeatedly: their losses must fall
+
+
+@functools.cache
+def cnn_m_zoo(num_checkpoints: int = 6):
+    """A CNN-m "zoo" (93 tokens, longer than the tiny window of 16): one random network plus
+    small per-checkpoint deviations, so there is a shared structure to learn in a few steps."""
+    model = build_model("cnn_m")
+    encoded = WeightTokenizer(289)(model)
+    generator = torch.Generator().manual_seed(0)
+    base = encoded.tokens / encoded.tokens[encoded.mask].std()
+    noise = torch.randn(num_checkpoints, *base.shape, generator=generator)
+    tokens = torch.where(encoded.mask, base + 0.1 * noise, 0.0)
+    layout = encoded.layout
+    permutation = TokenPermutation.from_spec(PermutationSpec.from_model(model), layout)
+    return tokens, layout.row_counts(), layout.positions(), permutation
+
+
+def batches(data_seed: int = 0) -> list[dict]:
+    """Model inputs of a few pipeline batches, repeated PASSES times."""
+    tokens, counts, positions, permutation = cnn_m_zoo()
+    sampler = WindowSampler(
+        tokens, counts, positions, 16, BATCH_SIZE, "cpu", permutation, seed=data_seed
+    )
+    distinct = [sampler.train_batch(epoch=0, index=i).model_inputs() for i in range(NUM_BATCHES)]
+    return distinct * PASSES
+
+
+def learned(curve: list[float]) -> bool:
+    """Every batch's loss on its last pass is below its loss on the first pass."""
+    return all(last < first for first, last in zip(curve[:NUM_BATCHES], curve[-NUM_BATCHES:]))
+
+
+def loss_curve(
+    inputs: list[dict], fast: bool, dtype: torch.dtype = torch.float32, model_seed: int = 0
+) -> list[float]:
+    """Losses of AdamW steps on `inputs`; `fast` turns every speed switch on, else all off."""
+    torch.manual_seed(model_seed)
+    model = SaneModel(SaneConfig.from_preset("tiny")).train()
+    model.set_attn_implementation("sdpa" if fast else "eager")
+    model.set_position_checks(not fast)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fast, foreach=False)
+    losses = []
+    for batch in inputs:
+        if not fast:  # the old pipeline: an all-True attention mask instead of None
+            batch = {**batch, "attention_mask": torch.ones(batch["tokens"].shape[:2], dtype=bool)}
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()
+
+
+@pytest.fixture(scope="module")
+def plain_curve() -> list[float]:
+    return loss_curve(batches(), fast=False)
+
+
+def test_pipeline_batches_of_long_sequences_have_no_attention_mask():
+    inputs = batches()[0]
+    assert inputs["attention_mask"] is None
+    assert inputs["tokens"].shape == (2 * BATCH_SIZE, 16, 289)
+
+
+def test_fast_path_reproduces_the_plain_loss_curve(plain_curve):
+    fast = loss_curve(batches(), fast=True)
+    assert learned(plain_curve)  # the model trains: the comparison means something
+    assert fast == pytest.approx(plain_curve, rel=1e-4)
+
+
+def test_bf16_curve_stays_within_run_to_run_noise(plain_curve):
+    """bf16 autocast without a grad scaler vs float32: closer than two float32 runs that differ
+    only in the model's initialization."""
+    inputs = batches()
+    bf16 = torch.tensor(loss_curve(inputs, fast=True, dtype=torch.bfloat16))
+    plain = torch.tensor(plain_curve)
+    other_init = torch.tensor(loss_curve(inputs, fast=False, model_seed=1))
+    assert (bf16 - plain).abs().mean() < 0.5 * (other_init - plain).abs().mean()
+    assert learned(bf16.tolist())
+
+
+def test_position_checks_can_be_switched_off():
+    torch.manual_seed(0)
+    model = SaneModel(SaneConfig.from_preset("tiny")).eval()
+    tokens = torch.randn(1, 2, 289)
+    beyond = torch.tensor([[[1024, 0, 0], [1025, 0, 0]]])  # the global table has 1024 rows
+    with pytest.raises(ValueError, match="global position index out of range"):
+        model(tokens, beyond)
+    model.set_position_checks(False)
+    with pytest.raises(IndexError):  # no friendly check: the embedding lookup itself fails
+        model(tokens, beyond)
+    model.set_position_checks(True)
+    with pytest.raises(ValueError, match="global position index out of range"):
+        model(tokens, beyond)
