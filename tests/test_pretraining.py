@@ -14,6 +14,7 @@ from sane_hf import SaneModel, cli
 from sane_hf.pretraining import (
     PretrainingConfig,
     build_argument_parser,
+    build_model_config,
     config_from_args,
     main,
     read_metrics,
@@ -71,6 +72,21 @@ def test_config_sources_apply_in_order(tmp_path):
     assert config.model == {"preset": "tiny", "d_model": 64, "n_layers": 3}
     assert config.adam_betas == [0.9, 1.0]
     assert parse("--config", str(TINY)).model["preset"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("preset", "tokensize", "model_shape"),
+    [("cnn", 289, (1024, 8, 8, 64, 128)), ("resnet18", 288, (2048, 8, 16, 256, 128))],
+)
+def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
+    config = parse("--config", str(REPO / "training" / "configs" / f"{preset}.yaml"))
+    model = build_model_config(config.model, tokensize)
+    assert (model.d_model, model.n_layers, model.n_heads, model.windowsize, model.latent_dim) == (
+        model_shape
+    )
+    training = (config.batch_size, config.learning_rate, config.weight_decay, config.num_epochs)
+    assert training == (32, 1e-4, 3e-9, 50)
+    assert config.noise_sigma == 0.1 and config.permutation
 
 
 @pytest.mark.parametrize(
