@@ -13,8 +13,10 @@ from .architectures import build_model, initialize, list_architectures, register
 from .augmentation import TokenPermutation, WindowSampler
 from .configuration_sane import SaneConfig
 from .data import ImageDataset, dataset_from_tensors, load_dataset_by_name
+from .demo import DemoConfig, run_demo
 from .embedding import Embeddings, decode_latents, embed, encode_tokens
 from .evaluation import SampleEvaluation, evaluate_samples, scratch_models
+from .experiments import SamplingMethod, SamplingResults, SamplingSettings, compare_sampling
 from .modeling_sane import (
     SaneDecoderModel,
     SaneDecoderOutput,
@@ -64,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentResult",
+    "DemoConfig",
     "Embeddings",
     "ImageDataset",
     "ImportReport",
@@ -76,6 +79,9 @@ __all__ = [
     "RidgeProbe",
     "SampleEvaluation",
     "SampledModels",
+    "SamplingMethod",
+    "SamplingResults",
+    "SamplingSettings",
     "SaneConfig",
     "SaneDecoderModel",
     "SaneDecoderOutput",
@@ -99,6 +105,7 @@ __all__ = [
     "apply_permutation",
     "build_model",
     "build_zoo_dataset",
+    "compare_sampling",
     "condition_batchnorm",
     "dataset_from_tensors",
     "decode_latents",
@@ -118,6 +125,7 @@ __all__ = [
     "push_zoo_dataset",
     "random_permutation",
     "register_architecture",
+    "run_demo",
     "save_zoo_dataset",
     "scratch_models",
     "select_prompts",

@@ -522,6 +522,32 @@ def _evaluate(args, sampler, samples, task, hyperparameters) -> dict:
 COMMANDS.append(_add_sample_command)
 
 
+def _add_demo_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole workflow on digits: zoo, dataset, SANE, probes, sampling (CPU, ~15 min)",
+        description="Train a CNN-s zoo on scikit-learn's digits, build its dataset, pretrain a "
+        "tiny SANE, then print the property-prediction and sampling tables. Rerun to resume.",
+    )
+    parser.add_argument("--output-dir", default="demo_outputs", help="where everything goes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings that run every stage in under a minute (the numbers mean nothing)",
+    )
+    parser.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(args.output_dir, DemoConfig.quick() if args.quick else DemoConfig())
+    return 0
+
+
+COMMANDS.append(_add_demo_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-hf", description="SANE weight-space learning")
     subparsers = parser.add_subparsers(dest="command", required=True)

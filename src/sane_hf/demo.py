@@ -1,0 +1,175 @@
+"""``sane-hf demo``: the whole SANE workflow on scikit-learn's digits, on a laptop CPU.
+
+The stages, each one or two calls into ``sane_hf`` (read this file to learn the API):
+
+1. ``train_zoo``: a seed zoo of CNN-s networks on digits (8x8 images resized to 28x28), the
+   Model Zoos protocol (tanh, uniform init, Adam 3e-4, batch 10), a checkpoint every epoch;
+2. ``build_zoo_dataset``: split by model, align, normalize with training statistics, tokenize;
+3. ``pretrain``: the tiny SANE preset through the package's Accelerate pretraining;
+4. ``probe_zoo``: linear probes of SANE embeddings for test accuracy, epoch and generalization
+   gap, next to the s(W) and raw-weight baselines (paper Table 1);
+5. ``SaneSampler``: networks sampled around the best training checkpoints (plain KDE draws and
+   subsampling), fine-tuned for 0, 1 and 5 epochs next to networks trained from scratch, with
+   the novelty of the samples (paper Table 3).
+
+Everything lands in ``--output-dir``: the raw zoo, the dataset, the SANE checkpoint, the plots
+(``zoo_accuracy.png``, ``probe.png``, ``sampling.png``), ``probe.json``, ``sampling.json`` and
+``summary.json``. Rerunning resumes: zoo training continues from its last checkpoint epoch, and
+finished stages (dataset, pretraining, sampling) are loaded instead of recomputed.
+
+The numbers are those of a small zoo and a tiny SANE: they show the method working end to end,
+not the paper's scale (``benchmarks/reproduce_mnist.py`` is the larger experiment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .experiments import (
+    SamplingMethod,
+    SamplingSettings,
+    StageLog,
+    build_dataset_stage,
+    cached_sampling,
+    compare_sampling,
+    pretrain_stage,
+    probe_stage,
+    r2_table,
+)
+from .pretraining import SUMMARY_FILE, PretrainingConfig
+from .zoo import ZooConfig, train_zoo
+from .zoo_dataset import format_zoo_statistics, load_zoo_records, plot_zoo_accuracy
+
+
+def _default_pretraining() -> dict[str, Any]:
+    """The tiny preset with the settings of ``training/configs/tiny.yaml``."""
+    return {
+        "model": {"preset": "tiny"},
+        "num_epochs": 30,
+        "learning_rate": 3e-3,
+        "warmup_fraction": 0.1,
+        "checkpointing_steps": 200,
+        "checkpoints_total_limit": 1,
+        "logging_steps": 50,
+        "report_to": "none",
+    }
+
+
+@dataclass
+class DemoConfig:
+    """What the demo trains and measures. `DemoConfig()` is the default demo (about 15 minutes
+    on 2 CPU cores); `DemoConfig.quick()` checks the pipeline in well under a minute."""
+
+    zoo: ZooConfig = field(
+        default_factory=lambda: ZooConfig(
+            architecture="cnn_s", dataset="digits", kind="seed", num_models=64, epochs=8
+        )
+    )
+    pretraining: dict[str, Any] = field(default_factory=_default_pretraining)
+    sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(
+            num_prompts=30, num_samples=5, num_candidates=25, finetune_epochs=5
+        )
+    )
+    methods: tuple[SamplingMethod, ...] = (
+        SamplingMethod("kde"),
+        SamplingMethod("subsampled"),
+    )
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A few networks on 300 digits, a few SANE steps: exercises every stage, measures
+        nothing."""
+        zoo = ZooConfig(
+            architecture="cnn_s",
+            dataset="digits",
+            dataset_kwargs={"num_samples": 300},
+            num_models=8,
+            epochs=2,
+            batch_size=32,
+        )
+        pretraining = {
+            **_default_pretraining(),
+            "max_steps": 10,
+            "warmup_fraction": 0.2,
+            "logging_steps": 5,
+        }
+        sampling = SamplingSettings(
+            num_prompts=3,
+            num_samples=2,
+            num_candidates=4,
+            score_samples=100,
+            finetune_epochs=1,
+        )
+        return cls(zoo, pretraining, sampling)
+
+
+def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None = None) -> dict:
+    """Run (or resume) the demo into ``output_dir``; print its tables and return the summary
+    that is also written to ``output_dir/summary.json``."""
+    config = config or DemoConfig()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    log = StageLog(num_stages=5)
+    start = time.perf_counter()
+
+    with log.stage(
+        "zoo",
+        f"training {config.zoo.num_models} {config.zoo.architecture} networks on "
+        f"{config.zoo.dataset} for {config.zoo.epochs} epochs -> {output / 'zoo'} (resumes)",
+    ):
+        train_zoo(config.zoo, output / "zoo")
+        _, records, _ = load_zoo_records(output / "zoo")
+        plot_zoo_accuracy(records, output / "zoo_accuracy.png")
+
+    with log.stage("dataset", "building the zoo dataset: split by model, align, tokenize"):
+        zoo = build_dataset_stage(output / "zoo", output / "dataset")
+        print(format_zoo_statistics(zoo.metadata.statistics, zoo.metadata.zoo))
+
+    with log.stage("pretraining", f"pretraining SANE ({config.pretraining['model']}) -> sane/"):
+        pretraining = PretrainingConfig.from_dict(
+            {
+                **config.pretraining,
+                "dataset": str(output / "dataset"),
+                "output_dir": str(output / "sane"),
+            }
+        )
+        model = pretrain_stage(pretraining)
+
+    with log.stage("probing", "property prediction: SANE vs s(W) vs W (test R^2)"):
+        report = probe_stage(model, zoo, output)
+        print(report.table())
+
+    with log.stage("sampling", "sampling networks vs training from scratch"):
+        sampling = cached_sampling(
+            output / "sampling.json",
+            lambda: compare_sampling(model, zoo, config.methods, config.sampling),
+        )
+        sampling.evaluation.plot(output / "sampling.png")
+        print(sampling.table())
+
+    summary = {
+        "config": {
+            "zoo": config.zoo.to_dict(),
+            "pretraining": pretraining.to_dict(),
+            "sampling": dataclasses.asdict(config.sampling),
+            "methods": [method.name for method in config.methods],
+        },
+        "zoo": zoo.metadata.statistics,
+        "pretraining": json.loads((output / "sane" / SUMMARY_FILE).read_text()),
+        "property_prediction_r2": r2_table(report.to_dict()),
+        "sampling": {
+            "accuracy": sampling.evaluation.summary(),
+            "epochs": sampling.evaluation.epochs,
+            "novelty": sampling.novelty,
+        },
+        "wall_time_s": {**log.seconds, "total": round(time.perf_counter() - start, 1)},
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\nplots, tables and summary.json written to {output}")
+    return summary

@@ -1,0 +1,417 @@
+"""Resumable stages of a SANE experiment, shared by ``sane-hf demo`` and ``benchmarks/reproduce_*.py``.
+
+An experiment trains a zoo (`train_zoo` resumes by itself), builds its dataset, pretrains SANE,
+probes the embeddings for model properties (paper Table 1) and samples new networks (paper
+Table 3). Every stage writes into its own folder and is skipped when its output is complete, so
+an interrupted run picks up where it stopped. The functions are thin on purpose: they are the
+package API called in order, plus the bookkeeping that makes a run resumable and its numbers
+comparable (the same fine-tuning recipe for every group, novelty next to accuracy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .alignment import align
+from .data import ImageDataset
+from .evaluation import (
+    SampleEvaluation,
+    accuracy_score,
+    evaluate_samples,
+    load_task_dataset,
+    random_batches,
+    scratch_models,
+)
+from .modeling_sane import SaneModel
+from .pretraining import SUMMARY_FILE, PretrainingConfig, list_checkpoints, pretrain
+from .probing import ProbeReport, probe_zoo
+from .sampling import (
+    KDEMode,
+    SampledModels,
+    SaneSampler,
+    nearest_neighbor_distances,
+    novelty_report,
+    select_prompts,
+    split_token_chunks,
+)
+from .zoo_dataset import (
+    METADATA_FILE,
+    ZooDataset,
+    build_zoo_dataset,
+    load_zoo_dataset,
+    save_zoo_dataset,
+)
+
+TABLE1_PROPERTIES = ("test_acc", "epoch", "ggap")
+SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
+RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")
+
+
+class StageLog:
+    """Announces the stages of a run (``[2/5] building the zoo dataset``) and times them."""
+
+    def __init__(self, num_stages: int):
+        self.num_stages = num_stages
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, description: str) -> Iterator[None]:
+        print(f"\n[{len(self.seconds) + 1}/{self.num_stages}] {description}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"    done in {self.seconds[name]:.1f} s", flush=True)
+
+
+def build_dataset_stage(
+    raw_zoo_dir: str | Path, dataset_dir: str | Path, **build_options: Any
+) -> ZooDataset:
+    """Build and save the zoo dataset of a raw zoo, or load it when ``dataset_dir`` holds one.
+
+    The dataset is saved to a ``.partial`` folder first and renamed when complete, so an
+    interrupted build is redone rather than half-loaded. ``build_options`` go to
+    `build_zoo_dataset` (``epochs``, ``tokensize``, ``dtype``, ...).
+    """
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / METADATA_FILE).is_file():
+        print(f"    {dataset_dir} exists: loading it")
+    else:
+        partial = dataset_dir.with_name(dataset_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_zoo_dataset(build_zoo_dataset(raw_zoo_dir, **build_options), partial)
+        partial.rename(dataset_dir)
+    return load_zoo_dataset(dataset_dir)
+
+
+def pretrain_stage(config: PretrainingConfig) -> SaneModel:
+    """Pretrain SANE with `sane_hf.pretraining.pretrain`, resuming from the newest checkpoint of
+    ``config.output_dir``; a finished run (saved model and summary) is only loaded."""
+    output_dir = Path(config.output_dir)
+    if (output_dir / "model.safetensors").is_file() and (output_dir / SUMMARY_FILE).is_file():
+        print(f"    {output_dir} holds a trained model: loading it")
+    else:
+        if list_checkpoints(output_dir):
+            config = dataclasses.replace(config, resume_from_checkpoint="latest")
+            print(f"    resuming from the newest checkpoint in {output_dir}")
+        pretrain(config)
+    return SaneModel.from_pretrained(output_dir).eval()
+
+
+def probe_stage(
+    model: SaneModel,
+    zoo: ZooDataset,
+    output_dir: str | Path,
+    name: str = "probe",
+    properties: Sequence[str] = TABLE1_PROPERTIES,
+    baselines: Sequence[str] = ("s(W)", "W"),
+    **embed_options: Any,
+) -> ProbeReport:
+    """Linear probes of SANE embeddings vs s(W) and W (paper Table 1): ``<name>.json`` and
+    ``<name>.png`` (predicted vs true on the test split) in ``output_dir``."""
+    report = probe_zoo(
+        model, zoo.splits, properties=list(properties), baselines=baselines, **embed_options
+    )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report.save_json(output_dir / f"{name}.json")
+    if any(result.metric == "r2" for result in report.results):
+        report.plot(output_dir / f"{name}.png")
+    return report
+
+
+def r2_table(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{property: {features: score}}`` of a `ProbeReport.to_dict()`."""
+    table: dict[str, dict[str, float]] = {}
+    for result in report["results"]:
+        table.setdefault(result["property"], {})[result["features"]] = result["score"]
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (paper Table 3)
+
+
+@dataclass(frozen=True)
+class SamplingMethod:
+    """One way of drawing networks from SANE (paper Alg. 3 and its variants).
+
+    ``kind``: ``kde`` (draws around the prompts), ``subsampled`` (draw ``num_candidates``, keep
+    the best), ``bootstrapped`` (subsample, then refit the KDE on the kept latents for more
+    rounds) or ``prior`` (bootstrapping that starts from Gaussian latents, no prompts).
+    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.sampling`).
+    """
+
+    kind: Literal["kde", "subsampled", "bootstrapped", "prior"]
+    mode: KDEMode = "shared"
+
+    def __post_init__(self):
+        if self.kind not in SAMPLING_KINDS:
+            raise ValueError(f"sampling kind must be one of {SAMPLING_KINDS}, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return "SANE prior" if self.kind == "prior" else f"SANE {self.kind} ({self.mode})"
+
+
+@dataclass
+class SamplingSettings:
+    """How many prompts and samples, how candidates are scored, how samples are fine-tuned.
+
+    ``num_prompts`` checkpoints of the prompt zoo's ``train`` split at ``prompt_epoch`` (default:
+    its last epoch), best by validation accuracy. ``num_samples`` networks per method are
+    evaluated; subsampling and bootstrapping draw ``num_candidates`` per round and score them on
+    ``score_samples`` training images. Every group is fine-tuned for ``finetune_epochs`` with the
+    prompts' training recipe (optimizer, lr, weight decay, batch size).
+    """
+
+    num_prompts: int = 30
+    prompt_epoch: int | None = None
+    num_samples: int = 5
+    num_candidates: int = 25
+    rounds: int = 3
+    bandwidth: float = 0.2
+    prior_sigma: float = 1.0
+    score_samples: int = 500
+    bn_batches: int = 10
+    finetune_epochs: int = 5
+    seed: int = 0
+    window: int | None = None
+    halo: int | None = None
+    condition_bn: bool = True
+
+
+@dataclass
+class SamplingResults:
+    """Accuracy of every group per fine-tuning epoch, and the novelty of every sampled group."""
+
+    evaluation: SampleEvaluation
+    novelty: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"evaluation": self.evaluation.to_dict(), "novelty": self.novelty}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingResults:
+        evaluation = data["evaluation"]
+        accuracy = {group: np.array(rows) for group, rows in evaluation["accuracy"].items()}
+        return cls(SampleEvaluation(evaluation["epochs"], accuracy), dict(data["novelty"]))
+
+    def table(self, epochs: Sequence[int] | None = None) -> str:
+        """Paper Table 3 layout plus novelty: accuracy % (mean ± std over the networks) after
+        ``epochs`` of fine-tuning (default: all), and the median distance of the samples to
+        their nearest training model relative to the median distance between prompts (about 1:
+        as new as the prompts are to each other; near 0: copies)."""
+        epochs = list(epochs) if epochs is not None else self.evaluation.epochs
+        missing = sorted(set(epochs) - set(self.evaluation.epochs))
+        if missing:
+            raise ValueError(f"epochs {missing} were not evaluated (have {self.evaluation.epochs})")
+        columns = [self.evaluation.epochs.index(epoch) for epoch in epochs]
+        width = max(len("method"), *(len(group) for group in self.evaluation.accuracy))
+        header = f"{'method':<{width}}  {'n':>3}" + "".join(f"  {f'epoch {e}':>13}" for e in epochs)
+        header += f"  {'novelty':>8}"
+        lines = [header, "-" * len(header)]
+        for group, values in self.evaluation.accuracy.items():
+            cells = "".join(
+                f"  {100 * values[:, i].mean():>6.1f} ± {100 * values[:, i].std():<4.1f}"
+                for i in columns
+            )
+            novelty = self.novelty.get(group, {}).get("relative")
+            cells += f"  {novelty:>8.2f}" if novelty is not None else f"  {'-':>8}"
+            lines.append(f"{group:<{width}}  {len(values):>3}{cells}")
+        return "\n".join(lines)
+
+
+def training_recipe(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The fine-tuning arguments of `evaluate_samples` from a zoo row's hyperparameters."""
+    return {
+        name: hyperparameters[name] for name in RECIPE_KEYS if hyperparameters.get(name) is not None
+    }
+
+
+def prompt_networks(prompt_zoo: ZooDataset, rows: Sequence[int]) -> list[nn.Module]:
+    """Rows of the prompt zoo's train split as networks with their raw (de-normalized) weights."""
+    selected = prompt_zoo.splits["train"].select(rows)
+    tokens = selected.with_format("torch", columns=["tokens"])["tokens"]
+    networks = []
+    for row_tokens, hyperparameters in zip(tokens, selected["hyperparameters"]):
+        network = prompt_zoo.metadata.build_model(hyperparameters)
+        network.load_state_dict(prompt_zoo.metadata.decode(row_tokens))
+        networks.append(network.eval())
+    return networks
+
+
+def zoo_reference_network(zoo: ZooDataset) -> nn.Module:
+    """The checkpoint every model of ``zoo`` was aligned to (it is in the train split)."""
+    alignment = zoo.metadata.alignment
+    if not alignment["aligned"]:
+        raise ValueError("the zoo was built without alignment: it has no reference model")
+    columns = zoo.splits["train"].select_columns(["model_id", "epoch"]).to_dict()
+    pairs = list(zip(columns["model_id"], columns["epoch"]))
+    row = pairs.index((alignment["reference_model_id"], alignment["reference_epoch"]))
+    return prompt_networks(zoo, [row])[0]
+
+
+def aligned_to_zoo(networks: Sequence[nn.Module], zoo: ZooDataset) -> list[nn.Module]:
+    """Copies of ``networks`` permuted onto the ordering of ``zoo``'s alignment reference.
+
+    SANE only saw aligned networks; networks from elsewhere (another zoo, another task) are
+    encoded the way the zoo was once they are aligned to the same reference. Permutations do
+    not change what a network computes.
+    """
+    reference = zoo_reference_network(zoo)
+    aligned = []
+    for network in networks:
+        permuted = copy.deepcopy(network)
+        permuted.load_state_dict(align(network, reference).state_dict)
+        aligned.append(permuted.eval())
+    return aligned
+
+
+def draw_samples(
+    sampler: SaneSampler,
+    method: SamplingMethod,
+    prompts: torch.Tensor | Sequence[nn.Module],
+    settings: SamplingSettings,
+    score_fn,
+    bn_batches,
+) -> SampledModels:
+    """``settings.num_samples`` networks drawn the way ``method`` says (seeded)."""
+    options = {
+        "mode": method.mode,
+        "bandwidth": settings.bandwidth,
+        "generator": torch.Generator().manual_seed(settings.seed),
+        "bn_batches": bn_batches,
+    }
+    if method.kind == "kde":
+        return sampler.sample(prompts, settings.num_samples, **options)
+    if method.kind == "subsampled":
+        return sampler.subsample(
+            prompts, settings.num_samples, settings.num_candidates, score_fn, **options
+        )
+    return sampler.bootstrap(
+        None if method.kind == "prior" else prompts,
+        settings.num_samples,
+        settings.num_candidates,
+        score_fn,
+        settings.rounds,
+        prior_sigma=settings.prior_sigma,
+        **options,
+    )
+
+
+def sample_novelty(
+    samples: SampledModels, prompt_tokens: torch.Tensor, zoo: ZooDataset, mask: torch.Tensor
+) -> dict[str, float]:
+    """Median distance of the samples to their nearest training checkpoint (any epoch) and
+    median distance of every prompt to its nearest other prompt, in normalized weight space."""
+    report = novelty_report(samples.tokens, split_token_chunks(zoo.splits["train"]), mask)
+    between_prompts, _ = nearest_neighbor_distances(
+        prompt_tokens, prompt_tokens, mask, exclude_identical=True
+    )
+    sample_distance = float(report.sample_distances.median())
+    prompt_distance = float(between_prompts.median())
+    return {
+        "sample_to_nearest_training_model": sample_distance,
+        "prompt_to_nearest_prompt": prompt_distance,
+        "relative": sample_distance / prompt_distance,
+    }
+
+
+def compare_sampling(
+    model: SaneModel,
+    zoo: ZooDataset,
+    methods: Sequence[SamplingMethod],
+    settings: SamplingSettings,
+    *,
+    prompt_zoo: ZooDataset | None = None,
+    task: ImageDataset | None = None,
+    extra_groups: Mapping[str, Sequence[nn.Module]] | None = None,
+    include_prompts: bool = False,
+) -> SamplingResults:
+    """Sample networks with every method, fine-tune them next to from-scratch networks.
+
+    Args:
+        model: SANE pretrained on ``zoo`` (whose normalization decodes the samples).
+        zoo: the zoo dataset SANE was trained on; the novelty reference is its train split.
+        methods: the sampling methods, one evaluated group each.
+        settings: prompts, sample counts, KDE bandwidth and fine-tuning.
+        prompt_zoo: the zoo the prompts come from (default ``zoo``); another task's zoo samples
+            for that task (its networks are aligned to ``zoo``'s reference and normalized with
+            ``zoo``'s statistics).
+        task: the data to score candidates on and fine-tune on (default: the prompt zoo's task).
+        extra_groups: further networks to fine-tune the same way (e.g. transfer baselines).
+        include_prompts: also fine-tune the prompt networks themselves (a "prompt" group).
+    """
+    prompt_zoo = prompt_zoo or zoo
+    rows = select_prompts(prompt_zoo.splits["train"], settings.num_prompts, settings.prompt_epoch)
+    hyperparameters = prompt_zoo.splits["train"][rows[0]]["hyperparameters"]
+    sampler = SaneSampler.from_zoo(
+        model,
+        zoo.metadata,
+        hyperparameters=hyperparameters,
+        window=settings.window,
+        halo=settings.halo,
+    )
+    if prompt_zoo is zoo:
+        prompts = zoo.splits["train"].with_format("torch", columns=["tokens"])[rows]["tokens"]
+        prompts = prompts.float()
+    else:
+        prompts = aligned_to_zoo(prompt_networks(prompt_zoo, rows), zoo)
+    prompt_tokens = sampler.prompt_tokens(prompts)
+    task = task or load_task_dataset(prompt_zoo.metadata.zoo)
+    score_fn = accuracy_score(task, settings.score_samples, settings.seed)
+    has_norm = any(isinstance(m, _BatchNorm) for m in sampler.template.modules())
+    bn_batches = (
+        random_batches(task, settings.bn_batches, seed=settings.seed)
+        if has_norm and settings.condition_bn
+        else None
+    )
+
+    groups: dict[str, Sequence[nn.Module]] = {}
+    novelties = {}
+    for method in methods:
+        samples = draw_samples(sampler, method, prompt_tokens, settings, score_fn, bn_batches)
+        groups[method.name] = samples.models
+        novelties[method.name] = sample_novelty(samples, prompt_tokens, zoo, sampler.mask)
+    init = hyperparameters.get("init") or "default"
+    groups["from scratch"] = scratch_models(
+        sampler.template, settings.num_samples, init, settings.seed
+    )
+    if include_prompts:
+        groups["prompts"] = prompt_networks(prompt_zoo, rows[: settings.num_samples])
+    groups.update(extra_groups or {})
+    evaluation = evaluate_samples(
+        groups,
+        task,
+        settings.finetune_epochs,
+        seed=settings.seed,
+        device=model.device,
+        **training_recipe(hyperparameters),
+    )
+    return SamplingResults(evaluation, novelties)
+
+
+def cached_sampling(path: str | Path, run) -> SamplingResults:
+    """``run()`` once: its results are saved to ``path`` (JSON) and loaded on later calls."""
+    path = Path(path)
+    if path.is_file():
+        print(f"    {path} exists: loading the results")
+        return SamplingResults.from_dict(json.loads(path.read_text()))
+    results = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results.to_dict(), indent=1) + "\n")
+    return results

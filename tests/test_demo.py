@@ -1,0 +1,63 @@
+"""The demo end to end at `DemoConfig.quick()` size, then resumed from its outputs."""
+
+import json
+
+import pytest
+
+from sane_hf.cli import main
+from sane_hf.demo import DemoConfig, run_demo
+
+PLOTS = ("zoo_accuracy.png", "probe.png", "sampling.png")
+GROUPS = ["SANE kde (shared)", "SANE subsampled (shared)", "from scratch"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    return output, run_demo(output, DemoConfig.quick())
+
+
+def test_demo_writes_plots_tables_and_summary(demo_run):
+    output, summary = demo_run
+    for name in (*PLOTS, "probe.json", "sampling.json", "summary.json", "sane/model.safetensors"):
+        assert (output / name).is_file(), name
+    assert json.loads((output / "summary.json").read_text()) == summary
+
+    r2 = summary["property_prediction_r2"]
+    assert list(r2) == ["test_acc", "epoch", "ggap"]
+    assert all(list(scores) == ["SANE", "s(W)", "W"] for scores in r2.values())
+
+    sampling = summary["sampling"]
+    assert sampling["epochs"] == [0, 1]
+    assert list(sampling["accuracy"]) == GROUPS
+    for group in GROUPS:
+        assert all(0 <= value <= 1 for value in sampling["accuracy"][group]["mean"])
+    assert list(sampling["novelty"]) == GROUPS[:2]  # from-scratch networks are not sampled
+    assert all(
+        entry["sample_to_nearest_training_model"] > 0 for entry in sampling["novelty"].values()
+    )
+    assert set(summary["wall_time_s"]) == {
+        "zoo",
+        "dataset",
+        "pretraining",
+        "probing",
+        "sampling",
+        "total",
+    }
+
+
+def test_demo_rerun_resumes_from_finished_stages(demo_run, capsys):
+    output, summary = demo_run
+    model_file = output / "sane" / "model.safetensors"
+    saved = model_file.stat().st_mtime_ns, (output / "sampling.json").read_text()
+
+    assert main(["demo", "--output-dir", str(output), "--quick"]) == 0
+
+    printed = capsys.readouterr().out
+    assert "holds a trained model: loading it" in printed
+    assert "sampling.json exists: loading the results" in printed
+    assert "SANE subsampled (shared)" in printed and "ggap" in printed
+    assert (model_file.stat().st_mtime_ns, (output / "sampling.json").read_text()) == saved
+    rerun = json.loads((output / "summary.json").read_text())
+    assert rerun["property_prediction_r2"] == summary["property_prediction_r2"]
+    assert rerun["sampling"] == summary["sampling"]

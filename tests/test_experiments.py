@@ -1,0 +1,104 @@
+"""Experiment stages: aligning foreign prompts to a zoo, sampling results and their table."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from sane_hf.alignment import PermutationSpec, apply_permutation, random_permutation
+from sane_hf.evaluation import SampleEvaluation
+from sane_hf.experiments import (
+    SamplingMethod,
+    SamplingResults,
+    aligned_to_zoo,
+    build_dataset_stage,
+    prompt_networks,
+    zoo_reference_network,
+)
+from synthetic_zoo import TOKENSIZE, write_raw_zoo
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    raw = write_raw_zoo(root / "raw", num_models=10)
+    build_dataset_stage(raw, root / "dataset", tokensize=TOKENSIZE, progress=False)
+    assert not (root / "dataset.partial").exists()
+    return root / "dataset"
+
+
+@pytest.fixture(scope="module")
+def zoo(dataset_dir):
+    return build_dataset_stage("unused: the dataset is finished", dataset_dir)
+
+
+def test_build_dataset_stage_loads_a_finished_dataset_instead_of_rebuilding(zoo, dataset_dir):
+    tokens = zoo.splits["test"].with_format("numpy")["tokens"]
+    assert zoo.metadata.split["models"]["test"] == sorted(set(zoo.splits["test"]["model_id"]))
+    reloaded = build_dataset_stage("/no/raw/zoo/here", dataset_dir)
+    assert np.array_equal(reloaded.splits["test"].with_format("numpy")["tokens"], tokens)
+
+
+def test_a_permuted_reference_is_aligned_back_onto_the_reference(zoo):
+    reference = zoo_reference_network(zoo)
+    alignment = zoo.metadata.alignment
+    assert alignment["aligned"]
+    spec = PermutationSpec.from_model(reference)
+    generator = torch.Generator().manual_seed(0)
+    permuted = copy.deepcopy(reference)
+    permuted.load_state_dict(
+        apply_permutation(reference.state_dict(), spec, random_permutation(spec, generator))
+    )
+    inputs = torch.randn(5, 64)
+    assert not torch.equal(permuted.state_dict()["1.weight"], reference.state_dict()["1.weight"])
+
+    (aligned,) = aligned_to_zoo([permuted], zoo)
+
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(aligned.state_dict()[name], value), name
+    assert torch.allclose(aligned(inputs), permuted(inputs), atol=1e-6)
+
+
+def test_prompt_networks_decode_rows_with_their_own_hyperparameters(zoo):
+    split = zoo.splits["train"]
+    activations = [split[row]["hyperparameters"]["activation"] for row in (0, 5)]
+    networks = prompt_networks(zoo, [0, 5])
+    assert [type(network[2]).__name__.lower() for network in networks] == activations
+    decoded = zoo.metadata.decode(split.with_format("torch")[5]["tokens"])
+    for name, value in decoded.items():
+        assert torch.equal(networks[1].state_dict()[name], value), name
+
+
+def sampling_results() -> SamplingResults:
+    accuracy = {
+        "SANE kde (shared)": np.array([[0.8, 0.9], [0.6, 0.7]]),
+        "from scratch": np.array([[0.1, 0.5], [0.1, 0.3]]),
+    }
+    novelty = {"SANE kde (shared)": {"relative": 0.25}}
+    return SamplingResults(SampleEvaluation([0, 1], accuracy), novelty)
+
+
+def test_sampling_results_round_trip_and_table():
+    results = sampling_results()
+    restored = SamplingResults.from_dict(results.to_dict())
+    assert restored.novelty == results.novelty
+    for group, values in results.evaluation.accuracy.items():
+        assert np.array_equal(restored.evaluation.accuracy[group], values)
+
+    lines = results.table().splitlines()
+    assert lines[2].split() == [
+        *("SANE", "kde", "(shared)", "2"),
+        *("70.0", "±", "10.0", "80.0", "±", "10.0", "0.25"),
+    ]
+    assert lines[3].endswith("-")  # from-scratch networks are not sampled: no novelty
+    assert "epoch 1" not in results.table(epochs=[0])
+    with pytest.raises(ValueError, match="epochs \\[5\\] were not evaluated"):
+        results.table(epochs=[5])
+
+
+def test_sampling_method_names_and_validation():
+    assert SamplingMethod("subsampled", "joint").name == "SANE subsampled (joint)"
+    assert SamplingMethod("prior").name == "SANE prior"
+    with pytest.raises(ValueError, match="sampling kind"):
+        SamplingMethod("mcmc")
