@@ -548,6 +548,38 @@ def _run_demo(args) -> int:
 COMMANDS.append(_add_demo_command)
 
 
+def _add_push_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved SANE model folder or zoo dataset folder to the Hugging Face Hub",
+    )
+    parser.add_argument("path", help="a save_pretrained folder or a save_zoo_dataset folder")
+    parser.add_argument("repo_id", help="Hub repo, e.g. your-name/sane-cnn-mnist")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--commit-message", help="default: 'Upload ... with sane-hf'")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> int:
+    from .hub import push_folder
+
+    try:
+        commit = push_folder(
+            args.path,
+            args.repo_id,
+            private=args.private or None,
+            commit_message=args.commit_message,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.path} to {commit.commit_url}")
+    return 0
+
+
+COMMANDS.append(_add_push_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sane-hf", description="SANE weight-space learning")
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -47,6 +47,7 @@ def build_model_card(
     model_id: str,
     metrics: dict[str, float] | None = None,
     tags: list[str] | None = None,
+    sections: dict[str, str] | None = None,
 ) -> ModelCard:
     """Render the SANE model card of a model with `config`.
 
@@ -57,6 +58,9 @@ def build_model_card(
         metrics: evaluation results, name -> value (for example `{"test_mse": 0.15}`), written as
             a metrics table and as the `model-index` metadata; they need `config.zoo_dataset`.
         tags: extra Hub tags next to the SANE ones.
+        sections: further markdown sections, title -> body, rendered after the evaluation
+            (for example the zoo's protocol, the training configuration, full result tables
+            and the limitations of a released checkpoint).
     """
     metrics = _check_metrics(metrics, config.zoo_dataset)
     model_name = model_id.rstrip("/").split("/")[-1]
@@ -80,6 +84,7 @@ def build_model_card(
         config=config,
         num_parameters=num_parameters,
         metrics=metrics,
+        sections=sections or {},
     )
 
 
@@ -167,6 +172,45 @@ def _eval_result(name: str, value: float, zoo_dataset: str) -> EvalResult:
         metric_type=name,
         metric_name=name,
         metric_value=value,
+    )
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> CommitInfo:
+    """Upload a saved SANE model (a ``save_pretrained`` folder) or zoo dataset to the Hub.
+
+    A model folder is uploaded as it is (weights, config, remote code, card, ``sane_zoo.json``).
+    A zoo dataset folder (``save_zoo_dataset``) is converted to the Hub's parquet layout by
+    `sane_hf.zoo_dataset.push_zoo_dataset`, so ``load_zoo_dataset(repo_id)`` works on the repo.
+    """
+    from .zoo_dataset import METADATA_FILE, load_zoo_dataset, push_zoo_dataset
+
+    folder = Path(folder)
+    if (folder / METADATA_FILE).is_file() and (folder / "dataset_dict.json").is_file():
+        return push_zoo_dataset(
+            load_zoo_dataset(folder),
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message or "Upload zoo dataset with sane-hf",
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} is neither a SANE model folder (config.json from save_pretrained) nor a "
+            f"zoo dataset folder ({METADATA_FILE} and dataset_dict.json from save_zoo_dataset)"
+        )
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message or "Upload SANE model with sane-hf",
     )
 
 
@@ -306,6 +350,7 @@ __all__ = [
     "ZOO_DATASET_TAGS",
     "build_model_card",
     "build_zoo_dataset_card",
+    "push_folder",
     "push_model_to_hub",
     "save_model_card",
 ]
