@@ -104,10 +104,11 @@ def test_config_errors_name_the_problem(argv, message):
         parse("--config", str(TINY), *argv)
 
 
-def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_path):
+def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_path, fake_hub):
     output_dir = tmp_path / "run"
     argv = arguments(tiny_digits_zoo, output_dir, "--max-steps", "30", "--epoch-size", "96")
-    argv += ["--report-to", "tensorboard"]
+    argv += ["--report-to", "tensorboard", "--push-to-hub", "true", "--hub-model-id", "user/sane"]
+    argv += ["--checkpointing-steps", "15"]
     assert cli.main(["pretrain", *argv]) == 0
 
     metrics = read_metrics(output_dir)
@@ -127,6 +128,14 @@ def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_pat
     assert "library_name: sane-hf" in (output_dir / "README.md").read_text()
     model = SaneModel.from_pretrained(output_dir)
     assert (model.config.d_model, model.config.latent_dim, model.config.tokensize) == (64, 32, 289)
+
+    # The fake Hub checks our use of the client, not the real upload path.
+    pushed = fake_hub.repo_files("user/sane")
+    assert {"config.json", "model.safetensors", "sane_zoo.json", "README.md"} <= set(pushed)
+    assert pushed["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
+    assert "pretraining_config.yaml" in pushed
+    assert (output_dir / "checkpoint-30").is_dir()
+    assert not any(path.startswith("checkpoint-") for path in pushed)
 
 
 def test_resumed_run_continues_the_uninterrupted_loss_curve(tiny_digits_zoo, tmp_path):

@@ -553,8 +553,10 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     data = load_pretraining_data(config, accelerator)
     train_sampler = data.train
 
-    # Model.
+    # Model. The zoo's positions were checked against its tables once (check_positions_fit):
+    # no per-forward range check, which would synchronize the device every step.
     model = SaneModel(data.model_config)
+    model.set_position_checks(False)
     # The zoo's positions were checked against the tables once; a check per forward would
     # synchronize with the device twice a step.
     model.set_position_checks(False)
@@ -727,7 +729,9 @@ def save_model(
     eval_metrics: dict[str, float],
 ) -> None:
     """``save_pretrained`` (weights, config, model card) plus ``sane_zoo.json``, which
-    embedding and sampling need to tokenize, normalize and decode for this model; then push."""
+    embedding and sampling need to tokenize, normalize and decode for this model. The push
+    uploads the output folder without checkpoints: with the config and the logs (the Hub shows
+    TensorBoard logs as training metrics)."""
     unwrapped = accelerator.unwrap_model(model)
     card_metrics = eval_metrics if unwrapped.config.zoo_dataset and eval_metrics else None
     unwrapped.save_pretrained(
@@ -747,7 +751,7 @@ def save_model(
         api.upload_folder(
             repo_id=repo_id,
             folder_path=config.output_dir,
-            ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", METRICS_FILE, SUMMARY_FILE],
+            ignore_patterns=[f"{CHECKPOINT_PREFIX}*/*"],
             commit_message="Upload SANE model pretrained with sane-hf",
         )
 
