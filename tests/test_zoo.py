@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sane_hf import ZooConfig, build_model, load_dataset_by_name, train_zoo
+from sane_hf import ZooConfig, build_model, load_dataset_by_name, register_architecture, train_zoo
+from sane_hf.architectures import ACTIVATIONS
 from sane_hf.cli import main
 from sane_hf.zoo import _ChunkTrainer, data_order, initialize_zoo_model, structural_kwargs
 
@@ -196,6 +197,30 @@ def test_dropout_masks_differ_between_models(tmp_path):
     zoo_dir = train_zoo(config, tmp_path, progress=False)
     first, second = (load_file(zoo_dir / r["file"]) for r in _metadata(zoo_dir) if r["epoch"] == 1)
     assert not torch.equal(first["0.weight"], second["0.weight"])
+
+
+def _tiny_linear(activation="tanh", num_classes=10):
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 12),
+        ACTIVATIONS[activation](),
+        torch.nn.Linear(12, num_classes),
+    )
+
+
+def test_registered_architecture_zoo(tmp_path):
+    register_architecture("tiny_linear_zoo_test", _tiny_linear, overwrite=True)
+    config = ZooConfig(architecture="tiny_linear_zoo_test", num_models=2, epochs=1, **TINY)
+    zoo_dir = train_zoo(config, tmp_path / "zoo", progress=False)
+    initial, trained = _metadata(zoo_dir)[-2:]
+    assert trained["train_loss"] < initial["train_loss"]
+    assert isinstance(_rebuild(zoo_dir, trained)[1], torch.nn.Linear)
+
+    bad = ZooConfig(
+        architecture="tiny_linear_zoo_test", architecture_kwargs={"num_classes": 5}, **TINY
+    )
+    with pytest.raises(ValueError, match=r"returns shape \(2, 5\).*expected \(2, 10\)"):
+        train_zoo(bad, tmp_path / "bad", progress=False)
 
 
 def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):

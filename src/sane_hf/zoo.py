@@ -94,6 +94,9 @@ _INPUT_KWARGS = {
 }
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("device",)
+# (model, sample) pairs per evaluation forward when eval_batch_size is None: on CPU, activations
+# beyond ~1k pairs fall out of cache and throughput drops by a third; GPUs want large batches.
+_EVAL_PAIRS = {"cpu": 1024, "cuda": 262144}
 
 
 @dataclass
@@ -105,7 +108,8 @@ class ZooConfig:
     and sub-samples a hyperparameter zoo's grid (``None``: the full grid). ``input_shape``
     defaults to the architecture's (e.g. ``(1, 28, 28)`` for CNN-s; native for MLPs).
     ``dataset_kwargs`` go to ``load_dataset_by_name`` (``num_samples``, ``split_seed``,
-    ``fractions``). ``eval_batch_size`` samples are evaluated at once for every model in a chunk.
+    ``fractions``). ``eval_batch_size`` samples are evaluated at once for every model in a chunk
+    (``None``: about 1k (CPU) or 256k (GPU) model-samples per forward).
     """
 
     architecture: str = "cnn_s"
@@ -122,7 +126,7 @@ class ZooConfig:
     epochs: int = 50
     checkpoint_epochs: list[int] | None = None
     batch_size: int = 10
-    eval_batch_size: int = 256
+    eval_batch_size: int | None = None
     models_per_chunk: int = 100
     device: str = "cpu"
     bf16: bool = False
@@ -145,7 +149,7 @@ class ZooConfig:
         for name, value in [
             ("epochs", self.epochs),
             ("batch_size", self.batch_size),
-            ("eval_batch_size", self.eval_batch_size),
+            ("eval_batch_size", self.eval_batch_size or 1),
             ("models_per_chunk", self.models_per_chunk),
             ("seeds_per_combination", self.seeds_per_combination),
         ]:
@@ -307,9 +311,10 @@ def train_zoo(
             config.dataset, _input_shape(config), **config.dataset_kwargs
         )
     architecture_kwargs = _architecture_kwargs(config, dataset)
-    _check_architecture(config, architecture_kwargs, dataset)
-    chunks = _plan_chunks(config.model_specs(), config.models_per_chunk)
-    _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs))
+    specs = config.model_specs()
+    _check_architecture(config.architecture, architecture_kwargs, specs[0], dataset)
+    chunks = _plan_chunks(specs, config.models_per_chunk)
+    _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
     finished = _finished_chunks(output_dir)
     data = dataset.to(device)
     steps_per_epoch = math.ceil(len(dataset.train[1]) / config.batch_size)
@@ -322,11 +327,11 @@ def train_zoo(
             devices=None if device.type == "cuda" else [], device_type=device.type
         ),
     ):
-        for index, specs in enumerate(chunks):
+        for index, chunk in enumerate(chunks):
             if index in finished:
                 continue
-            bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(specs)} models)")
-            trainer = _ChunkTrainer(config, architecture_kwargs, specs, data, device)
+            bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
+            trainer = _ChunkTrainer(config, architecture_kwargs, chunk, data, device)
             records = trainer.run(output_dir, _state_dir(output_dir) / f"chunk_{index:04d}", bar)
             _finish_chunk(output_dir, index, chunks, records)
     return output_dir
@@ -349,21 +354,22 @@ def _architecture_kwargs(config: ZooConfig, dataset: ImageDataset) -> dict[str, 
     return kwargs
 
 
-def _check_architecture(config: ZooConfig, kwargs: dict[str, Any], dataset: ImageDataset) -> None:
+def _check_architecture(
+    architecture: str, kwargs: dict[str, Any], spec: ModelSpec, dataset: ImageDataset
+) -> None:
     """Fail before training if the architecture does not map the inputs to ``num_classes`` logits."""
-    hyperparameters = config.model_specs()[0].hyperparameters
     sample = dataset.train[0][:2]
     try:
-        model = build_model(config.architecture, **kwargs, **structural_kwargs(hyperparameters))
+        model = build_model(architecture, **kwargs, **structural_kwargs(spec.hyperparameters))
         shape = tuple(model.eval()(sample).shape)
     except (TypeError, RuntimeError) as error:
         raise ValueError(
-            f"architecture {config.architecture!r} with kwargs {kwargs} cannot be built or run on "
+            f"architecture {architecture!r} with kwargs {kwargs} cannot be built or run on "
             f"inputs of shape {dataset.input_shape} ({dataset.name!r}): {error}"
         ) from error
     if shape != (2, dataset.num_classes):
         raise ValueError(
-            f"architecture {config.architecture!r} returns shape {shape} for 2 inputs; expected "
+            f"architecture {architecture!r} returns shape {shape} for 2 inputs; expected "
             f"(2, {dataset.num_classes}) logits for {dataset.name!r}"
         )
 
@@ -512,13 +518,14 @@ class _ChunkTrainer:
     def evaluate(self) -> dict[str, Tensor]:
         """Loss and accuracy of every model on every split: ``{"train_loss": [M], ...}``."""
         self.module.eval()
+        batch_size = self.config.eval_batch_size or max(
+            1, _EVAL_PAIRS.get(self.device.type, _EVAL_PAIRS["cuda"]) // len(self.specs)
+        )
         metrics = {}
         for split, (x, y) in self.data.splits().items():
             loss_sum = torch.zeros(len(self.specs), device=self.device)
             correct = torch.zeros(len(self.specs), device=self.device)
-            for xb, yb in zip(
-                x.split(self.config.eval_batch_size), y.split(self.config.eval_batch_size)
-            ):
+            for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
                 with self._autocast():
                     logits = self._logits(self.params, self.buffers, xb).float()  # [M, b, classes]
                 target = yb.expand(len(self.specs), -1)
@@ -588,7 +595,9 @@ def _stack(tensor_dicts: list[dict[str, Tensor]], device: torch.device) -> dict[
     }
 
 
-def _zoo_info(config: ZooConfig, dataset: ImageDataset, architecture_kwargs: dict) -> dict:
+def _zoo_info(
+    config: ZooConfig, dataset: ImageDataset, architecture_kwargs: dict, num_models: int
+) -> dict:
     return {
         "architecture": config.architecture,
         "architecture_kwargs": architecture_kwargs,
@@ -597,7 +606,7 @@ def _zoo_info(config: ZooConfig, dataset: ImageDataset, architecture_kwargs: dic
         "epochs": config.resolved_checkpoint_epochs,
         "num_classes": dataset.num_classes,
         "input_shape": list(dataset.input_shape),
-        "num_models": len(config.model_specs()),
+        "num_models": num_models,
         "dataset_info": dataset.info(),
         "config": config.to_dict(),
         "protocol": "Model Zoos (Schürholt et al. 2022); trained with sane_hf.train_zoo",
