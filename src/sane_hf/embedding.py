@@ -25,6 +25,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
+from .modeling_sane import check_positions, set_position_checks
 from .tokenization import TokenizedWeights, WeightTokenizer
 
 if TYPE_CHECKING:
@@ -65,15 +66,36 @@ def default_window_and_halo(windowsize: int) -> tuple[int, int]:
     return windowsize - 2 * halo, halo
 
 
+def _content_slots(content: torch.Tensor) -> torch.Tensor:
+    """Where each halo window's content lies in it: ``[num_windows, C]`` window slots.
+
+    ``content`` is the mask of `halo_windows`; content is one run of slots per window. Windows
+    with fewer than ``C`` content tokens (the last one) repeat their last slot, so that gathering
+    and scattering by slot needs no boolean indexing (which waits for the device) and writes a
+    repeated token twice with the same value.
+    """
+    count = content.sum(dim=1, keepdim=True)
+    first = content.int().argmax(dim=1, keepdim=True)
+    return first + torch.minimum(torch.arange(int(count.max())), count - 1)
+
+
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluate without dropout, and leave the module in the mode it had."""
-    was_training = module.training
+def _eval_mode(module: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Evaluate without dropout, and leave the module in the mode it had.
+
+    The positions of the whole sequence are range-checked once here instead of in every window's
+    forward pass, where each check would be a device synchronization.
+    """
+    embeddings = module.position_embeddings
+    check_positions(positions.reshape(1, -1, 3), embeddings.max_positions)
+    was_training, was_checking = module.training, embeddings.check_range
     module.eval()
+    set_position_checks(module, False)
     try:
         yield
     finally:
         module.train(was_training)
+        set_position_checks(module, was_checking)
 
 
 def _model_batch(values: torch.Tensor, positions: torch.Tensor, name: str):
@@ -111,8 +133,8 @@ def apply_in_halo_windows(
     inputs, positions, single = _model_batch(inputs, positions, "inputs")
     num_sequences, num_tokens, _ = inputs.shape
     index, content = halo_windows(num_tokens, window, halo)
-    index, content = index.to(inputs.device), content.to(inputs.device)
-    positions = positions.to(inputs.device)
+    slots = _content_slots(content).to(inputs.device)
+    index, positions = index.to(inputs.device), positions.to(inputs.device)
     windows_per_sequence = len(index)
     total_windows = num_sequences * windows_per_sequence
 
@@ -127,11 +149,12 @@ def apply_in_halo_windows(
         window_outputs = transformer(
             inputs[sequence[:, None], token_index], positions[sequence[:, None], token_index]
         )
+        num_features = window_outputs.shape[-1]
         if outputs is None:
-            outputs = window_outputs.new_empty(num_sequences, num_tokens, window_outputs.shape[-1])
-        keep = content[local]  # [B, L]
-        rows = sequence[:, None].expand_as(token_index)[keep]
-        outputs[rows, token_index[keep]] = window_outputs[keep]
+            outputs = window_outputs.new_empty(num_sequences, num_tokens, num_features)
+        keep = slots[local]  # [B, C]
+        kept_outputs = window_outputs.gather(1, keep[..., None].expand(-1, -1, num_features))
+        outputs[sequence[:, None], token_index.gather(1, keep)] = kept_outputs
     return outputs[0] if single else outputs
 
 
@@ -163,7 +186,7 @@ def encode_tokens(
     encoder = _half(model, "encoder")
     window, halo = _resolve_window(model, window, halo)
     device, dtype = _module_device_and_dtype(encoder)
-    with _eval_mode(encoder):
+    with _eval_mode(encoder, positions):
         return apply_in_halo_windows(
             encoder,
             tokens.to(device, dtype),
@@ -192,7 +215,7 @@ def decode_latents(
     decoder_module = _half(decoder, "decoder")
     window, halo = _resolve_window(decoder, window, halo)
     device, dtype = _module_device_and_dtype(decoder_module)
-    with _eval_mode(decoder_module):
+    with _eval_mode(decoder_module, positions):
         return apply_in_halo_windows(
             decoder_module,
             latents.to(device, dtype),

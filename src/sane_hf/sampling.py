@@ -44,6 +44,7 @@ from .architectures import build_model
 from .embedding import decode_latents, encode_tokens
 from .modeling_sane import check_positions
 from .tokenization import WeightLayout, WeightTokenizer
+from .zoo_dataset import standardize_tokens, unstandardize_tokens
 
 if TYPE_CHECKING:
     from .zoo_dataset import NormalizationStats, ZooMetadata
@@ -387,6 +388,14 @@ class SampledModels:
         return self.score(score_fn).top(k)
 
 
+def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor (a parameter if ``tensor`` is one) of the same shape and dtype."""
+    empty = torch.empty_like(tensor)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
+
+
 def _take(values: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     return None if values is None else values[index.to(values.device)]
 
@@ -438,6 +447,7 @@ class SaneSampler:
         target = self.tokenizer(self.template)
         self.layout, self.positions, self.mask = target.layout, target.positions, target.mask
         self._check_target(trained_layout)
+        self._token_maps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _check_target(self, trained_layout: WeightLayout | None) -> None:
         try:
@@ -505,6 +515,18 @@ class SaneSampler:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-value mean and std ``[N, T]`` of the target layout, on the model's device.
+
+        Made once: building them walks the layout (0.3 s for ResNet-18) and they are 2 x 124 MB
+        of float64. Standardizing and de-normalizing then run where the tokens are, on the GPU
+        for a GPU model, instead of as float64 arithmetic on the host.
+        """
+        if self._token_maps is None or self._token_maps[0].device != self.device:
+            maps = self.normalization.token_maps(self.layout)
+            self._token_maps = (maps[0].to(self.device), maps[1].to(self.device))
+        return self._token_maps
+
     def prompt_tokens(self, prompts: Prompts) -> torch.Tensor:
         """Normalized ``[E, N, T]`` tokens of the prompts.
 
@@ -525,7 +547,7 @@ class SaneSampler:
                         "the target architecture (or use the Gaussian prior)"
                     )
             raw = torch.stack([prompt.tokens for prompt in encoded])
-            tokens = self.normalization.normalize_tokens(raw, self.layout)
+            tokens = standardize_tokens(raw.to(self.device), *self.token_maps())
         expected = (self.layout.num_tokens, self.layout.tokensize)
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(
@@ -548,15 +570,27 @@ class SaneSampler:
         return tokens.masked_fill(~self.mask.to(tokens.device), 0.0)
 
     def build(self, tokens: torch.Tensor) -> list[nn.Module]:
-        """De-normalize ``[k, N, T]`` tokens and load them into copies of the template."""
-        weights = self.normalization.denormalize_tokens(tokens.float().cpu(), self.layout)
-        models = []
-        for sample in weights:
-            state_dict = self.tokenizer.decode(sample, self.layout, fill_from=self.template)
-            network = copy.deepcopy(self.template)
-            network.load_state_dict(state_dict, strict=True)
-            models.append(network)
-        return models
+        """De-normalize ``[k, N, T]`` tokens (where they are) and load them into copies of the
+        template on the host."""
+        maps = self.token_maps()
+        weights = unstandardize_tokens(tokens.float().to(maps[0].device), *maps).cpu()
+        return [
+            self._network(self.tokenizer.decode(sample, self.layout, fill_from=self.template))
+            for sample in weights
+        ]
+
+    def _network(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        """A copy of the template that holds the tensors of ``state_dict`` (all of its entries).
+
+        The template's own values are not copied (they are replaced anyway): the copy gets empty
+        tensors in their place, which ``load_state_dict(assign=True)`` swaps for the decoded ones.
+        For a ResNet-18 that takes a third of the time of a full copy plus a loading copy.
+        """
+        state = self.template.state_dict(keep_vars=True)
+        placeholders = {id(state[key]): _empty_like(state[key]) for key in state_dict}
+        network = copy.deepcopy(self.template, memo=placeholders)
+        network.load_state_dict(state_dict, strict=True, assign=True)
+        return network
 
     def from_latents(
         self,

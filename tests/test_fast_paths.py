@@ -1,10 +1,12 @@
-"""The fast training path computes what the plain one does.
+"""The fast paths compute what the plain ones do.
 
-The speed switches of the GPU step (no position range check, no attention mask for batches
-without padding, SDPA instead of eager attention, fused AdamW, bf16 autocast without a grad
-scaler) must not change what is learned: short runs of the tiny preset on real pipeline batches
-(CNN-m windows, permutations, noise) give the same loss curve, and the bf16 curve stays within
-the run-to-run noise of the float32 one. CPU only, compile off.
+Training: the speed switches of the GPU step (no position range check, no attention mask for
+batches without padding, SDPA instead of eager attention, fused AdamW, bf16 autocast without a
+grad scaler) must not change what is learned: short runs of the tiny preset on real pipeline
+batches (CNN-m windows, permutations, noise) give the same loss curve, and the bf16 curve stays
+within the run-to-run noise of the float32 one. CPU only, compile off.
+
+Sampling: (de-)normalization in place and networks built without copying the template.
 """
 
 import functools
@@ -12,13 +14,24 @@ import functools
 import pytest
 import torch
 
-from sane_hf import SaneConfig, SaneModel, WeightTokenizer
+from sane_hf import NormalizationStats, SaneConfig, SaneModel, SaneSampler, WeightTokenizer
 from sane_hf.alignment import PermutationSpec
 from sane_hf.architectures import build_model
 from sane_hf.augmentation import TokenPermutation, WindowSampler
+from sane_hf.zoo_dataset import standardize_tokens, unstandardize_tokens
 
 BATCH_SIZE = 4
 NUM_BATCHES, PASSES = 3, 4  # a few batches seen repeatedly: their losses must fall
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny ops gain nothing from threads, and threads waiting on each other on a busy CPU
+    make each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.cache
@@ -114,3 +127,35 @@ def test_position_checks_can_be_switched_off():
     model.set_position_checks(True)
     with pytest.raises(ValueError, match="global position index out of range"):
         model(tokens, beyond)
+
+
+def test_standardizing_in_place_leaves_the_input_alone():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    mean = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    std = torch.rand(5, 7, generator=generator, dtype=torch.float64) + 0.5
+    original = tokens.clone()
+    assert torch.equal(standardize_tokens(tokens, mean, std), (original - mean) / std)
+    assert torch.equal(unstandardize_tokens(tokens, mean, std), original * std + mean)
+    assert torch.equal(tokens, original)
+
+
+def test_sampled_networks_own_their_weights():
+    torch.manual_seed(0)
+    template = build_model("cnn_s", in_channels=1)
+    tokenizer = WeightTokenizer(289)
+    keys = [spec.key for layer in tokenizer(template).layout.layers for spec in layer.parameters]
+    normalization = NormalizationStats.from_state_dicts([template.state_dict()], keys)
+    model = SaneModel(SaneConfig.from_preset("tiny")).eval()
+    sampler = SaneSampler(model, template, normalization, tokenizer=tokenizer)
+    before = {key: value.clone() for key, value in sampler.template.state_dict().items()}
+    tokens = sampler.prompt_tokens([template])
+    (network,) = sampler.build(tokens + 0.5)  # shifted: other weights than the template's
+    built, kept = network.state_dict(), sampler.template.state_dict()
+    assert all(torch.equal(kept[key], before[key]) for key in before)  # template untouched
+    assert all(built[key].data_ptr() != kept[key].data_ptr() for key in before)
+    assert all(parameter.requires_grad for parameter in network.parameters())
+    expected = sampler.tokenizer.decode(
+        unstandardize_tokens(tokens[0] + 0.5, *sampler.token_maps()), sampler.layout
+    )
+    assert all(torch.equal(built[key], expected[key]) for key in keys)
