@@ -126,3 +126,16 @@ def test_bad_inputs_are_explained():
         dataset_from_tensors(torch.rand(40, 5), y, input_shape=(1, 28, 28))
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset_by_name("cifar10")
+
+
+def test_standardization_statistics_do_not_depend_on_the_thread_count():
+    """A zoo resumes only if its dataset's statistics are equal, and the thread count may change."""
+    threads = torch.get_num_threads()
+    try:
+        infos = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            infos.append(load_dataset_by_name("digits", (1, 28, 28)).info())
+    finally:
+        torch.set_num_threads(threads)
+    assert infos[0]["standardization"] == infos[1]["standardization"]

@@ -261,9 +261,12 @@ def _fit_to_shape(x: Tensor, input_shape: tuple[int, ...], name: str) -> Tensor:
 
 
 def _channel_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std per channel, reduced in float64 and rounded to float32: the same values for
+    any thread count (float32 sums change with it, and a zoo only resumes on equal statistics)."""
     dims = [0, 2, 3] if x.ndim == 4 else list(range(x.ndim))
-    mean = x.mean(dim=dims).reshape(-1)
-    std = x.std(dim=dims).reshape(-1).clamp_min(1e-8)
+    x = x.double()
+    mean = x.mean(dim=dims).reshape(-1).float()
+    std = x.std(dim=dims).reshape(-1).clamp_min(1e-8).float()
     return mean, std
 
 
