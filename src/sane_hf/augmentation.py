@@ -214,12 +214,17 @@ class TokenPermutation:
         # Keep only as many (slot, multiplier) tables as an entry has permuted axes at most.
         order = torch.stack(slot_per_axis).eq(sentinel).long().argsort(dim=0, stable=True)
         num_permuted = int(torch.stack(slot_per_axis).ne(sentinel).sum(dim=0).max())
-        self.base = base
-        self.slots = torch.stack(slot_per_axis).gather(0, order)[:num_permuted]
-        self.multipliers = torch.stack(multiplier_per_axis).gather(0, order)[:num_permuted]
         # Element id -> token entry holding it; virtual elements past the real ones -> padding.
-        self.entry_of_element = torch.cat([torch.full((num_elements,), -1), entries.flatten()])
-        self.entry_of_element[element_ids[real]] = entries[real]
+        entry_of_element = torch.cat([torch.full((num_elements,), -1), entries.flatten()])
+        entry_of_element[element_ids[real]] = entries[real]
+        # int32 where every id fits: half the memory (ResNet-18: 400 MiB) and faster index math.
+        index_dtype = torch.int32 if len(entry_of_element) < 2**31 else torch.long
+        self.base = base.to(index_dtype)
+        self.slots = torch.stack(slot_per_axis).gather(0, order)[:num_permuted].to(index_dtype)
+        self.multipliers = (
+            torch.stack(multiplier_per_axis).gather(0, order)[:num_permuted].to(index_dtype)
+        )
+        self.entry_of_element = entry_of_element.to(index_dtype)
         # Slots past each group's size, made once: making them per batch would copy the sizes
         # from the host, a copy that waits for the device's queue (the previous training step).
         sizes = torch.tensor(self.group_sizes, dtype=torch.long)
@@ -323,11 +328,11 @@ class TokenPermutation:
         batch = token_index.shape[0]
         flat_perms = torch.cat(
             [permutations.reshape(batch, -1), permutations.new_zeros(batch, 1)], dim=1
-        )
+        ).to(self.base.dtype)
+        rows = torch.arange(batch, device=token_index.device).view(batch, 1, 1)
         source = self.base[token_index]
         for slots, multipliers in zip(self.slots, self.multipliers):
-            picked = flat_perms.gather(1, slots[token_index].view(batch, -1))
-            source += picked.view_as(source) * multipliers[token_index]
+            source += flat_perms[rows, slots[token_index]] * multipliers[token_index]
         return self.entry_of_element[source]
 
 
