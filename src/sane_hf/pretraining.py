@@ -19,7 +19,17 @@ parsed as YAML 1.2 (``1e-3`` is a float, ``[64, 8, 32]`` a list, ``null`` is Non
 Exact resumption: every random choice of a batch (checkpoints, windows, permutations, noise,
 erasing) is derived from ``(seed, epoch, batch, rank)``, and ``accelerator.save_state`` keeps
 model, optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
-resumed with ``--resume-from-checkpoint latest`` logs the same losses as an uninterrupted run.
+resumed with ``--resume-from-checkpoint latest`` (same config, same number of processes) logs
+the same losses as an uninterrupted run. The checkpoint folders are Accelerate's format: the
+weights are safetensors, optimizer, schedule and RNG states are torch pickles, meant to be read
+back only by the run that wrote them.
+
+Output folder: ``pretraining_config.yaml``, ``metrics.jsonl`` (training loss terms, learning
+rate, steps/s, tokens/s, the fraction of a measured step spent waiting for data; validation MSE
+and R^2 every epoch), tracker logs (``sane-pretraining/`` for TensorBoard),
+``checkpoint-<step>/``, and at the end the model (``save_pretrained``: weights, config, remote
+code, model card), ``sane_zoo.json`` (the zoo's layout and normalization, which embedding and
+sampling need) and ``training_summary.json``.
 """
 
 import argparse
