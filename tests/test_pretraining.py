@@ -18,7 +18,9 @@ from sane_hf.pretraining import (
     config_from_args,
     main,
     read_metrics,
+    split_tokens,
 )
+from sane_hf.zoo_dataset import build_zoo_dataset, load_zoo_dataset
 
 REPO = Path(__file__).parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -102,6 +104,15 @@ def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
 def test_config_errors_name_the_problem(argv, message):
     with pytest.raises(ValueError, match=message):
         parse("--config", str(TINY), *argv)
+
+
+def test_float16_zoos_stay_float16_in_memory(tiny_digits_zoo):
+    zoo = load_zoo_dataset(tiny_digits_zoo)
+    half = build_zoo_dataset(tiny_digits_zoo.parent / "raw", dtype="float16", progress=False)
+    tokens = split_tokens(zoo.splits["train"], zoo.metadata.layout)
+    half_tokens = split_tokens(half["train"], zoo.metadata.layout)
+    assert (tokens.dtype, half_tokens.dtype) == (torch.float32, torch.float16)
+    assert torch.equal(half_tokens, tokens.half())
 
 
 def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_path, fake_hub):

@@ -492,7 +492,10 @@ class PretrainingData:
 def split_tokens(split: Dataset, layout: WeightLayout) -> torch.Tensor:
     """All tokens of a zoo split as one ``[checkpoints, tokens, tokensize]`` tensor, in their
     storage dtype (float16 zoos stay float16)."""
-    tokens = torch.from_numpy(np.stack(split.with_format("numpy")["tokens"]))
+    storage = np.dtype(split.features["tokens"].dtype)  # the numpy format would give float32
+    tokens = torch.from_numpy(
+        split.with_format("numpy", columns=["tokens"], dtype=storage)[:]["tokens"]
+    )
     expected = (layout.num_tokens, layout.tokensize)
     if tuple(tokens.shape[1:]) != expected:
         raise ValueError(
