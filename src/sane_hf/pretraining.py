@@ -567,11 +567,8 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     train_sampler = data.train
 
     # Model. The zoo's positions were checked against its tables once (check_positions_fit):
-    # no per-forward range check, which would synchronize the device every step.
+    # no per-forward range check, which would synchronize with the device twice a step.
     model = SaneModel(data.model_config)
-    model.set_position_checks(False)
-    # The zoo's positions were checked against the tables once; a check per forward would
-    # synchronize with the device twice a step.
     model.set_position_checks(False)
 
     # Optimizer and OneCycle schedule (in optimizer steps).
