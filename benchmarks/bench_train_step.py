@@ -2,50 +2,77 @@
 the combined loss (NT-Xent + masked MSE), backward and an AdamW update.
 
 Synthetic tokens of the preset's shapes (the values do not affect speed). Reference on an H100,
-its own code with fp16 autocast (docs/sane-method.md, section 7): CNN preset (T=289, window 64,
-batch 32, 4,096 tokens/step) 61.2 ms, 67k tokens/s, 5.0 GiB; ResNet-18 preset (T=288, window
-256, batch 32, 16,384 tokens/step) 210 ms, 78k tokens/s, 32.8 GiB.
+its own code with fp16 autocast and a grad scaler (docs/sane-method.md, section 7): CNN preset
+(T=289, window 64, batch 32, 4,096 tokens/step) 61.2 ms, 5.0 GiB; ResNet-18 preset (T=288,
+window 256, batch 32, 16,384 tokens/step) 210 ms, 32.8 GiB. Targets: 20 ms and 150 ms.
 
-Counting: a step processes `2 * batch * window` tokens (both views; the reference counts the
+The step is the lean one: both views in one batch, bf16 autocast over float32 weights and
+optimizer states (bf16 has float32's range: no grad scaler), fused AdamW, no host
+synchronization anywhere in the step (position range checks off, as in pretraining, which checks
+the zoo once; losses stay on the device until the end). Options:
+
+- ``--compile blocks`` compiles every transformer block in place (``nn.Module.compile``: the
+  model's own forward calls the compiled blocks); ``--compile model`` compiles the whole forward
+  with the losses. The result reports how many graphs dynamo compiled and how many graph breaks
+  it hit, to show the compiled path is the one that runs.
+- ``--cuda-graph`` captures the whole step (forward, backward, AdamW with ``capturable=True``)
+  in one CUDA graph and replays it, copying each batch into the graph's input buffers first:
+  for the small CNN step, where launching ~2,000 kernels costs as much as running them.
+- The SDPA backend is reported as the attention kernel the model really ran (profiled), and on
+  CUDA whether the flash kernel accepts these shapes (``sdpa_kernel([FLASH_ATTENTION])``).
+
+Counting: a step processes ``2 * batch * window`` tokens (both views; the reference counts the
 same way). Model FLOPs = 6 * N * tokens with N the parameters outside the position tables
-(lookups are not matmuls); attention-score matmuls are not counted. `--dtype bf16|fp16` runs
-the forward pass under autocast with float32 weights and optimizer states, like the reference.
-Peak memory is `torch.cuda.max_memory_allocated` on GPU and the process' peak RSS on CPU.
+(lookups are not matmuls); attention-score matmuls are not counted. On CUDA, steps are timed with
+events and no host synchronization between them. Peak memory is ``max_memory_allocated`` on GPU
+and the process' peak RSS on CPU.
 
     python benchmarks/bench_train_step.py --preset tiny
-    python benchmarks/bench_train_step.py --preset cnn --dtype bf16 [--compile]
-    python benchmarks/bench_train_step.py --preset resnet18 --dtype bf16
+    python benchmarks/bench_train_step.py --preset cnn --compile model --cuda-graph
+    python benchmarks/bench_train_step.py --preset resnet18 --compile model
 
-Prints JSON and writes `benchmarks/results/bench_train_step_<preset>.json`.
+Prints JSON and writes ``benchmarks/results/bench_train_step_<preset>[_<tag>].json``.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import os
-import platform
-import resource
-import statistics
-import sys
-import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-import transformers
 
+from common import (
+    DTYPES,
+    default_device,
+    machine_info,
+    peak_memory,
+    reset_peak_memory,
+    summarize_ms,
+    synchronize,
+    time_repeats,
+    write_results,
+)
 from sane_hf import SaneConfig, SaneModel
+from sane_hf.modeling_sane import SaneLayer
 
-RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_BATCH_SIZE = {"tiny": 4, "cnn": 32, "resnet18": 32}
 # Length of the synthetic token sequence windows are cut from: CNN-m and ResNet-18 (BN kept).
 SEQUENCE_LENGTH = {"tiny": 93, "cnn": 93, "resnet18": 53_704}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REFERENCE_STEP_MS = {"cnn": 61.2, "resnet18": 210.0}
+TARGET_STEP_MS = {"cnn": 20.0, "resnet18": 150.0}
+# aten::_scaled_dot_product_{flash,efficient,cudnn}_attention, ..._attention_math
+SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 
 
 def synthetic_views(
     config: SaneConfig, batch_size: int, window: int, sequence_length: int, device: torch.device
 ) -> dict:
-    """Two noisy views of `batch_size` random windows, with targets and padding of last chunks."""
+    """Two noisy views of `batch_size` random windows, with targets and padding of last chunks.
+
+    Windows are cut from inside the sequence, so no token is padding and there is no attention
+    mask (as in pretraining on zoos whose sequences are longer than the window).
+    """
     generator = torch.Generator().manual_seed(0)
     clean = torch.randn(batch_size, window, config.tokensize, generator=generator)
     value_mask = torch.ones_like(clean, dtype=torch.bool)
@@ -66,25 +93,107 @@ def synthetic_views(
         "target_tokens": views,
         "value_mask": value_mask.repeat(2, 1, 1),
     }
-    return {name: tensor.to(device) for name, tensor in batch.items()} | {"num_views": 2}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def compile_model(model: SaneModel, how: str) -> Callable[..., object]:
+    """The callable a step runs: the model itself, with compiled blocks, or compiled whole."""
+    if how == "blocks":
+        for module in model.modules():
+            if isinstance(module, SaneLayer):
+                module.compile()  # in place: the model's forward now calls the compiled block
+        return model
+    if how == "model":
+        return torch.compile(model)
+    return model
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def dynamo_report() -> dict[str, int]:
+    """Graphs dynamo compiled and graph breaks it hit so far (0 and 0 when nothing compiled)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+def sdpa_report(model: SaneModel, batch: dict, autocast) -> dict[str, object]:
+    """Which SDPA kernel the model's attention really runs, and (CUDA) whether flash accepts it.
+
+    The kernel is read off the profiler's op names (``aten::_scaled_dot_product_flash_attention``
+    and so on) for one forward pass in the benchmark's dtype.
+    """
+    with torch.no_grad(), autocast, torch.profiler.profile() as profile:
+        model(**batch)
+    names = {event.name for event in profile.events() if "scaled_dot_product_" in event.name}
+    selected = sorted({kernel for kernel in SDPA_KERNELS for name in names if kernel in name})
+    report: dict[str, object] = {"sdpa_kernels_run": selected or sorted(names)}
+    if batch["tokens"].is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        report["flash_sdp_enabled"] = torch.backends.cuda.flash_sdp_enabled()
+        try:
+            with torch.no_grad(), autocast, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                model(**batch)
+            report["flash_accepts_these_inputs"] = True
+        except RuntimeError as error:
+            report["flash_accepts_these_inputs"] = f"no: {str(error).splitlines()[0]}"
+    return report
+
+
+def make_train_step(
+    forward: Callable[..., object], optimizer: torch.optim.Optimizer, batch: dict, autocast
+) -> Callable[[], torch.Tensor]:
+    """One step on ``batch``; returns the loss as a device tensor (no host synchronization)."""
+
+    def train_step() -> torch.Tensor:
+        with autocast:
+            loss = forward(**batch, num_views=2).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return train_step
+
+
+def capture_cuda_graph(
+    forward: Callable[..., object],
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    autocast,
+    warmup_steps: int,
+) -> tuple[Callable[[], torch.Tensor], dict]:
+    """Capture one whole training step in a CUDA graph (PyTorch's "whole network capture").
+
+    Returns a step function that copies ``batch`` into the graph's static inputs (what a training
+    loop does with each new batch) and replays the graph, and the static inputs.
+    """
+    static_batch = {name: tensor.clone() for name, tensor in batch.items()}
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):  # warm up (and compile) outside the default stream
+        eager_step = make_train_step(forward, optimizer, static_batch, autocast)
+        for _ in range(warmup_steps):
+            eager_step()
+    torch.cuda.current_stream().wait_stream(side_stream)
+
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+    with torch.cuda.graph(graph):
+        with autocast:
+            static_loss = forward(**static_batch, num_views=2).loss
+        static_loss.backward()
+        optimizer.step()
+
+    def graph_step() -> torch.Tensor:
+        for name, tensor in batch.items():
+            static_batch[name].copy_(tensor, non_blocking=True)
+        graph.replay()
+        return static_loss.detach().clone()
+
+    return graph_step, static_batch
 
 
 def main() -> None:
@@ -92,22 +201,41 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(DEFAULT_BATCH_SIZE), default="tiny")
     parser.add_argument("--batch-size", type=int, help="windows per view (default: 32, tiny: 4)")
     parser.add_argument("--window", type=int, help="tokens per window (default: the preset's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="autocast dtype (default: bf16 on CUDA, else fp32)"
+    )
     parser.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", choices=("none", "blocks", "model"), default="none")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay the step as a graph")
+    parser.add_argument(
+        "--adamw", choices=("fused", "foreach", "loop"), default="fused", help="AdamW kernel"
+    )
+    parser.add_argument(
+        "--position-checks",
+        action="store_true",
+        help="keep the per-forward position range check (a host sync) on",
+    )
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--tag", help="suffix of the result file name, to keep variants apart")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     config = SaneConfig.from_preset(args.preset)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.preset]
     window = args.window or config.windowsize
     torch.manual_seed(0)
     model = SaneModel(config).to(device).train()
     model.set_attn_implementation(args.attn)
+    model.set_position_checks(args.position_checks)
     if args.activation_checkpointing:
         # transformers >= 5.23 name; older versions only have gradient_checkpointing_enable
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -117,47 +245,53 @@ def main() -> None:
         p.numel() for name, p in model.named_parameters() if ".position_embeddings." in name
     )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, weight_decay=3e-9, fused=device.type == "cuda"
+        model.parameters(),
+        lr=1e-4,
+        weight_decay=3e-9,
+        fused=args.adamw == "fused",
+        foreach=args.adamw == "foreach",
+        capturable=args.cuda_graph,
     )
-    step_model = torch.compile(model) if args.compile else model
     batch = synthetic_views(config, batch_size, window, SEQUENCE_LENGTH[args.preset], device)
+    # cache_enabled=False: autocast's weight-cast cache must not outlive a captured graph
     autocast = (
-        torch.autocast(device.type, dtype=DTYPES[args.dtype])
-        if args.dtype != "fp32"
+        torch.autocast(device.type, dtype=DTYPES[dtype_name], cache_enabled=not args.cuda_graph)
+        if dtype_name != "fp32"
         else nullcontext()
     )
+    attention = sdpa_report(model, batch, autocast)
 
-    def train_step() -> float:
-        with autocast:
-            loss = step_model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    forward = compile_model(model, args.compile)
+    if args.cuda_graph:
+        train_step, _ = capture_cuda_graph(forward, optimizer, batch, autocast, args.warmup)
+    else:
+        train_step = make_train_step(forward, optimizer, batch, autocast)
+        for _ in range(args.warmup):
+            train_step()
+    synchronize(device)
+    compiled = dynamo_report()
+    if args.compile != "none" and compiled["compiled_graphs"] == 0:
+        raise RuntimeError(f"--compile {args.compile} ran, but dynamo compiled no graph")
 
-    for _ in range(args.warmup):
-        train_step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_ms, losses = [], []
-    for _ in range(args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        losses.append(train_step())
-        synchronize(device)
-        step_ms.append((time.perf_counter() - start) * 1e3)
+    reset_peak_memory(device)
+    losses: list[torch.Tensor] = []
+    step_ms = time_repeats(lambda: losses.append(train_step()), args.steps, device)
+    losses = torch.stack(losses).tolist()
 
     tokens_per_step = 2 * batch_size * window
-    median_s = statistics.median(step_ms) / 1e3
+    median_s = summarize_ms(step_ms)["median_ms"] / 1e3
     results = {
         "benchmark": "SANE train step (2 views, forward + loss + backward + AdamW)",
         "preset": args.preset,
-        "device": device_name(device),
-        "dtype": args.dtype if args.dtype == "fp32" else f"{args.dtype} autocast, fp32 weights",
+        "dtype": dtype_name if dtype_name == "fp32" else f"{dtype_name} autocast, fp32 weights",
         "attn_implementation": model.config._attn_implementation,
+        **attention,
         "compile": args.compile,
+        **compiled,
+        "cuda_graph": args.cuda_graph,
+        "adamw": args.adamw,
+        "position_checks": args.position_checks,
         "activation_checkpointing": args.activation_checkpointing,
-        "fused_adamw": device.type == "cuda",
         "batch_size": batch_size,
         "window": window,
         "tokensize": config.tokensize,
@@ -165,25 +299,18 @@ def main() -> None:
         "num_parameters": num_parameters,
         "matmul_parameters": matmul_parameters,
         "steps": args.steps,
-        "step_ms_median": round(statistics.median(step_ms), 2),
-        "step_ms_min": round(min(step_ms), 2),
-        "step_ms_max": round(max(step_ms), 2),
+        **{f"step_{key}": value for key, value in summarize_ms(step_ms).items()},
         "tokens_per_s": round(tokens_per_step / median_s),
         "model_tflops_per_s": round(6 * matmul_parameters * tokens_per_step / median_s / 1e12, 4),
         "flops_counting": "6 * matmul_parameters * tokens_per_step per step (no attention scores)",
-        "peak_memory_gib": round(peak_memory_gib(device), 3),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        **peak_memory(device),
+        "reference_step_ms": REFERENCE_STEP_MS.get(args.preset),
+        "target_step_ms": TARGET_STEP_MS.get(args.preset),
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-        # other processes competing for the CPU make CPU timings noisy: record how many there were
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        **machine_info(device),
     }
-    print(json.dumps(results, indent=2))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"bench_train_step_{args.preset}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    name = f"bench_train_step_{args.preset}" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, results)
 
 
 if __name__ == "__main__":

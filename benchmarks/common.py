@@ -1,0 +1,121 @@
+"""What the SANE speed benchmarks share: device facts, timing without host syncs, result files.
+
+Every benchmark prints one JSON object and keeps its latest result in
+``benchmarks/results/<name>.json``, with the device, the command line and the load average (the
+CPU of the development machine is shared, so CPU timings carry how busy it was).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+RESULTS_DIR = Path(__file__).parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float | str]:
+    """Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process' peak RSS on CPU."""
+    if device.type == "cuda":
+        gib, kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
+    else:  # ru_maxrss is in KiB on Linux
+        gib, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS"
+    return {"peak_memory_gib": round(gib, 3), "peak_memory_kind": kind}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Device, software versions, how the benchmark was started and how busy the CPU was."""
+    return {
+        "device": device_name(device),
+        "command": shlex.join(["python", *sys.argv]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # other processes competing for the CPU make CPU timings noisy: record how many there were
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def write_results(name: str, results: dict[str, Any]) -> None:
+    """Print ``results`` as JSON and keep them in ``benchmarks/results/<name>.json``."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(text + "\n")
+
+
+def summarize_ms(times_ms: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": round(statistics.median(times_ms), 3),
+        "min_ms": round(min(times_ms), 3),
+        "max_ms": round(max(times_ms), 3),
+    }
+
+
+def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``repeats`` back-to-back calls of ``function``.
+
+    On CUDA the calls are timed with events between them and the host synchronizes once at the
+    end, so the host can run ahead exactly as in a training loop: a step that waits for the host
+    (launch overhead, a hidden synchronization) shows up as a longer step. On CPU, wall clock.
+    """
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+    synchronize(device)
+    events[0].record()
+    for event in events[1:]:
+        function()
+        event.record()
+    synchronize(device)
+    return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
+
+
+def timed_seconds(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``function()`` and the wall-clock seconds until its device work is done."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return result, time.perf_counter() - start
