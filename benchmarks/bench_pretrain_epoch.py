@@ -17,7 +17,7 @@ being trained; alignment is off, it does not change the pipeline either).
     python benchmarks/bench_pretrain_epoch.py --preset cnn --models 320 --mixed-precision bf16 \\
         --compile                                                   # GPU
     python benchmarks/bench_pretrain_epoch.py --preset resnet18 --architecture resnet18 \\
-        --models 6 --checkpoint-epochs 4 --mixed-precision bf16 --compile
+        --models 7 --checkpoint-epochs 3 --mixed-precision bf16 --compile
 
 Prints JSON and writes ``benchmarks/results/bench_pretrain_epoch_<preset>[_<tag>].json``.
 """
@@ -124,7 +124,10 @@ def pure_step_ms(config: PretrainingConfig, steps: int, warmup: int) -> list[flo
     model.set_position_checks(False)  # as in pretrain
     optimizer = create_optimizer(model, config, accelerator.device)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=steps + warmup + 1
+        optimizer,
+        max_lr=config.learning_rate,
+        total_steps=steps + warmup + 1,
+        cycle_momentum=False,  # as in pretrain
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

@@ -74,7 +74,7 @@ bench sample_resnet18 150 50 bench_sample.py --preset resnet18 --architecture re
 bench epoch_cnn 150 60 bench_pretrain_epoch.py --preset cnn --architecture cnn_m \
     --models 240 --checkpoint-epochs 10 --epochs 2 --mixed-precision bf16 --compile
 bench epoch_resnet18 150 70 bench_pretrain_epoch.py --preset resnet18 \
-    --architecture resnet18 --models 4 --checkpoint-epochs 4 --epochs 2 --mixed-precision bf16
+    --architecture resnet18 --models 7 --checkpoint-epochs 3 --epochs 2 --mixed-precision bf16
 # The data pipeline alone, as time allows: zoo on the GPU, and in host memory (pinned copies).
 bench data_cnn 60 20 bench_pretraining_data.py --preset cnn
 bench data_resnet18_host 90 40 bench_pretraining_data.py --preset resnet18 --data-device cpu \
