@@ -164,11 +164,11 @@ def capture_cuda_graph(
     batch: dict,
     autocast,
     warmup_steps: int,
-) -> tuple[Callable[[], torch.Tensor], dict]:
+) -> Callable[[], torch.Tensor]:
     """Capture one whole training step in a CUDA graph (PyTorch's "whole network capture").
 
     Returns a step function that copies ``batch`` into the graph's static inputs (what a training
-    loop does with each new batch) and replays the graph, and the static inputs.
+    loop does with each new batch) and replays the graph.
     """
     static_batch = {name: tensor.clone() for name, tensor in batch.items()}
     side_stream = torch.cuda.Stream()
@@ -193,7 +193,7 @@ def capture_cuda_graph(
         graph.replay()
         return static_loss.detach().clone()
 
-    return graph_step, static_batch
+    return graph_step
 
 
 def main() -> None:
@@ -263,7 +263,7 @@ def main() -> None:
 
     forward = compile_model(model, args.compile)
     if args.cuda_graph:
-        train_step, _ = capture_cuda_graph(forward, optimizer, batch, autocast, args.warmup)
+        train_step = capture_cuda_graph(forward, optimizer, batch, autocast, args.warmup)
     else:
         train_step = make_train_step(forward, optimizer, batch, autocast)
         for _ in range(args.warmup):
