@@ -29,6 +29,7 @@ Every dataset goes through the same steps:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,19 +73,7 @@ class ImageDataset:
     def to(self, device: torch.device | str) -> ImageDataset:
         """A copy with all tensors on ``device``."""
         moved = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits().items()}
-        return ImageDataset(
-            self.name,
-            moved["train"],
-            moved["val"],
-            moved["test"],
-            self.num_classes,
-            self.input_shape,
-            self.mean,
-            self.std,
-            self.split_seed,
-            self.fractions,
-            self.class_names,
-        )
+        return dataclasses.replace(self, **moved)
 
     def info(self) -> dict:
         """A JSON-serializable description (sizes, split, standardization), e.g. for zoo.json."""

@@ -21,6 +21,9 @@ from the in-memory dataset by per-model index tensors), its own dropout masks
 (``randomness="different"``) and its own BatchNorm running statistics (stacked buffers updated in
 place). Adam/AdamW/SGD are applied to the stacked tensors with a learning rate and weight decay per
 model, so a group can mix lr/wd values. ``models_per_chunk`` bounds how many models are in memory.
+On CPUs with AMX (Sapphire Rapids and later) ``bf16=True`` makes steps ~1.6x faster with the same
+accuracy on digits; on shared machines set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python
+(spinning OpenMP threads of different processes slow each other down several times).
 
 Output: the raw zoo directory (read by the dataset builder)::
 
@@ -33,7 +36,9 @@ Output: the raw zoo directory (read by the dataset builder)::
 
 Resuming: finished chunks are listed in ``train_state/progress.json`` and never retrained; the
 chunk in progress saves its stacked parameters, buffers and optimizer state at every checkpoint
-epoch, so rerunning ``train_zoo`` with the same config continues from there, bit-exactly on CPU.
+epoch, so rerunning ``train_zoo`` with the same config continues from there, bit-exactly on CPU
+(GPU kernels are not guaranteed to be deterministic). Dropout masks come from the global generator,
+seeded per chunk and epoch: they depend on which models share a chunk, everything else does not.
 """
 
 from __future__ import annotations
@@ -323,9 +328,7 @@ def train_zoo(
         tqdm(
             total=remaining * config.epochs * steps_per_epoch, disable=not progress, unit="step"
         ) as bar,
-        torch.random.fork_rng(
-            devices=None if device.type == "cuda" else [], device_type=device.type
-        ),
+        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
     ):
         for index, chunk in enumerate(chunks):
             if index in finished:
@@ -453,6 +456,9 @@ class _ChunkTrainer:
         device: torch.device,
     ):
         self.config, self.specs, self.data, self.device = config, specs, data, device
+        # oneDNN's grouped convolutions (what vmap turns a batched conv into) run ~1.4x faster on
+        # channels-last tensors; GPUs keep PyTorch's default layout.
+        self.channels_last = device.type == "cpu"
         hp = specs[0].hyperparameters
         models = [
             initialize_zoo_model(
@@ -464,8 +470,10 @@ class _ChunkTrainer:
         self.module = build_model(
             config.architecture, **architecture_kwargs, **structural_kwargs(hp)
         ).to("meta")
-        self.params = _stack([dict(m.named_parameters()) for m in models], device)
+        params = _stack([dict(m.named_parameters()) for m in models], device)
+        self.params = {k: self._weight_layout(v) for k, v in params.items()}
         self.buffers = _stack([dict(m.named_buffers()) for m in models], device)
+        self.eval_splits = self._eval_splits()
         self.state_keys = list(models[0].state_dict())
         self.optimizer = _PopulationOptimizer(config, specs, self.params)
         self.epoch = 0
@@ -481,6 +489,28 @@ class _ChunkTrainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _weight_layout(self, tensor: Tensor) -> Tensor:
+        """Store stacked conv weights ``[M, O, C, kh, kw]`` as ``[M, O, kh, kw, C]``: merged into
+        ``[M*O, C, kh, kw]`` by vmap's grouped convolution they are channels-last."""
+        if not (self.channels_last and tensor.dim() == 5):
+            return tensor
+        return tensor.movedim(2, -1).contiguous().movedim(-1, 2)
+
+    def _batch_layout(self, batch: Tensor) -> Tensor:
+        """Store image batches ``[M, B, C, H, W]`` as ``[B, H, W, M, C]``: merged into
+        ``[B, M*C, H, W]`` by vmap's grouped convolution they are channels-last."""
+        if not (self.channels_last and batch.dim() == 5):
+            return batch
+        return batch.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+
+    def _eval_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if not self.channels_last:
+            return self.data.splits()
+        return {
+            name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+            for name, (x, y) in self.data.splits().items()
+        }
 
     def run(self, output_dir: Path, state_path: Path, bar: tqdm) -> list[dict]:
         """Train to ``config.epochs`` (resuming from ``state_path`` if saved); return the records."""
@@ -510,7 +540,8 @@ class _ChunkTrainer:
         self.module.train()
         for batch in orders.split(self.config.batch_size, dim=1):
             with self._autocast():
-                grads = self._train_step(self.params, self.buffers, x[batch], y[batch])
+                xb = self._batch_layout(x[batch])
+                grads = self._train_step(self.params, self.buffers, xb, y[batch])
             self.optimizer.step(self.params, grads)
             bar.update(1)
 
@@ -522,7 +553,7 @@ class _ChunkTrainer:
             1, _EVAL_PAIRS.get(self.device.type, _EVAL_PAIRS["cuda"]) // len(self.specs)
         )
         metrics = {}
-        for split, (x, y) in self.data.splits().items():
+        for split, (x, y) in self.eval_splits.items():
             loss_sum = torch.zeros(len(self.specs), device=self.device)
             correct = torch.zeros(len(self.specs), device=self.device)
             for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
@@ -583,7 +614,7 @@ class _ChunkTrainer:
             ("optimizer.", self.optimizer.state),
         ]:
             for key in target:
-                target[key] = tensors[prefix + key]
+                target[key] = self._weight_layout(tensors[prefix + key])
         self.epoch = state["epoch"]
         self.optimizer.steps = state["optimizer_steps"]
         self.records = state["records"]
