@@ -151,7 +151,8 @@ def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None 
             lambda: compare_sampling(model, zoo, config.methods, config.sampling),
         )
         sampling.evaluation.plot(output / "sampling.png")
-        print(sampling.table())
+        finetune_epochs = config.sampling.finetune_epochs
+        print(sampling.table(sorted({0, min(1, finetune_epochs), finetune_epochs})))
 
     summary = {
         "config": {

@@ -171,14 +171,16 @@ class SamplingMethod:
 class SamplingSettings:
     """How many prompts and samples, how candidates are scored, how samples are fine-tuned.
 
-    ``num_prompts`` checkpoints of the prompt zoo's ``train`` split at ``prompt_epoch`` (default:
-    its last epoch), best by validation accuracy. ``num_samples`` networks per method are
+    ``num_prompts`` checkpoints of the prompt zoo's ``prompt_split`` at ``prompt_epoch`` (default:
+    its last epoch), best by validation accuracy, or all of them if the split has fewer (use
+    ``test`` for prompts SANE never saw). ``num_samples`` networks per method are
     evaluated; subsampling and bootstrapping draw ``num_candidates`` per round and score them on
     ``score_samples`` training images. Every group is fine-tuned for ``finetune_epochs`` with the
     prompts' training recipe (optimizer, lr, weight decay, batch size).
     """
 
     num_prompts: int = 30
+    prompt_split: str = "train"
     prompt_epoch: int | None = None
     num_samples: int = 5
     num_candidates: int = 25
@@ -242,9 +244,11 @@ def training_recipe(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def prompt_networks(prompt_zoo: ZooDataset, rows: Sequence[int]) -> list[nn.Module]:
-    """Rows of the prompt zoo's train split as networks with their raw (de-normalized) weights."""
-    selected = prompt_zoo.splits["train"].select(rows)
+def prompt_networks(
+    prompt_zoo: ZooDataset, rows: Sequence[int], split: str = "train"
+) -> list[nn.Module]:
+    """Rows of a split of the prompt zoo as networks with their raw (de-normalized) weights."""
+    selected = prompt_zoo.splits[split].select(rows)
     tokens = selected.with_format("torch", columns=["tokens"])["tokens"]
     networks = []
     for row_tokens, hyperparameters in zip(tokens, selected["hyperparameters"]):
@@ -263,6 +267,16 @@ def zoo_reference_network(zoo: ZooDataset) -> nn.Module:
     pairs = list(zip(columns["model_id"], columns["epoch"]))
     row = pairs.index((alignment["reference_model_id"], alignment["reference_epoch"]))
     return prompt_networks(zoo, [row])[0]
+
+
+def choose_prompts(prompt_zoo: ZooDataset, settings: SamplingSettings) -> list[int]:
+    """Rows of the best ``num_prompts`` checkpoints of ``prompt_split`` at ``prompt_epoch``, or
+    of all of them when the split has fewer (a test split of a small zoo)."""
+    split = prompt_zoo.splits[settings.prompt_split]
+    epochs = np.array(split["epoch"])
+    epoch = int(epochs.max()) if settings.prompt_epoch is None else settings.prompt_epoch
+    available = int((epochs == epoch).sum())
+    return select_prompts(split, min(settings.num_prompts, available), epoch)
 
 
 def aligned_to_zoo(networks: Sequence[nn.Module], zoo: ZooDataset) -> list[nn.Module]:
@@ -357,8 +371,9 @@ def compare_sampling(
         include_prompts: also fine-tune the prompt networks themselves (a "prompt" group).
     """
     prompt_zoo = prompt_zoo or zoo
-    rows = select_prompts(prompt_zoo.splits["train"], settings.num_prompts, settings.prompt_epoch)
-    hyperparameters = prompt_zoo.splits["train"][rows[0]]["hyperparameters"]
+    prompt_split = prompt_zoo.splits[settings.prompt_split]
+    rows = choose_prompts(prompt_zoo, settings)
+    hyperparameters = prompt_split[rows[0]]["hyperparameters"]
     sampler = SaneSampler.from_zoo(
         model,
         zoo.metadata,
@@ -367,10 +382,10 @@ def compare_sampling(
         halo=settings.halo,
     )
     if prompt_zoo is zoo:
-        prompts = zoo.splits["train"].with_format("torch", columns=["tokens"])[rows]["tokens"]
+        prompts = prompt_split.with_format("torch", columns=["tokens"])[rows]["tokens"]
         prompts = prompts.float()
     else:
-        prompts = aligned_to_zoo(prompt_networks(prompt_zoo, rows), zoo)
+        prompts = aligned_to_zoo(prompt_networks(prompt_zoo, rows, settings.prompt_split), zoo)
     prompt_tokens = sampler.prompt_tokens(prompts)
     task = task or load_task_dataset(prompt_zoo.metadata.zoo)
     score_fn = accuracy_score(task, settings.score_samples, settings.seed)
@@ -392,7 +407,9 @@ def compare_sampling(
         sampler.template, settings.num_samples, init, settings.seed
     )
     if include_prompts:
-        groups["prompts"] = prompt_networks(prompt_zoo, rows[: settings.num_samples])
+        groups["prompts"] = prompt_networks(
+            prompt_zoo, rows[: settings.num_samples], settings.prompt_split
+        )
     groups.update(extra_groups or {})
     evaluation = evaluate_samples(
         groups,
