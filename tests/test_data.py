@@ -139,3 +139,12 @@ def test_standardization_statistics_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert infos[0]["standardization"] == infos[1]["standardization"]
+
+
+def test_splits_are_shuffled_even_when_the_source_is_sorted_by_class():
+    labels = torch.arange(10).repeat_interleave(40)  # sorted by class, like the MNIST subset
+    dataset = dataset_from_tensors(torch.rand(400, 6), labels)
+    for x, y in (dataset.train, dataset.val, dataset.test):
+        first_tenth = y[: max(len(y) // 10, 10)]
+        assert len(first_tenth.unique()) >= 5, "a split's head holds only a few classes"
+        assert len(x) == len(y)

@@ -216,14 +216,17 @@ def _stratified_partition(y: Tensor, fractions: Sequence[float], seed: int) -> l
     disjoint, cover all samples, and each holds the same share of every class.
     """
     labels = y.numpy()
-    order = np.random.default_rng(seed).permutation(len(labels))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
     order = order[np.argsort(labels[order], kind="stable")]  # grouped by class, shuffled within
     counts = np.bincount(labels)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(labels)) - np.repeat(starts, counts)  # position within its class
     cuts = np.floor(np.outer(counts, np.cumsum(fractions)) + 0.5)  # [classes, parts]
     part = (rank[:, None] >= np.repeat(cuts, counts, axis=0)).sum(1)
-    return [torch.from_numpy(np.sort(order[part == i])) for i in range(len(fractions))]
+    # Each split is shuffled: sources such as the MNIST subset are sorted by class, and a
+    # class-ordered split would make any ``split[:n]`` subset hold only a few classes.
+    return [torch.from_numpy(rng.permutation(order[part == i])) for i in range(len(fractions))]
 
 
 def _fit_to_shape(x: Tensor, input_shape: tuple[int, ...], name: str) -> Tensor:
