@@ -1,6 +1,7 @@
 """Experiment stages: aligning foreign prompts to a zoo, sampling results and their table."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from sane_hf.experiments import (
     SamplingResults,
     aligned_to_zoo,
     build_dataset_stage,
+    pretrain_stage,
     prompt_networks,
     zoo_reference_network,
 )
+from sane_hf.pretraining import PretrainingConfig
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
 
 
@@ -102,3 +105,14 @@ def test_sampling_method_names_and_validation():
     assert SamplingMethod("prior").name == "SANE prior"
     with pytest.raises(ValueError, match="sampling kind"):
         SamplingMethod("mcmc")
+
+
+def test_pretrain_stage_refuses_a_folder_trained_with_another_config(tmp_path):
+    saved = PretrainingConfig.from_dict({"dataset": "zoo", "output_dir": str(tmp_path)})
+    saved.save(tmp_path / "pretraining_config.yaml")
+    moved = dataclasses.replace(saved, dataset="elsewhere/zoo", resume_from_checkpoint="latest")
+    changed = dataclasses.replace(saved, learning_rate=3e-3, model={"preset": "cnn"})
+    with pytest.raises(ValueError, match=r"fields \['learning_rate', 'model'\] differ"):
+        pretrain_stage(changed)
+    with pytest.raises(FileNotFoundError):  # same config: on to training, which needs the zoo
+        pretrain_stage(moved)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -37,7 +38,7 @@ from .evaluation import (
     scratch_models,
 )
 from .modeling_sane import SaneModel
-from .pretraining import SUMMARY_FILE, PretrainingConfig, list_checkpoints, pretrain
+from .pretraining import CONFIG_FILE, SUMMARY_FILE, PretrainingConfig, list_checkpoints, pretrain
 from .probing import ProbeReport, probe_zoo
 from .sampling import (
     KDEMode,
@@ -99,8 +100,13 @@ def build_dataset_stage(
 
 def pretrain_stage(config: PretrainingConfig) -> SaneModel:
     """Pretrain SANE with `sane_hf.pretraining.pretrain`, resuming from the newest checkpoint of
-    ``config.output_dir``; a finished run (saved model and summary) is only loaded."""
+    ``config.output_dir``; a finished run (saved model and summary) is only loaded.
+
+    A run started with another config is an error, not silently reused: the saved
+    ``pretraining_config.yaml`` must match ``config`` (paths and the resume setting aside).
+    """
     output_dir = Path(config.output_dir)
+    _check_same_pretraining(config, output_dir / CONFIG_FILE)
     if (output_dir / "model.safetensors").is_file() and (output_dir / SUMMARY_FILE).is_file():
         print(f"    {output_dir} holds a trained model: loading it")
     else:
@@ -109,6 +115,24 @@ def pretrain_stage(config: PretrainingConfig) -> SaneModel:
             print(f"    resuming from the newest checkpoint in {output_dir}")
         pretrain(config)
     return SaneModel.from_pretrained(output_dir).eval()
+
+
+def _check_same_pretraining(config: PretrainingConfig, saved_file: Path) -> None:
+    if not saved_file.is_file():
+        return
+    ignored = ("dataset", "output_dir", "resume_from_checkpoint")
+    saved = yaml.safe_load(saved_file.read_text())
+    wanted = config.to_dict()
+    changed = sorted(
+        k
+        for k in saved.keys() | wanted.keys()
+        if k not in ignored and saved.get(k) != wanted.get(k)
+    )
+    if changed:
+        raise ValueError(
+            f"{saved_file.parent} holds a SANE run with another config (fields {changed} differ): "
+            "use another output folder, or delete it to retrain"
+        )
 
 
 def probe_stage(
@@ -330,9 +354,11 @@ def draw_samples(
 def sample_novelty(
     samples: SampledModels, prompt_tokens: torch.Tensor, zoo: ZooDataset, mask: torch.Tensor
 ) -> dict[str, float]:
-    """Median distance of the samples to their nearest training checkpoint (any epoch) and
-    median distance of every prompt to its nearest other prompt, in normalized weight space."""
+    """Medians, in normalized weight space, of the distance of every sample to its nearest
+    training checkpoint (any epoch) and to its nearest prompt, and of every prompt to its
+    nearest other prompt (the scale: how far apart distinct trained networks are)."""
     report = novelty_report(samples.tokens, split_token_chunks(zoo.splits["train"]), mask)
+    to_prompts, _ = nearest_neighbor_distances(samples.tokens, prompt_tokens, mask)
     between_prompts, _ = nearest_neighbor_distances(
         prompt_tokens, prompt_tokens, mask, exclude_identical=True
     )
@@ -340,6 +366,7 @@ def sample_novelty(
     prompt_distance = float(between_prompts.median())
     return {
         "sample_to_nearest_training_model": sample_distance,
+        "sample_to_nearest_prompt": float(to_prompts.median()),
         "prompt_to_nearest_prompt": prompt_distance,
         "relative": sample_distance / prompt_distance,
     }
