@@ -1,0 +1,128 @@
+"""Hyperparameter zoo: can linear probes of SANE embeddings tell how a network was trained?
+
+    python benchmarks/reproduce_hyperparameter.py --scale cpu   # 2-core CPU (see SCALES)
+    python benchmarks/reproduce_hyperparameter.py --scale gpu   # full grid, one H100
+
+A CNN-s zoo over the Model Zoos grid: activation (tanh, relu, sigmoid, gelu) x dropout (0, 0.5)
+x init (uniform, normal, kaiming_uniform, kaiming_normal) x optimizer (adam, sgd) x lr (1e-3,
+1e-4) x weight decay (1e-3, 1e-4) = 256 combinations. SANE is pretrained on all checkpoints of
+the training split; linear probes predict the categorical hyperparameters (test accuracy of a
+logistic probe: activation, init, optimizer, dropout), the numeric ones (test R^2: lr, weight
+decay) and the Table 1 properties, SANE embeddings vs s(W) vs raw weights W.
+
+Results: ``benchmarks/results/reproduce_hyperparameter_<scale>.json`` and ``..._{zoo,probe}.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from reproduce_common import (
+    CPU_PRETRAINING,
+    RESULTS_DIR,
+    device,
+    parse_args,
+    result_path,
+    work_dir,
+    write_results,
+)
+from sane_hf import ZooConfig, train_zoo
+from sane_hf.experiments import (
+    TABLE1_PROPERTIES,
+    StageLog,
+    build_dataset_stage,
+    pretrain_stage,
+    probe_stage,
+)
+from sane_hf.pretraining import SUMMARY_FILE, PretrainingConfig
+from sane_hf.zoo_dataset import load_zoo_records, plot_zoo_accuracy
+
+CATEGORICAL = ("activation", "init", "optimizer")
+NUMERIC = ("lr", "weight_decay", "dropout")
+
+
+@dataclass
+class Scale:
+    zoo: ZooConfig
+    pretraining: dict[str, Any]
+
+
+SCALES = {
+    # 2-core CPU: 64 of the 256 grid points on digits, 4 epochs, a small SANE.
+    "cpu": Scale(
+        zoo=ZooConfig(dataset="digits", kind="hyperparameter", num_models=64, epochs=4),
+        pretraining={**CPU_PRETRAINING, "num_epochs": 200},
+    ),
+    # The full grid with 4 seeds each (1,024 models) on the MNIST subset, 50 epochs, SANE `cnn`.
+    "gpu": Scale(
+        zoo=ZooConfig(
+            dataset="mnist",
+            kind="hyperparameter",
+            num_models=None,
+            seeds_per_combination=4,
+            epochs=50,
+            checkpoint_epochs=list(range(0, 51, 5)),
+            models_per_chunk=1000,
+            device="cuda",
+        ),
+        pretraining={
+            "model": {"preset": "cnn"},
+            "num_epochs": 50,
+            "learning_rate": 1e-4,
+            "weight_decay": 3e-9,
+            "mixed_precision": "bf16",
+            "checkpointing_steps": 2000,
+            "checkpoints_total_limit": 1,
+            "report_to": "none",
+        },
+    ),
+}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    scale, work = SCALES[args.scale], work_dir(args, "hyperparameter")
+    log = StageLog(num_stages=4)
+
+    with log.stage("zoo", f"training the hyperparameter zoo ({scale.zoo.num_models} CNN-s)"):
+        train_zoo(scale.zoo, work / "zoo")
+        _, records, _ = load_zoo_records(work / "zoo")
+        plot_zoo_accuracy(records, result_path("hyperparameter", args.scale, "_zoo.png"))
+    with log.stage("dataset", "building the zoo dataset"):
+        zoo = build_dataset_stage(work / "zoo", work / "dataset")
+    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
+        config = PretrainingConfig.from_dict(
+            {
+                **scale.pretraining,
+                "dataset": str(work / "dataset"),
+                "output_dir": str(work / "sane"),
+            }
+        )
+        model = pretrain_stage(config).to(device())
+    with log.stage("probing", "probing for hyperparameters: SANE vs s(W) vs W"):
+        report = probe_stage(
+            model,
+            zoo,
+            RESULTS_DIR,
+            name=f"reproduce_hyperparameter_{args.scale}_probe",
+            properties=[*CATEGORICAL, *NUMERIC, *TABLE1_PROPERTIES],
+        )
+        print(report.table())
+
+    write_results(
+        "hyperparameter",
+        args.scale,
+        {
+            "setup": {"zoo": scale.zoo.to_dict(), "pretraining": scale.pretraining},
+            "zoo_statistics": zoo.metadata.statistics,
+            "pretraining": json.loads((work / "sane" / SUMMARY_FILE).read_text()),
+            "probes": report.to_dict(),
+            "wall_time_s": log.seconds,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
