@@ -48,7 +48,7 @@ PRESETS = {
         num_models=100,
         epochs=10,
         batch_size=10,
-        models_per_chunk=100,
+        models_per_chunk=50,
         device="cpu",
     ),
     "h100": ZooConfig(

@@ -44,7 +44,7 @@ def _add_zoo_train_command(zoo_subparsers) -> None:
         "--checkpoint-epochs", type=int, nargs="+", help="default: every epoch (0 and last always)"
     )
     parser.add_argument("--batch-size", type=int, help="default 10")
-    parser.add_argument("--models-per-chunk", type=int, help="models trained at once (default 100)")
+    parser.add_argument("--models-per-chunk", type=int, help="models trained at once (default 50)")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (GPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
