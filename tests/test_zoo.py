@@ -130,34 +130,64 @@ def test_vectorized_training_matches_a_plain_loop(
         assert trained["bn1.running_var"].ne(1).all() and trained["bn1.num_batches_tracked"] == 7
 
 
-def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
-    config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
-    reference = train_zoo(config, tmp_path / "reference", progress=False)
-
+def _interrupt_in_epoch(monkeypatch, call: int) -> list[int]:
+    """Make the ``call``-th trained epoch raise KeyboardInterrupt (once); returns the epochs trained."""
     original_epoch = _ChunkTrainer._train_epoch
     calls = []
+    interrupted = []
 
     def interrupted_epoch(self, bar):
         calls.append(self.epoch)
-        if len(calls) == 5:  # chunk 0 done (3 epochs); chunk 1 saved epoch 1, dies in epoch 2
+        if len(calls) == call and not interrupted:
+            interrupted.append(True)
             raise KeyboardInterrupt
         original_epoch(self, bar)
 
     monkeypatch.setattr(_ChunkTrainer, "_train_epoch", interrupted_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_zoo(config, tmp_path / "resumed", progress=False)
-    progress = json.loads((tmp_path / "resumed/train_state/progress.json").read_text())
-    assert progress["finished_chunks"] == [0]
-    assert {r["model_id"] for r in _metadata(tmp_path / "resumed")} == {"model_0000", "model_0001"}
+    return calls
 
+
+def _interrupted_run(config, zoo_dir, monkeypatch) -> list[int]:
+    # Chunk 0 finishes its 3 epochs; chunk 1 saves epoch 1 and dies in epoch 2.
+    calls = _interrupt_in_epoch(monkeypatch, call=5)
+    with pytest.raises(KeyboardInterrupt):
+        train_zoo(config, zoo_dir, progress=False)
+    assert {r["model_id"] for r in _metadata(zoo_dir)} == {"model_0000", "model_0001"}
+    state = json.loads((zoo_dir / "train_state/chunk_model_0002.json").read_text())
+    assert state["epoch"] == 1 and state["model_ids"] == ["model_0002", "model_0003"]
     calls.clear()
+    return calls
+
+
+def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
+    config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
+    reference = train_zoo(config, tmp_path / "reference", progress=False)
+    calls = _interrupted_run(config, tmp_path / "resumed", monkeypatch)
+
     resumed = train_zoo(config, tmp_path / "resumed", progress=False)
     assert calls == [2, 3], "resumption retrained finished work"
     assert _metadata(resumed) == _metadata(reference)
-    assert sorted(p.name for p in (resumed / "train_state").iterdir()) == ["progress.json"]
+    assert not (resumed / "train_state").exists()
     for record in _metadata(reference):
         expected, got = load_file(reference / record["file"]), load_file(resumed / record["file"])
         assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_with_another_chunk_size_keeps_finished_models(tmp_path, monkeypatch):
+    config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
+    calls = _interrupted_run(config, tmp_path, monkeypatch)
+    finished = _metadata(tmp_path)
+
+    rechunked = ZooConfig(num_models=4, epochs=3, models_per_chunk=1, **TINY)
+    train_zoo(rechunked, tmp_path, progress=False)
+    # The two unfinished models restart in chunks of one; the finished ones stay as they were.
+    assert calls == [1, 2, 3, 1, 2, 3]
+    records = _metadata(tmp_path)
+    assert records[: len(finished)] == finished
+    assert [(r["model_id"], r["epoch"]) for r in records[len(finished) :]] == [
+        (f"model_000{i}", e) for i in (2, 3) for e in range(4)
+    ]
+    assert not (tmp_path / "train_state").exists()
 
 
 def test_resume_refuses_a_different_config(tmp_path):

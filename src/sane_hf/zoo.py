@@ -21,9 +21,11 @@ from the in-memory dataset by per-model index tensors), its own dropout masks
 (``randomness="different"``) and its own BatchNorm running statistics (stacked buffers updated in
 place). Adam/AdamW/SGD are applied to the stacked tensors with a learning rate and weight decay per
 model, so a group can mix lr/wd values. ``models_per_chunk`` bounds how many models are in memory.
-On CPUs with AMX (Sapphire Rapids and later) ``bf16=True`` makes steps ~1.6x faster with the same
-accuracy on digits; on shared machines set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python
-(spinning OpenMP threads of different processes slow each other down several times).
+On CPU, stacked conv weights and batches are kept in the layout that makes vmap's grouped
+convolutions channels-last (oneDNN's fast path). ``bf16=True`` autocasts to bfloat16 (meant for
+GPUs; same accuracy on digits). On machines shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``
+before starting Python: spinning OpenMP threads of different processes slow each other down
+several times.
 
 Output: the raw zoo directory (read by the dataset builder)::
 
@@ -32,13 +34,17 @@ Output: the raw zoo directory (read by the dataset builder)::
     ZOO/metadata.jsonl      one JSON object per checkpoint (file, model_id, epoch, seed, metrics,
                             ggap = train_acc - test_acc, hyperparameters)
     ZOO/checkpoints/<model_id>_epoch_<e:03d>.safetensors   full state_dict (nn.Module key names)
-    ZOO/train_state/        progress.json (finished chunks) and the unfinished chunk's state
+    ZOO/train_state/        while training: the state of the chunk in progress
 
-Resuming: finished chunks are listed in ``train_state/progress.json`` and never retrained; the
-chunk in progress saves its stacked parameters, buffers and optimizer state at every checkpoint
-epoch, so rerunning ``train_zoo`` with the same config continues from there, bit-exactly on CPU
-(GPU kernels are not guaranteed to be deterministic). Dropout masks come from the global generator,
-seeded per chunk and epoch: they depend on which models share a chunk, everything else does not.
+Resuming: metadata.jsonl only ever holds finished models (it is rewritten atomically when a chunk
+finishes), so the models it lists are never retrained. The chunk in progress saves its stacked
+parameters, buffers and optimizer state at every checkpoint epoch, so rerunning ``train_zoo`` with
+the same config continues from there, bit-exactly on CPU (GPU kernels are not guaranteed to be
+deterministic). ``device``, ``models_per_chunk`` and ``eval_batch_size`` may change between runs;
+a chunk whose composition changed restarts from its initialization. Which models share a chunk
+changes the floating-point summation order (and the dropout masks, drawn from the global generator
+seeded per chunk and epoch), so results are reproducible for a given config, not across chunk
+sizes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +105,7 @@ _INPUT_KWARGS = {
     "mlp": "in_features",
 }
 # Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("device",)
+_RESUMABLE_CHANGES = ("device", "models_per_chunk", "eval_batch_size")
 # (model, sample) pairs per evaluation forward when eval_batch_size is None: on CPU, activations
 # beyond ~1k pairs fall out of cache and throughput drops by a third; GPUs want large batches.
 _EVAL_PAIRS = {"cpu": 1024, "cuda": 262144}
@@ -320,25 +327,23 @@ def train_zoo(
     architecture_kwargs = _architecture_kwargs(config, dataset)
     specs = config.model_specs()
     _check_architecture(config.architecture, architecture_kwargs, specs[0], dataset)
-    chunks = _plan_chunks(specs, config.models_per_chunk)
     _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
-    finished = _finished_chunks(output_dir)
+    finished = _finished_models(output_dir)
+    chunks = _plan_chunks([s for s in specs if s.model_id not in finished], config.models_per_chunk)
     data = dataset.to(device)
     steps_per_epoch = math.ceil(len(dataset.train[1]) / config.batch_size)
-    remaining = len(chunks) - len(finished)
     with (
         tqdm(
-            total=remaining * config.epochs * steps_per_epoch, disable=not progress, unit="step"
+            total=len(chunks) * config.epochs * steps_per_epoch, disable=not progress, unit="step"
         ) as bar,
         torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
     ):
         for index, chunk in enumerate(chunks):
-            if index in finished:
-                continue
             bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
             trainer = _ChunkTrainer(config, architecture_kwargs, chunk, data, device)
-            records = trainer.run(output_dir, _state_dir(output_dir) / f"chunk_{index:04d}", bar)
-            _finish_chunk(output_dir, index, chunks, records)
+            state_path = _state_dir(output_dir) / f"chunk_{chunk[0].model_id}"
+            _finish_chunk(output_dir, state_path, trainer.run(output_dir, state_path, bar))
+    shutil.rmtree(_state_dir(output_dir))  # left: states of chunks planned differently, if any
     return output_dir
 
 
@@ -516,8 +521,7 @@ class _ChunkTrainer:
 
     def run(self, output_dir: Path, state_path: Path, bar: tqdm) -> list[dict]:
         """Train to ``config.epochs`` (resuming from ``state_path`` if saved); return the records."""
-        if _state_json(state_path).exists():
-            self._load_state(state_path)
+        if self._load_state(state_path):
             bar.update(self.epoch * self._steps_per_epoch())
         else:
             self._checkpoint(output_dir, state_path)  # epoch 0: the initialization
@@ -605,10 +609,13 @@ class _ChunkTrainer:
             if old != tensor_file:
                 old.unlink()
 
-    def _load_state(self, state_path: Path) -> None:
+    def _load_state(self, state_path: Path) -> bool:
+        """Restore a saved state of this chunk; False if there is none (or it is of other models)."""
+        if not _state_json(state_path).exists():
+            return False
         state = json.loads(_state_json(state_path).read_text())
         if state["model_ids"] != [s.model_id for s in self.specs]:
-            raise ValueError(f"{_state_json(state_path)} belongs to other models than this chunk")
+            return False
         tensors = load_file(state_path.parent / state["tensors"], device=str(self.device))
         for prefix, target in [
             ("param.", self.params),
@@ -620,6 +627,7 @@ class _ChunkTrainer:
         self.epoch = state["epoch"]
         self.optimizer.steps = state["optimizer_steps"]
         self.records = state["records"]
+        return True
 
 
 def _stack(tensor_dicts: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
@@ -675,23 +683,17 @@ def _state_json(state_path: Path) -> Path:
     return state_path.with_suffix(".json")
 
 
-def _finished_chunks(output_dir: Path) -> set[int]:
-    progress = _state_dir(output_dir) / "progress.json"
-    return set(json.loads(progress.read_text())["finished_chunks"]) if progress.exists() else set()
+def _finished_models(output_dir: Path) -> set[str]:
+    return {record["model_id"] for record in _read_metadata(output_dir)}
 
 
-def _finish_chunk(
-    output_dir: Path, index: int, chunks: list[list[ModelSpec]], records: list[dict]
-) -> None:
-    """Publish a chunk's records in metadata.jsonl, then mark it finished and drop its state."""
-    finished = _finished_chunks(output_dir)
-    finished_ids = {s.model_id for i in finished for s in chunks[i]}
-    kept = [r for r in _read_metadata(output_dir) if r["model_id"] in finished_ids]
-    all_records = sorted(kept + records, key=lambda r: (r["model_id"], r["epoch"]))
+def _finish_chunk(output_dir: Path, state_path: Path, records: list[dict]) -> None:
+    """Add a finished chunk's records to metadata.jsonl (one atomic rewrite), drop its state."""
+    all_records = sorted(
+        [*_read_metadata(output_dir), *records], key=lambda r: (r["model_id"], r["epoch"])
+    )
     _atomic_write(output_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in all_records))
-    progress = {"finished_chunks": sorted(finished | {index}), "num_chunks": len(chunks)}
-    _atomic_write(_state_dir(output_dir) / "progress.json", json.dumps(progress))
-    for path in _state_dir(output_dir).glob(f"chunk_{index:04d}[._]*"):
+    for path in state_path.parent.glob(f"{state_path.name}[._]*"):
         path.unlink()
 
 
