@@ -84,7 +84,7 @@ SCALES = {
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     scale, work = SCALES[args.scale], work_dir(args, "hyperparameter")
-    log = StageLog(num_stages=4)
+    log = StageLog(num_stages=4, record=work / "stage_times.json")
 
     with log.stage("zoo", f"training the hyperparameter zoo ({scale.zoo.num_models} CNN-s)"):
         train_zoo(scale.zoo, work / "zoo")

@@ -18,8 +18,7 @@ Stages (rerun the command to resume; finished stages are loaded):
    0/1/5(/25) epochs next to networks trained from scratch, mean ± std, with novelty;
 6. KDE modes (token / joint / shared) and bandwidth 0 (decode(encode(prompt))) at epoch 0.
 
-Results: ``benchmarks/results/reproduce_mnist_<scale>.json`` and ``..._{zoo,probe,sampling,
-kde_modes}.png``.
+Results: ``benchmarks/results/reproduce_mnist_<scale>.json`` and ``..._{zoo,probe,sampling}.png``.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ def zoo_reference(work: Path, epochs: list[int]) -> dict[int, dict[str, float]]:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     scale, work = SCALES[args.scale], work_dir(args, "mnist")
-    log = StageLog(num_stages=6)
+    log = StageLog(num_stages=6, record=work / "stage_times.json")
     zoo, model = mnist_zoo_and_sane(args.scale, work, log)
 
     with log.stage("probing", "Table 1: SANE vs s(W) vs W, test R^2"):

@@ -70,7 +70,7 @@ SCALES = {
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     scale, work = SCALES[args.scale], work_dir(args, "new_task")
-    log = StageLog(num_stages=5)
+    log = StageLog(num_stages=5, record=work / "stage_times.json")
     mnist_zoo, model = mnist_zoo_and_sane(args.scale, WORK_ROOT / f"mnist-{args.scale}", log)
 
     with log.stage("digits_zoo", f"the new task's zoo ({scale.digits_zoo.num_models} on digits)"):

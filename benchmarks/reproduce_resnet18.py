@@ -128,7 +128,7 @@ def ablation_variants(scale: Scale) -> dict[str, SamplingSettings]:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     scale, work = SCALES[args.scale], work_dir(args, "resnet18")
-    log = StageLog(num_stages=5)
+    log = StageLog(num_stages=5, record=work / "stage_times.json")
 
     with log.stage("zoo", f"training {scale.zoo.num_models} ResNet-18 (resumes)"):
         train_zoo(scale.zoo, work / "zoo")

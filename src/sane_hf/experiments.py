@@ -63,19 +63,34 @@ RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")
 
 
 class StageLog:
-    """Announces the stages of a run (``[2/5] building the zoo dataset``) and times them."""
+    """Announces the stages of a run (``[2/5] building the zoo dataset``) and times them.
 
-    def __init__(self, num_stages: int):
+    With a ``record`` file, ``seconds`` is the wall time spent in every stage over all runs of
+    the experiment, summed: a stage resumed three times counts all three parts, a stage that
+    was only loaded adds next to nothing. Without one, it is this run's time.
+    """
+
+    def __init__(self, num_stages: int, record: str | Path | None = None):
         self.num_stages = num_stages
+        self.record = Path(record) if record is not None else None
         self.seconds: dict[str, float] = {}
+        self._done = 0
 
     @contextlib.contextmanager
     def stage(self, name: str, description: str) -> Iterator[None]:
-        print(f"\n[{len(self.seconds) + 1}/{self.num_stages}] {description}", flush=True)
+        self._done += 1
+        print(f"\n[{self._done}/{self.num_stages}] {description}", flush=True)
         start = time.perf_counter()
         yield
-        self.seconds[name] = round(time.perf_counter() - start, 1)
-        print(f"    done in {self.seconds[name]:.1f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"    done in {elapsed:.1f} s", flush=True)
+        earlier = (
+            json.loads(self.record.read_text()) if self.record and self.record.is_file() else {}
+        )
+        self.seconds[name] = round(earlier.get(name, 0.0) + elapsed, 1)
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps(earlier | {name: self.seconds[name]}, indent=1))
 
 
 def build_dataset_stage(
