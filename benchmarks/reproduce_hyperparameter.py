@@ -50,10 +50,10 @@ class Scale:
 
 
 SCALES = {
-    # 2-core CPU: 64 of the 256 grid points on digits, 4 epochs, a small SANE.
+    # 2-core CPU: 128 of the 256 grid points on digits, 8 epochs, a small SANE.
     "cpu": Scale(
-        zoo=ZooConfig(dataset="digits", kind="hyperparameter", num_models=64, epochs=4),
-        pretraining={**CPU_PRETRAINING, "num_epochs": 200},
+        zoo=ZooConfig(dataset="digits", kind="hyperparameter", num_models=128, epochs=8),
+        pretraining={**CPU_PRETRAINING, "num_epochs": 60},
     ),
     # The full grid with 4 seeds each (1,024 models) on the MNIST subset, 50 epochs, SANE `cnn`.
     "gpu": Scale(
