@@ -183,19 +183,7 @@ def encode_tokens(
     already be normalized with the zoo's statistics. ``window``/``halo`` default to
     ``default_window_and_halo(config.windowsize)``.
     """
-    encoder = _half(model, "encoder")
-    window, halo = _resolve_window(model, window, halo)
-    device, dtype = _module_device_and_dtype(encoder)
-    with _eval_mode(encoder, positions):
-        return apply_in_halo_windows(
-            encoder,
-            tokens.to(device, dtype),
-            positions.to(device),
-            window,
-            halo,
-            batch_size,
-            progress,
-        )
+    return _apply_half(model, "encoder", tokens, positions, window, halo, batch_size, progress)
 
 
 def decode_latents(
@@ -212,18 +200,26 @@ def decode_latents(
 
     ``decoder`` is a ``SaneModel``, a ``SaneDecoderModel`` or their ``decoder`` module.
     """
-    decoder_module = _half(decoder, "decoder")
-    window, halo = _resolve_window(decoder, window, halo)
-    device, dtype = _module_device_and_dtype(decoder_module)
-    with _eval_mode(decoder_module, positions):
+    return _apply_half(decoder, "decoder", latents, positions, window, halo, batch_size, progress)
+
+
+def _apply_half(
+    model: nn.Module,
+    name: str,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    window: int | None,
+    halo: int | None,
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Run the ``name`` half ("encoder"/"decoder") of ``model`` over full sequences in halo windows."""
+    half = _half(model, name)
+    window, halo = _resolve_window(model, window, halo)
+    device, dtype = _module_device_and_dtype(half)
+    with _eval_mode(half, positions):
         return apply_in_halo_windows(
-            decoder_module,
-            latents.to(device, dtype),
-            positions.to(device),
-            window,
-            halo,
-            batch_size,
-            progress,
+            half, values.to(device, dtype), positions.to(device), window, halo, batch_size, progress
         )
 
 
