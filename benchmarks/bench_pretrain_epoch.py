@@ -25,7 +25,6 @@ Prints JSON and writes ``benchmarks/results/bench_pretrain_epoch_<preset>[_<tag>
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 
 from bench_embed import ARCHITECTURES
 from common import (
@@ -43,8 +41,9 @@ from common import (
     summarize_ms,
     time_repeats,
     write_results,
+    write_synthetic_raw_zoo,
 )
-from sane_hf import SaneModel, build_model, build_zoo_dataset, save_zoo_dataset
+from sane_hf import SaneModel, build_zoo_dataset, save_zoo_dataset
 from sane_hf.pretraining import (
     PretrainingConfig,
     create_optimizer,
@@ -54,36 +53,12 @@ from sane_hf.pretraining import (
 )
 
 
-def write_raw_zoo(root: Path, architecture: str, num_models: int, num_epochs: int) -> None:
-    """A raw zoo directory of randomly initialized networks drifting a little every epoch."""
-    kwargs, _ = ARCHITECTURES[architecture]
-    (root / "checkpoints").mkdir(parents=True)
-    zoo = {"architecture": architecture, "architecture_kwargs": kwargs, "dataset": "synthetic"}
-    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(range(num_epochs))}))
-    lines = []
-    for model in range(num_models):
-        torch.manual_seed(model)
-        state_dict = build_model(architecture, **kwargs).state_dict()
-        for epoch in range(num_epochs):
-            state_dict = {
-                key: value + 0.01 * torch.randn_like(value) if value.is_floating_point() else value
-                for key, value in state_dict.items()
-            }
-            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
-            save_file(state_dict, root / file)
-            accuracy = 0.1 + 0.8 * epoch / num_epochs
-            lines.append(
-                {"file": file, "model_id": f"model_{model:04d}", "epoch": epoch, "seed": model,
-                 "train_loss": 1.0, "train_acc": accuracy, "val_loss": None, "val_acc": None,
-                 "test_loss": 1.0, "test_acc": accuracy, "ggap": 0.0,
-                 "hyperparameters": {"activation": "relu", "dropout": 0.0}}
-            )  # fmt: skip
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-
-
 def build_synthetic_zoo(work_dir: Path, args: argparse.Namespace) -> Path:
     _, tokensize = ARCHITECTURES[args.architecture]
-    write_raw_zoo(work_dir / "raw", args.architecture, args.models, args.checkpoint_epochs)
+    kwargs, _ = ARCHITECTURES[args.architecture]
+    write_synthetic_raw_zoo(
+        work_dir / "raw", args.models, args.checkpoint_epochs, args.architecture, kwargs
+    )
     dataset = build_zoo_dataset(work_dir / "raw", tokensize=tokensize, align=False, progress=False)
     save_zoo_dataset(dataset, work_dir / "zoo")
     return work_dir / "zoo"

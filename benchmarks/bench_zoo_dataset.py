@@ -21,33 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from sane_hf import build_model, build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
+from common import write_synthetic_raw_zoo
+from sane_hf import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
 
 RESULTS = Path(__file__).parent / "results" / "bench_zoo_dataset.json"
-
-
-def write_raw_zoo(root: Path, num_models: int, num_epochs: int) -> None:
-    (root / "checkpoints").mkdir(parents=True)
-    zoo = {"architecture": "cnn_s", "architecture_kwargs": {}, "dataset": "synthetic"}
-    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(range(num_epochs))}))
-    lines = []
-    for model in range(num_models):
-        torch.manual_seed(model)
-        state_dict = build_model("cnn_s").state_dict()
-        for epoch in range(num_epochs):
-            state_dict = {k: v + 0.01 * torch.randn_like(v) for k, v in state_dict.items()}
-            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
-            save_file(state_dict, root / file)
-            accuracy = 0.1 + 0.8 * epoch / num_epochs
-            lines.append(
-                {"file": file, "model_id": f"model_{model:04d}", "epoch": epoch, "seed": model,
-                 "train_loss": 1.0, "train_acc": accuracy, "val_loss": None, "val_acc": None,
-                 "test_loss": 1.0, "test_acc": accuracy, "ggap": 0.0,
-                 "hyperparameters": {"activation": "tanh", "dropout": 0.0}}
-            )  # fmt: skip
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def timed(function):
@@ -65,7 +43,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work_dir:
         raw = Path(work_dir) / "raw"
-        write_raw_zoo(raw, args.models, args.epochs)
+        write_synthetic_raw_zoo(raw, args.models, args.epochs, activation="tanh")
         _, unaligned_seconds = timed(lambda: build_zoo_dataset(raw, align=False, progress=False))
         dataset, aligned_seconds = timed(lambda: build_zoo_dataset(raw, progress=False))
         _, save_seconds = timed(lambda: save_zoo_dataset(dataset, Path(work_dir) / "saved"))

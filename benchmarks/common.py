@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import save_file
+
+from sane_hf import build_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,3 +122,41 @@ def timed_seconds(function: Callable[[], Any], device: torch.device) -> tuple[An
     result = function()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def write_synthetic_raw_zoo(
+    root: Path,
+    num_models: int,
+    num_epochs: int,
+    architecture: str = "cnn_s",
+    architecture_kwargs: dict[str, Any] | None = None,
+    activation: str = "relu",
+) -> None:
+    """A raw zoo directory of randomly initialized networks drifting a little every epoch.
+
+    Benchmarks of the dataset builder and of pretraining need a zoo of the right shapes, not a
+    trained one; this writes one in seconds (model ``m`` seeded with ``m``).
+    """
+    kwargs = architecture_kwargs or {}
+    (root / "checkpoints").mkdir(parents=True)
+    zoo = {"architecture": architecture, "architecture_kwargs": kwargs, "dataset": "synthetic"}
+    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(range(num_epochs))}))
+    lines = []
+    for model in range(num_models):
+        torch.manual_seed(model)
+        state_dict = build_model(architecture, **kwargs).state_dict()
+        for epoch in range(num_epochs):
+            state_dict = {
+                key: value + 0.01 * torch.randn_like(value) if value.is_floating_point() else value
+                for key, value in state_dict.items()
+            }
+            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
+            save_file(state_dict, root / file)
+            accuracy = 0.1 + 0.8 * epoch / num_epochs
+            lines.append(
+                {"file": file, "model_id": f"model_{model:04d}", "epoch": epoch, "seed": model,
+                 "train_loss": 1.0, "train_acc": accuracy, "val_loss": None, "val_acc": None,
+                 "test_loss": 1.0, "test_acc": accuracy, "ggap": 0.0,
+                 "hyperparameters": {"activation": activation, "dropout": 0.0}}
+            )  # fmt: skip
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
