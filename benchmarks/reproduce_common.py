@@ -26,6 +26,19 @@ import sane_hf
 RESULTS_DIR = Path(__file__).parent / "results"
 WORK_ROOT = Path(__file__).parent.parent / "outputs" / "reproduce"
 
+# SANE at GPU scale for CNN-s zoos: the `cnn` preset with the reference's recipe (sane-method.md
+# Sec. 3: AdamW 1e-4, wd 3e-9, OneCycle, 50 epochs), bf16.
+GPU_PRETRAINING: dict[str, Any] = {
+    "model": {"preset": "cnn"},
+    "num_epochs": 50,
+    "learning_rate": 1e-4,
+    "weight_decay": 3e-9,
+    "mixed_precision": "bf16",
+    "checkpointing_steps": 2000,
+    "checkpoints_total_limit": 1,
+    "report_to": "none",
+}
+
 # SANE at CPU scale for CNN-s zoos: the tiny preset widened to what a 2-core CPU trains in about
 # ten minutes (d_model 64, 4+4 blocks, latent 32), with a 48-token window: a whole CNN-s network.
 CPU_PRETRAINING: dict[str, Any] = {

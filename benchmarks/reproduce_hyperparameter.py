@@ -21,6 +21,7 @@ from typing import Any
 
 from reproduce_common import (
     CPU_PRETRAINING,
+    GPU_PRETRAINING,
     RESULTS_DIR,
     device,
     parse_args,
@@ -67,16 +68,7 @@ SCALES = {
             models_per_chunk=1000,
             device="cuda",
         ),
-        pretraining={
-            "model": {"preset": "cnn"},
-            "num_epochs": 50,
-            "learning_rate": 1e-4,
-            "weight_decay": 3e-9,
-            "mixed_precision": "bf16",
-            "checkpointing_steps": 2000,
-            "checkpoints_total_limit": 1,
-            "report_to": "none",
-        },
+        pretraining=GPU_PRETRAINING,
     ),
 }
 

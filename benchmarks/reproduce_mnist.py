@@ -31,6 +31,7 @@ from typing import Any
 
 from reproduce_common import (
     CPU_PRETRAINING,
+    GPU_PRETRAINING,
     RESULTS_DIR,
     device,
     parse_args,
@@ -97,16 +98,7 @@ SCALES = {
             dataset="mnist", num_models=1000, epochs=50, models_per_chunk=1000, device="cuda"
         ),
         pretrain_epochs=25,
-        pretraining={
-            "model": {"preset": "cnn"},
-            "num_epochs": 50,
-            "learning_rate": 1e-4,
-            "weight_decay": 3e-9,
-            "mixed_precision": "bf16",
-            "checkpointing_steps": 2000,
-            "checkpoints_total_limit": 1,
-            "report_to": "none",
-        },
+        pretraining=GPU_PRETRAINING,
         sampling=SamplingSettings(
             num_prompts=30,
             prompt_split="test",
