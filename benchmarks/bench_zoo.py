@@ -17,6 +17,10 @@ they are a steadier measure than wall-clock time. Prints JSON and writes
     python benchmarks/bench_zoo.py                   # CPU target
     python benchmarks/bench_zoo.py --bf16            # bf16 autocast (AMX on recent Xeons)
     python benchmarks/bench_zoo.py --preset h100     # on a GPU machine
+
+``--zoo-dir DIR`` keeps the trained zoo in ``DIR`` (a new folder) instead of a temporary one: the
+GPU-scale MNIST reproduction (``reproduce_mnist.py --scale gpu``, same zoo config) then starts
+from it instead of training the zoo again.
 """
 
 from __future__ import annotations
@@ -124,11 +128,14 @@ def main() -> None:
     parser.add_argument("--baseline-models", type=int, default=3, help="models in the plain loop")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--output", default="benchmarks/results/bench_zoo.json")
+    parser.add_argument("--zoo-dir", help="keep the zoo in this new folder (default: temporary)")
     args = parser.parse_args()
     config = _config(args)
     on_gpu = config.device.startswith("cuda")
 
-    zoo_dir = Path(tempfile.mkdtemp(prefix="bench_zoo_"))
+    if args.zoo_dir and Path(args.zoo_dir).exists() and any(Path(args.zoo_dir).iterdir()):
+        parser.error(f"--zoo-dir {args.zoo_dir} is not empty: the benchmark times a fresh zoo")
+    zoo_dir = Path(args.zoo_dir or tempfile.mkdtemp(prefix="bench_zoo_"))
     try:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -144,7 +151,8 @@ def main() -> None:
         baseline, baseline_cpu = plain_loop_seconds(config, zoo_dir, args.baseline_models)
         torch.set_num_threads(threads)
     finally:
-        shutil.rmtree(zoo_dir)
+        if not args.zoo_dir:
+            shutil.rmtree(zoo_dir)
 
     workers = 1 if on_gpu else os.cpu_count()
     per_model = config.num_models / args.baseline_models

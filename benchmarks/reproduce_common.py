@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,18 @@ CPU_PRETRAINING: dict[str, Any] = {
 }
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--scale",
-        choices=("cpu", "gpu"),
+        choices=scales,
         default="cpu",
-        help="cpu: what a 2-core CPU does in minutes; gpu: the issue's full scale (one H100)",
+        help="cpu: what a 2-core CPU does in minutes; gpu: the issue's full scale (one H100)"
+        + (
+            "; smoke: every stage at toy size, to check a machine in a minute"
+            if "smoke" in scales
+            else ""
+        ),
     )
     parser.add_argument("--work-dir", help="zoos, datasets and models (default outputs/reproduce/)")
     return parser.parse_args()

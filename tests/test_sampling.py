@@ -1,8 +1,10 @@
+import copy
 import dataclasses
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -11,6 +13,7 @@ from sane_hf.cli import main
 from sane_hf.configuration_sane import SaneConfig
 from sane_hf.data import dataset_from_tensors
 from sane_hf.evaluation import (
+    accuracy,
     accuracy_score,
     evaluate_samples,
     load_task_dataset,
@@ -29,6 +32,7 @@ from sane_hf.sampling import (
     select_prompts,
     split_token_chunks,
 )
+from sane_hf.zoo import data_order
 from sane_hf.zoo_dataset import save_zoo_dataset, zoo_metadata
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 from synthetic_zoo import template as synthetic_template
@@ -376,3 +380,35 @@ def test_candidate_scores_and_batches_come_from_all_classes():
     assert [len(batch) for batch in batches] == [50, 50, 50]
     first_rows = {tuple(x.tolist()) for x in task.train[0][:150]}
     assert sum(tuple(x.tolist()) in first_rows for x in torch.cat(batches)) < 100
+
+
+def test_evaluate_samples_matches_fine_tuning_each_network_alone():
+    """Networks of two structures (tanh and relu) are fine-tuned as two vmapped populations;
+    each must end where a plain torch.optim loop on the same batches ends."""
+    task = load_task_dataset({"dataset": "digits", "input_shape": [1, 8, 8]})
+
+    def mlp(activation):
+        return build_model("mlp", in_features=64, hidden=[16], activation=activation)
+
+    groups = {
+        "tanh": scratch_models(mlp("tanh"), 2, seed=0),
+        "relu": scratch_models(mlp("relu"), 1, seed=1),
+    }
+    evaluation = evaluate_samples(
+        groups, task, epochs=1, lr=1e-2, batch_size=64, seed=3, progress=False
+    )
+    x, y = task.train
+    for group, networks in groups.items():
+        for index, network in enumerate(networks):
+            alone = copy.deepcopy(network)
+            optimizer = torch.optim.Adam(alone.parameters(), lr=1e-2)
+            before = accuracy(alone, *task.test)
+            alone.train()
+            for batch in torch.from_numpy(data_order(3 + index, 1, len(y))).split(64):
+                optimizer.zero_grad()
+                F.cross_entropy(alone(x[batch]), y[batch]).backward()
+                optimizer.step()
+            expected = [before, accuracy(alone, *task.test)]
+            tolerance = 1.5 / len(task.test[1])  # one test sample may flip on rounding
+            assert evaluation.accuracy[group][index] == pytest.approx(expected, abs=tolerance)
+    assert evaluation.accuracy["tanh"][:, 1].mean() > evaluation.accuracy["tanh"][:, 0].mean()

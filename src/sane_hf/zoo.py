@@ -49,13 +49,14 @@ sizes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,56 @@ def train_zoo(
     return output_dir
 
 
+def fine_tune_population(
+    networks: Sequence[nn.Module],
+    dataset: ImageDataset,
+    epochs: int,
+    *,
+    seeds: Sequence[int],
+    optimizer: str = "adam",
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    batch_size: int = 10,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Fine-tune copies of ``networks`` (one module structure) together, like a zoo chunk.
+
+    All networks take one vmapped step per batch (instead of one Python loop per network), with
+    ``torch.optim``'s update rules; network ``i`` sees the training data in the order of
+    ``seeds[i]`` (`data_order`). The networks themselves are not modified.
+
+    Returns:
+        Test accuracy ``[len(networks), epochs + 1]``, column 0 before any training.
+    """
+    if len(seeds) != len(networks):
+        raise ValueError(f"got {len(seeds)} seeds for {len(networks)} networks")
+    hyperparameters = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay}
+    config = ZooConfig(
+        num_models=len(networks),
+        hyperparameters=hyperparameters,
+        epochs=max(epochs, 1),
+        batch_size=batch_size,
+        device=str(device),
+    )
+    specs = [
+        ModelSpec(f"network_{i}", seed, config.hyperparameters) for i, seed in enumerate(seeds)
+    ]
+    device = torch.device(device)
+    steps_per_epoch = math.ceil(len(dataset.train[1]) / batch_size)
+    with (
+        tqdm(total=epochs * steps_per_epoch, desc="fine-tuning", disable=not progress) as bar,
+        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
+    ):
+        trainer = _ChunkTrainer(config, {}, specs, dataset.to(device), device, list(networks))
+        accuracies = [trainer.evaluate(["test"])["test_acc"]]
+        for epoch in range(1, epochs + 1):
+            trainer.epoch = epoch
+            trainer._train_epoch(bar)
+            accuracies.append(trainer.evaluate(["test"])["test_acc"])
+    return torch.stack(accuracies, dim=1).numpy()
+
+
 def _input_shape(config: ZooConfig) -> tuple[int, ...] | None:
     return config.input_shape or DEFAULT_INPUT_SHAPES.get(config.architecture)
 
@@ -461,22 +512,23 @@ class _ChunkTrainer:
         specs: list[ModelSpec],
         data: ImageDataset,
         device: torch.device,
+        models: list[nn.Module] | None = None,
     ):
+        """``models`` (one per spec, all of one structure) start the training instead of the
+        specs' own initializations (fine-tuning sampled networks)."""
         self.config, self.specs, self.data, self.device = config, specs, data, device
         # oneDNN's grouped convolutions (what vmap turns a batched conv into) run ~1.4x faster on
         # channels-last tensors; GPUs keep PyTorch's default layout.
         self.channels_last = device.type == "cpu"
-        hp = specs[0].hyperparameters
-        models = [
-            initialize_zoo_model(
-                config.architecture, architecture_kwargs, s.hyperparameters, s.seed
-            )
-            for s in specs
-        ]
+        if models is None:
+            models = [
+                initialize_zoo_model(
+                    config.architecture, architecture_kwargs, s.hyperparameters, s.seed
+                )
+                for s in specs
+            ]
         # A parameter-less template: every tensor comes from the stacked dicts below.
-        self.module = build_model(
-            config.architecture, **architecture_kwargs, **structural_kwargs(hp)
-        ).to("meta")
+        self.module = copy.deepcopy(models[0]).to("meta")
         params = _stack([dict(m.named_parameters()) for m in models], device)
         self.params = {k: self._weight_layout(v) for k, v in params.items()}
         self.buffers = _stack([dict(m.named_buffers()) for m in models], device)
@@ -552,14 +604,17 @@ class _ChunkTrainer:
             bar.update(1)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Tensor]:
-        """Loss and accuracy of every model on every split: ``{"train_loss": [M], ...}``."""
+    def evaluate(self, splits: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Loss and accuracy of every model on ``splits`` (default: all):
+        ``{"train_loss": [M], ...}``."""
         self.module.eval()
         batch_size = self.config.eval_batch_size or max(
             1, _EVAL_PAIRS.get(self.device.type, _EVAL_PAIRS["cuda"]) // len(self.specs)
         )
         metrics = {}
         for split, (x, y) in self.eval_splits.items():
+            if splits is not None and split not in splits:
+                continue
             loss_sum = torch.zeros(len(self.specs), device=self.device)
             correct = torch.zeros(len(self.specs), device=self.device)
             for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
