@@ -31,6 +31,10 @@ and the process' peak RSS on CPU.
     python benchmarks/bench_train_step.py --preset cnn --compile model --cuda-graph
     python benchmarks/bench_train_step.py --preset resnet18 --compile model
 
+On CUDA the result also holds a kernel profile of three steps (`common.kernel_profile`): GPU
+time by category (matmul, attention, optimizer, copies, the rest), the GPU-busy fraction of the
+wall time and the top kernels.
+
 Prints JSON and writes ``benchmarks/results/bench_train_step_<preset>[_<tag>].json``.
 """
 
@@ -45,6 +49,7 @@ import torch
 from common import (
     DTYPES,
     default_device,
+    kernel_profile,
     machine_info,
     peak_memory,
     reset_peak_memory,
@@ -277,6 +282,7 @@ def main() -> None:
     losses: list[torch.Tensor] = []
     step_ms = time_repeats(lambda: losses.append(train_step()), args.steps, device)
     losses = torch.stack(losses).tolist()
+    profile = kernel_profile(train_step, 3, device)
 
     tokens_per_step = 2 * batch_size * window
     median_s = summarize_ms(step_ms)["median_ms"] / 1e3
@@ -304,6 +310,7 @@ def main() -> None:
         "model_tflops_per_s": round(6 * matmul_parameters * tokens_per_step / median_s / 1e12, 4),
         "flops_counting": "6 * matmul_parameters * tokens_per_step per step (no attention scores)",
         **peak_memory(device),
+        **profile,
         "reference_step_ms": REFERENCE_STEP_MS.get(args.preset),
         "target_step_ms": TARGET_STEP_MS.get(args.preset),
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],

@@ -115,6 +115,56 @@ def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device
     return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
 
 
+# Kernel name patterns of each category of a GPU profile (first match wins).
+KERNEL_CATEGORIES = {
+    "attention": ("flash", "fmha", "attention", "sdpa"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "matmul", "wgmma"),
+    "optimizer": ("adam", "multi_tensor"),
+    "copy": ("memcpy", "memset", "copy"),
+}
+
+
+def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.device) -> dict:
+    """Where the GPU time of ``function`` goes: kernel time per category, the GPU-busy fraction
+    of the wall time, and the top kernels (profiled over ``repeats`` calls; CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(repeats):
+            function()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / repeats
+    kernels: dict[str, float] = {}
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            elapsed_ms = event.time_range.elapsed_us() / 1e3
+            kernels[event.name] = kernels.get(event.name, 0.0) + elapsed_ms / repeats
+    categories = dict.fromkeys([*KERNEL_CATEGORIES, "other (elementwise, norms, fused)"], 0.0)
+    for name, ms in kernels.items():
+        lowered = name.lower()
+        category = next(
+            (c for c, keys in KERNEL_CATEGORIES.items() if any(k in lowered for k in keys)),
+            "other (elementwise, norms, fused)",
+        )
+        categories[category] += ms
+    busy_ms = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:8]
+    return {
+        "profile_wall_ms_per_call": round(wall_ms, 2),
+        "profile_kernel_ms_per_call": round(busy_ms, 2),
+        "profile_gpu_busy_fraction": round(busy_ms / wall_ms, 3),
+        "profile_kernel_ms_by_category": {c: round(ms, 2) for c, ms in categories.items()},
+        "profile_kernels_launched_per_call": sum(
+            1 for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+        // repeats,
+        "profile_top_kernels_ms": {name[:90]: round(ms, 3) for name, ms in top},
+    }
+
+
 def timed_seconds(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """``function()`` and the wall-clock seconds until its device work is done."""
     synchronize(device)
