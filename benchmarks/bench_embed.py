@@ -122,11 +122,8 @@ def main() -> None:
     if not torch.isfinite(means).all():
         raise RuntimeError("embeddings are not finite")
 
-    encoder_matmul_parameters = sum(
-        p.numel()
-        for name, p in model.encoder.named_parameters()
-        if "position_embeddings" not in name
-    )
+    # the encoder owns no position tables (lookups are not matmuls): all its weights count
+    encoder_matmul_parameters = sum(p.numel() for p in model.encoder.parameters())
     results = {
         "benchmark": "embedding whole networks with halo windows, batched across models",
         "preset": args.preset,

@@ -247,7 +247,7 @@ def main() -> None:
         (enable or model.gradient_checkpointing_enable)()
     num_parameters = model.num_parameters()
     matmul_parameters = num_parameters - sum(
-        p.numel() for name, p in model.named_parameters() if ".position_embeddings." in name
+        p.numel() for name, p in model.named_parameters() if name.startswith("position_embeddings.")
     )
     optimizer = torch.optim.AdamW(
         model.parameters(),

@@ -61,14 +61,14 @@ def test_default_window_fills_the_training_window():
 
 def test_window_covering_the_sequence_equals_plain_encoding(sane, sequences):
     tokens, positions = sequences
-    plain = sane.encoder(tokens, positions.expand(3, -1, -1))
+    plain = sane.encode(tokens, positions.expand(3, -1, -1))
     halo = encode_tokens(sane, tokens, positions, window=NUM_TOKENS, halo=8)
     torch.testing.assert_close(halo, plain)
 
 
 def test_halo_context_changes_latents_and_batch_size_does_not(sane, sequences):
     tokens, positions = sequences
-    plain = sane.encoder(tokens, positions.expand(3, -1, -1))
+    plain = sane.encode(tokens, positions.expand(3, -1, -1))
     one_by_one = encode_tokens(sane, tokens, positions, window=5, halo=4, batch_size=1)
     all_at_once = encode_tokens(sane, tokens, positions, window=5, halo=4, batch_size=1000)
     torch.testing.assert_close(one_by_one, all_at_once, rtol=1e-5, atol=1e-5)
@@ -81,7 +81,7 @@ def test_halo_context_changes_latents_and_batch_size_does_not(sane, sequences):
 def test_halo_decoding_matches_plain_decoding_and_ignores_batch_size(sane, sequences):
     tokens, positions = sequences
     latents = encode_tokens(sane, tokens, positions, window=NUM_TOKENS, halo=0)
-    plain = sane.decoder(latents, positions.expand(3, -1, -1))
+    plain = sane.decode(latents, positions.expand(3, -1, -1))
     torch.testing.assert_close(decode_latents(sane, latents, positions, NUM_TOKENS, 3), plain)
     small = decode_latents(sane, latents, positions, window=6, halo=2, batch_size=2)
     large = decode_latents(sane, latents, positions, window=6, halo=2, batch_size=64)

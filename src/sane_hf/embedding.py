@@ -163,11 +163,6 @@ def _module_device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dty
     return parameter.device, parameter.dtype
 
 
-def _half(model: nn.Module, name: str) -> nn.Module:
-    """The encoder or decoder transformer of a SANE model (or the transformer itself)."""
-    return getattr(model, name, model)
-
-
 def encode_tokens(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -179,11 +174,11 @@ def encode_tokens(
 ) -> torch.Tensor:
     """Token latents ``[N, latent_dim]`` (or ``[M, N, latent_dim]``) of full token sequences.
 
-    ``model`` is a ``SaneModel``, a ``SaneEncoderModel`` or their ``encoder`` module; tokens must
+    ``model`` is a ``SaneModel`` or a ``SaneEncoderModel``; tokens must
     already be normalized with the zoo's statistics. ``window``/``halo`` default to
     ``default_window_and_halo(config.windowsize)``.
     """
-    return _apply_half(model, "encoder", tokens, positions, window, halo, batch_size, progress)
+    return _apply_half(model, model.encode, tokens, positions, window, halo, batch_size, progress)
 
 
 def decode_latents(
@@ -198,14 +193,16 @@ def decode_latents(
     """Normalized tokens ``[N, tokensize]`` (or ``[M, N, tokensize]``) decoded from full latent
     sequences with halo windows, the inverse of ``encode_tokens``.
 
-    ``decoder`` is a ``SaneModel``, a ``SaneDecoderModel`` or their ``decoder`` module.
+    ``decoder`` is a ``SaneModel`` or a ``SaneDecoderModel``.
     """
-    return _apply_half(decoder, "decoder", latents, positions, window, halo, batch_size, progress)
+    return _apply_half(
+        decoder, decoder.decode, latents, positions, window, halo, batch_size, progress
+    )
 
 
 def _apply_half(
     model: nn.Module,
-    name: str,
+    half: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     values: torch.Tensor,
     positions: torch.Tensor,
     window: int | None,
@@ -213,11 +210,10 @@ def _apply_half(
     batch_size: int,
     progress: bool,
 ) -> torch.Tensor:
-    """Run the ``name`` half ("encoder"/"decoder") of ``model`` over full sequences in halo windows."""
-    half = _half(model, name)
+    """Run ``half`` (``model.encode`` or ``model.decode``) over full sequences in halo windows."""
     window, halo = _resolve_window(model, window, halo)
-    device, dtype = _module_device_and_dtype(half)
-    with _eval_mode(half, positions):
+    device, dtype = _module_device_and_dtype(model)
+    with _eval_mode(model, positions):
         return apply_in_halo_windows(
             half, values.to(device, dtype), positions.to(device), window, halo, batch_size, progress
         )
@@ -350,7 +346,7 @@ def _normalized_tokens(
                 "weights must be an nn.Module, a state_dict, TokenizedWeights or a zoo dataset "
                 f"split, got {type(weights).__name__}"
             )
-        tokenizer = tokenizer or WeightTokenizer(_half(model, "encoder").in_features)
+        tokenizer = tokenizer or WeightTokenizer(model.config.tokensize)
         weights = tokenizer(weights)
     tokens = normalization.normalize_tokens(weights.tokens, weights.layout)
     return tokens, weights.positions

@@ -36,7 +36,12 @@ from transformers.utils import ModelOutput
 
 from .configuration_sane import SaneConfig
 from .embedding import embed
-from .modeling_sane import SanePreTrainedModel, SaneTransformer, masked_mean
+from .modeling_sane import (
+    SanePositionEmbeddings,
+    SanePreTrainedModel,
+    SaneTransformer,
+    masked_mean,
+)
 
 SPLITS = ("train", "validation", "test")
 REGULARIZATION_GRID = tuple(10.0**exponent for exponent in range(-5, 4))  # 1e-5 .. 1e3
@@ -568,6 +573,7 @@ class SaneForPropertyPrediction(SanePreTrainedModel):
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
+        self.position_embeddings = SanePositionEmbeddings(config)
         self.encoder = SaneTransformer(config, config.tokensize, config.latent_dim)
         self.head = nn.Linear(config.latent_dim, config.num_labels)
         self.post_init()
@@ -590,7 +596,7 @@ class SaneForPropertyPrediction(SanePreTrainedModel):
             labels (`torch.FloatTensor` of shape `(batch_size, num_labels)` or `(batch_size,)`, *optional*):
                 Property values to regress.
         """
-        latents = self.encoder(tokens, positions, attention_mask)
+        latents = self.encode(tokens, positions, attention_mask)
         embeddings = masked_mean(latents, attention_mask)
         predictions = self.head(embeddings)
         loss = None
