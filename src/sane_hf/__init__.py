@@ -46,7 +46,7 @@ from .sampling import (
     select_prompts,
 )
 from .tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
-from .zoo import ZooConfig, train_zoo
+from .zoo import ZooConfig, fine_tune_population, train_zoo
 from .zoo_dataset import (
     NormalizationStats,
     ZooDataset,
@@ -113,6 +113,7 @@ __all__ = [
     "embed",
     "encode_tokens",
     "evaluate_samples",
+    "fine_tune_population",
     "import_zoo",
     "initialize",
     "list_architectures",
