@@ -1,5 +1,6 @@
 """SANE pretraining end to end on a real tiny digits zoo (``tiny_digits_zoo``), on CPU."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from sane_hf.pretraining import (
     build_model_config,
     config_from_args,
     main,
+    one_cycle_schedule,
     read_metrics,
     split_tokens,
 )
@@ -193,3 +195,49 @@ def test_two_processes_train_one_bf16_model_on_different_data(tiny_digits_zoo, t
     assert summary["num_processes"] == 2 and (first["rank"], second["rank"]) == (0, 1)
     assert first["batch_checksum"] != second["batch_checksum"]  # each rank its own windows
     assert first["parameter_norm"] == second["parameter_norm"]  # gradients were all-reduced
+
+
+def learning_rates(total_steps: int, warmup_fraction: float) -> list[float]:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    scheduler = one_cycle_schedule(optimizer, total_steps, warmup_fraction)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_schedule_is_torch_one_cycle_for_normal_runs():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-3, total_steps=40, pct_start=0.3, cycle_momentum=False
+    )
+    expected = []
+    for _ in range(40):
+        expected.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    assert learning_rates(40, 0.3) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "warmup_fraction"), [(10, 0.1), (6, 0.1), (3, 0.3), (1, 0.3), (5, 0.0)]
+)
+def test_schedule_of_a_warmup_of_one_step_or_less_starts_at_the_peak(total_steps, warmup_fraction):
+    # torch's OneCycleLR divides by zero for the first case and starts at the final rate (1/25e4
+    # of the peak) in the others.
+    rates = learning_rates(total_steps, warmup_fraction)
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
+    if total_steps > 1:
+        assert rates[-1] == pytest.approx(1e-3 / 25e4)
+
+
+def test_warmup_fraction_must_lie_in_zero_to_one():
+    assert parse("--config", str(TINY), "--warmup-fraction", "0").warmup_fraction == 0.0
+    for value in ("1", "-0.1"):
+        with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\), got"):
+            parse("--config", str(TINY), "--warmup-fraction", value)

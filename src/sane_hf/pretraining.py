@@ -98,7 +98,7 @@ class PretrainingConfig:
     Optimization:
         num_epochs / max_steps: length of the run; ``max_steps`` (optimizer steps) wins when set.
         learning_rate, weight_decay, adam_betas: AdamW (fused on CUDA), peak of the OneCycle
-            schedule, which warms up over ``warmup_fraction`` of the steps.
+            schedule, which warms up over ``warmup_fraction`` of the steps (0: starts at the peak).
         max_grad_norm: gradient clipping (None disables it).
         gradient_accumulation_steps: micro-batches per optimizer step.
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (Accelerate autocast; bf16 also on CPU).
@@ -161,8 +161,8 @@ class PretrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if not 0 < self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must lie in (0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
         if "preset" not in self.model:
@@ -335,6 +335,36 @@ def create_optimizer(
         betas=tuple(config.adam_betas),
         fused=device.type == "cuda",
     )
+
+
+def _cosine_anneal(start: float, end: float, fraction: float) -> float:
+    """From ``start`` (fraction 0) to ``end`` (fraction 1) along half a cosine, as OneCycleLR."""
+    return end + (start - end) / 2 * (math.cos(math.pi * fraction) + 1)
+
+
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's OneCycleLR (cosine, no momentum cycling) as factors of each group's learning rate:
+    from 1/25 of it up to the peak at step ``warmup_fraction * total_steps - 1``, then down to
+    1/25e4 of it at the last step.
+
+    Why not OneCycleLR itself: it divides by the warm-up length in steps minus one, so a run
+    whose warm-up is one step or less (a few steps with the tiny preset) fails with a division
+    by zero or starts at the final rate. Here such a run starts at the peak.
+    """
+    peak = max(warmup_fraction * total_steps - 1, 0.0)
+    last = total_steps - 1
+    initial, final = 1 / 25, 1 / 25 / 1e4  # OneCycleLR's div_factor and final_div_factor
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return _cosine_anneal(initial, 1.0, step / peak)
+        if last <= peak:  # a one-step run
+            return 1.0
+        return _cosine_anneal(1.0, final, (step - peak) / (last - peak))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def synchronize(device: torch.device) -> None:
@@ -577,14 +607,7 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
-    # cycle_momentum=False: the betas stay as configured; only the learning rate cycles.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.learning_rate,
-        total_steps=total_steps,
-        pct_start=config.warmup_fraction,
-        cycle_momentum=False,
-    )
+    scheduler = one_cycle_schedule(optimizer, total_steps, config.warmup_fraction)
 
     # Prepare. The schedule is stepped by hand once per optimizer step (a prepared one steps
     # num_processes times), so it is only registered for checkpointing.
