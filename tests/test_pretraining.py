@@ -172,29 +172,37 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(tiny_digits_zoo, tmp
     assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
 
 
-def test_two_processes_train_one_bf16_model_on_different_data(tiny_digits_zoo, tmp_path):
-    output_dir = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    command += [str(REPO / "training" / "pretrain.py")]
-    command += arguments(
-        tiny_digits_zoo, output_dir, "--max-steps", "3", "--mixed-precision", "bf16"
-    )
+def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
+    """``training/pretrain.py`` in two CPU processes (torchrun, gloo); returns the summary."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    command += ["2", str(REPO / "training" / "pretrain.py"), *arguments(zoo, output_dir, *extra)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output_dir / "training_summary.json").read_text())
 
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+
+def test_two_processes_train_one_bf16_model_on_different_data_and_resume(tiny_digits_zoo, tmp_path):
+    # dropout draws from each process's own RNG, which the checkpoint keeps per rank
+    common = ["--max-steps", "3", "--mixed-precision", "bf16", "--set", "model.dropout=0.1"]
+    output_dir = tmp_path / "ddp"
+    summary = run_two_processes(tiny_digits_zoo, output_dir, *common, "--checkpointing-steps", "2")
     first, second = summary["processes"]
     assert summary["num_processes"] == 2 and (first["rank"], second["rank"]) == (0, 1)
     assert first["batch_checksum"] != second["batch_checksum"]  # each rank its own windows
     assert first["parameter_norm"] == second["parameter_norm"]  # gradients were all-reduced
+
+    checkpoint = output_dir / "checkpoint-2"
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    resumed = tmp_path / "resumed"
+    run_two_processes(
+        tiny_digits_zoo, resumed, *common, "--resume-from-checkpoint", str(checkpoint)
+    )
+    assert training_losses(resumed) == {3: training_losses(output_dir)[3]}
+    final_weights = [load_file(run / "model.safetensors") for run in (output_dir, resumed)]
+    assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
 
 
 def learning_rates(total_steps: int, warmup_fraction: float) -> list[float]:
