@@ -48,6 +48,7 @@ from sane_hf.pretraining import (
     PretrainingConfig,
     create_optimizer,
     load_pretraining_data,
+    one_cycle_schedule,
     pretrain,
     read_metrics,
 )
@@ -98,12 +99,7 @@ def pure_step_ms(config: PretrainingConfig, steps: int, warmup: int) -> list[flo
     model = SaneModel(data.model_config)
     model.set_position_checks(False)  # as in pretrain
     optimizer = create_optimizer(model, config, accelerator.device)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.learning_rate,
-        total_steps=steps + warmup + 1,
-        cycle_momentum=False,  # as in pretrain
-    )
+    scheduler = one_cycle_schedule(optimizer, steps + warmup + 1, config.warmup_fraction)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 

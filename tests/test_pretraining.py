@@ -1,5 +1,6 @@
 """SANE pretraining end to end on a real tiny digits zoo (``tiny_digits_zoo``), on CPU."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from sane_hf.pretraining import (
     build_model_config,
     config_from_args,
     main,
+    one_cycle_schedule,
     read_metrics,
     split_tokens,
 )
@@ -170,26 +172,80 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(tiny_digits_zoo, tmp
     assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
 
 
-def test_two_processes_train_one_bf16_model_on_different_data(tiny_digits_zoo, tmp_path):
-    output_dir = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    command += [str(REPO / "training" / "pretrain.py")]
-    command += arguments(
-        tiny_digits_zoo, output_dir, "--max-steps", "3", "--mixed-precision", "bf16"
-    )
+def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
+    """``training/pretrain.py`` in two CPU processes (torchrun, gloo); returns the summary."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    command += ["2", str(REPO / "training" / "pretrain.py"), *arguments(zoo, output_dir, *extra)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output_dir / "training_summary.json").read_text())
 
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+
+def test_two_processes_train_one_bf16_model_on_different_data_and_resume(tiny_digits_zoo, tmp_path):
+    # dropout draws from each process's own RNG, which the checkpoint keeps per rank
+    common = ["--max-steps", "3", "--mixed-precision", "bf16", "--set", "model.dropout=0.1"]
+    output_dir = tmp_path / "ddp"
+    summary = run_two_processes(tiny_digits_zoo, output_dir, *common, "--checkpointing-steps", "2")
     first, second = summary["processes"]
     assert summary["num_processes"] == 2 and (first["rank"], second["rank"]) == (0, 1)
     assert first["batch_checksum"] != second["batch_checksum"]  # each rank its own windows
     assert first["parameter_norm"] == second["parameter_norm"]  # gradients were all-reduced
+
+    checkpoint = output_dir / "checkpoint-2"
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    resumed = tmp_path / "resumed"
+    run_two_processes(
+        tiny_digits_zoo, resumed, *common, "--resume-from-checkpoint", str(checkpoint)
+    )
+    assert training_losses(resumed) == {3: training_losses(output_dir)[3]}
+    final_weights = [load_file(run / "model.safetensors") for run in (output_dir, resumed)]
+    assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
+
+
+def learning_rates(total_steps: int, warmup_fraction: float) -> list[float]:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    scheduler = one_cycle_schedule(optimizer, total_steps, warmup_fraction)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_schedule_is_torch_one_cycle_for_normal_runs():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-3, total_steps=40, pct_start=0.3, cycle_momentum=False
+    )
+    expected = []
+    for _ in range(40):
+        expected.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    assert learning_rates(40, 0.3) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "warmup_fraction"), [(10, 0.1), (6, 0.1), (3, 0.3), (1, 0.3), (5, 0.0)]
+)
+def test_schedule_of_a_warmup_of_one_step_or_less_starts_at_the_peak(total_steps, warmup_fraction):
+    # torch's OneCycleLR divides by zero for the first case and starts at the final rate (1/25e4
+    # of the peak) in the others.
+    rates = learning_rates(total_steps, warmup_fraction)
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
+    if total_steps > 1:
+        assert rates[-1] == pytest.approx(1e-3 / 25e4)
+
+
+def test_warmup_fraction_must_lie_in_zero_to_one():
+    assert parse("--config", str(TINY), "--warmup-fraction", "0").warmup_fraction == 0.0
+    for value in ("1", "-0.1"):
+        with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\), got"):
+            parse("--config", str(TINY), "--warmup-fraction", value)

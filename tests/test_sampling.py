@@ -1,14 +1,16 @@
 import copy
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sane_hf import build_model
+from sane_hf.alignment import PermutationSpec, apply_permutation, random_permutation
 from sane_hf.cli import main
 from sane_hf.configuration_sane import SaneConfig
 from sane_hf.data import dataset_from_tensors
@@ -33,8 +35,8 @@ from sane_hf.sampling import (
     split_token_chunks,
 )
 from sane_hf.zoo import data_order
-from sane_hf.zoo_dataset import save_zoo_dataset, zoo_metadata
-from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+from sane_hf.zoo_dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+from synthetic_zoo import TOKENSIZE, build_synthetic_zoo, write_raw_zoo
 from synthetic_zoo import template as synthetic_template
 
 
@@ -334,6 +336,41 @@ def test_cli_sample_writes_networks_novelty_and_evaluation(zoo, sane, tmp_path, 
     assert len(files) == 2
     synthetic_template().load_state_dict(load_file(files[0]), strict=True)
     assert (output / "evaluation.png").stat().st_size > 0
+
+
+def write_permuted_copy(raw_zoo, root):
+    """The raw zoo with every checkpoint's hidden units in another (random) order."""
+    shutil.copytree(raw_zoo, root)
+    spec = PermutationSpec.from_model(synthetic_template())
+    generator = torch.Generator().manual_seed(0)
+    for file in sorted((root / "checkpoints").iterdir()):
+        permutation = random_permutation(spec, generator)
+        save_file(apply_permutation(load_file(file), spec, permutation), file)
+    return root
+
+
+def test_cli_sample_aligns_prompts_from_another_zoo_to_the_training_zoo(sane, tmp_path):
+    raw = write_raw_zoo(tmp_path / "raw", num_models=10)
+    save_zoo_dataset(build_zoo_dataset(raw, tokensize=TOKENSIZE, progress=False), tmp_path / "zoo")
+    permuted = write_permuted_copy(raw, tmp_path / "raw_permuted")
+    foreign = build_zoo_dataset(permuted, tokensize=TOKENSIZE, align=False, progress=False)
+    save_zoo_dataset(foreign, tmp_path / "foreign")
+    sane.save_pretrained(tmp_path / "sane")
+
+    def sample(output_dir, *prompt_dataset):
+        argv = ["sample", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
+        argv += ["--output-dir", str(output_dir), "--num-samples", "3", "--bandwidth", "0"]
+        argv += ["--num-prompts", "2", "--prompt-metric", "train_acc", "--finetune-epochs", "-1"]
+        assert main([*argv, *prompt_dataset]) == 0
+        return [load_file(file) for file in sorted((output_dir / "samples").iterdir())]
+
+    # The same networks in another unit order, from a zoo normalized with its own statistics,
+    # are aligned to the training zoo's reference: the same prompts as the zoo's own rows.
+    own = sample(tmp_path / "own")
+    from_foreign = sample(tmp_path / "foreign_out", "--prompt-dataset", str(tmp_path / "foreign"))
+    for expected, actual in zip(own, from_foreign, strict=True):
+        for name, value in expected.items():
+            torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluate_samples_fine_tunes_copies_and_reports_table3(tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from sane_hf import WeightTokenizer, build_model
 from sane_hf.cli import main
+from sane_hf.hub import build_zoo_dataset_card
 from sane_hf.zoo_dataset import (
     NormalizationStats,
     build_zoo_dataset,
@@ -264,6 +265,9 @@ def test_float16_tokens_and_an_epoch_subset(raw_zoo):
     metadata = zoo_metadata(dataset)
     assert dataset["train"].features["tokens"].dtype == "float16"
     assert set(dataset["train"]["epoch"]) == {0, 2} and metadata.statistics["epochs"] == [0, 2]
+    assert metadata.zoo["epochs"] == [0, 2]  # the raw zoo.json lists [0, 1, 2]
+    card = build_zoo_dataset_card(metadata).text
+    assert "- epochs: `[0, 2]`" in card and "[0, 1, 2]" not in card
     row = dataset["validation"].with_format("torch")[0]
     original = checkpoint(int(row["model_id"].split("_")[1]), int(row["epoch"]))
     for key, value in metadata.decode(row["tokens"]).items():

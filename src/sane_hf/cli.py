@@ -394,6 +394,7 @@ def _run_sample(args) -> int:
     import torch
 
     from .evaluation import load_task_dataset
+    from .experiments import zoo_prompts
     from .modeling_sane import SaneModel
     from .sampling import SaneSampler, select_prompts
     from .zoo_dataset import load_zoo_dataset
@@ -413,9 +414,7 @@ def _run_sample(args) -> int:
         halo=args.halo,
         batch_size=args.batch_size,
     )
-    prompts = prompt_split.with_format("torch", columns=["tokens"])[rows]["tokens"].float()
-    if prompt_zoo is not zoo:  # re-normalize with the statistics SANE was trained with
-        prompts = [prompt_zoo.metadata.decode(tokens) for tokens in prompts]
+    prompts = zoo_prompts(zoo, prompt_zoo, rows, args.prompt_split)
     task = load_task_dataset(prompt_zoo.metadata.zoo, args.task_dataset)
     samples = _draw_samples(args, sampler, prompts, task)
 

@@ -334,6 +334,23 @@ def aligned_to_zoo(networks: Sequence[nn.Module], zoo: ZooDataset) -> list[nn.Mo
     return aligned
 
 
+def zoo_prompts(
+    zoo: ZooDataset, prompt_zoo: ZooDataset, rows: Sequence[int], split: str = "train"
+) -> torch.Tensor | list[nn.Module]:
+    """Prompts for SANE pretrained on ``zoo`` from ``rows`` of a split of ``prompt_zoo``.
+
+    Rows of ``zoo`` itself are its tokens, aligned and normalized as SANE saw them. Rows of
+    another zoo are its networks, permuted onto ``zoo``'s alignment reference when ``zoo`` is
+    aligned; `SaneSampler.prompt_tokens` then normalizes them with ``zoo``'s statistics (the
+    other zoo's tokens are normalized with its own, and its networks in their own unit order).
+    """
+    if prompt_zoo is zoo:
+        tokens = zoo.splits[split].with_format("torch", columns=["tokens"])[rows]["tokens"]
+        return tokens.float()
+    networks = prompt_networks(prompt_zoo, rows, split)
+    return aligned_to_zoo(networks, zoo) if zoo.metadata.alignment["aligned"] else networks
+
+
 def draw_samples(
     sampler: SaneSampler,
     method: SamplingMethod,
@@ -423,12 +440,7 @@ def compare_sampling(
         window=settings.window,
         halo=settings.halo,
     )
-    if prompt_zoo is zoo:
-        prompts = prompt_split.with_format("torch", columns=["tokens"])[rows]["tokens"]
-        prompts = prompts.float()
-    else:
-        prompts = aligned_to_zoo(prompt_networks(prompt_zoo, rows, settings.prompt_split), zoo)
-    prompt_tokens = sampler.prompt_tokens(prompts)
+    prompt_tokens = sampler.prompt_tokens(zoo_prompts(zoo, prompt_zoo, rows, settings.prompt_split))
     task = task or load_task_dataset(prompt_zoo.metadata.zoo)
     score_fn = accuracy_score(task, settings.score_samples, settings.seed)
     has_norm = any(isinstance(m, _BatchNorm) for m in sampler.template.modules())

@@ -17,12 +17,11 @@ flags (one per top-level field: ``--learning-rate 3e-4``, ``--max-steps 100``), 
 parsed as YAML 1.2 (``1e-3`` is a float, ``[64, 8, 32]`` a list, ``null`` is None).
 
 Exact resumption: every random choice of a batch (checkpoints, windows, permutations, noise,
-erasing) is derived from ``(seed, epoch, batch, rank)``, and ``accelerator.save_state`` keeps
-model, optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
+erasing) is derived from ``(seed, epoch, batch, rank)``, and a checkpoint keeps model,
+optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
 resumed with ``--resume-from-checkpoint latest`` (same config, same number of processes) logs
-the same losses as an uninterrupted run. The checkpoint folders are Accelerate's format: the
-weights are safetensors, optimizer, schedule and RNG states are torch pickles, meant to be read
-back only by the run that wrote them.
+the same losses as an uninterrupted run. Checkpoint folders hold no pickle: tensors are
+safetensors, the rest JSON (``sane_hf.checkpointing``).
 
 Output folder: ``pretraining_config.yaml``, ``metrics.jsonl`` (training loss terms, learning
 rate, steps/s, tokens/s, the fraction of a measured step spent waiting for data; validation MSE
@@ -62,6 +61,7 @@ from tqdm.auto import tqdm
 
 from .alignment import PermutationSpec
 from .augmentation import TokenPermutation, WindowBatch, WindowSampler
+from .checkpointing import load_training_state, save_training_state
 from .configuration_sane import SaneConfig
 from .modeling_sane import SaneModel
 from .tokenization import WeightLayout
@@ -98,7 +98,7 @@ class PretrainingConfig:
     Optimization:
         num_epochs / max_steps: length of the run; ``max_steps`` (optimizer steps) wins when set.
         learning_rate, weight_decay, adam_betas: AdamW (fused on CUDA), peak of the OneCycle
-            schedule, which warms up over ``warmup_fraction`` of the steps.
+            schedule, which warms up over ``warmup_fraction`` of the steps (0: starts at the peak).
         max_grad_norm: gradient clipping (None disables it).
         gradient_accumulation_steps: micro-batches per optimizer step.
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (Accelerate autocast; bf16 also on CPU).
@@ -106,7 +106,7 @@ class PretrainingConfig:
 
     Run:
         output_dir: checkpoints, logs, and the final model (``save_pretrained``).
-        checkpointing_steps: ``accelerator.save_state`` every this many steps (None: never);
+        checkpointing_steps: save a checkpoint every this many steps (None: never);
             ``checkpoints_total_limit`` keeps only the newest ones.
         resume_from_checkpoint: a checkpoint folder, or ``latest`` in ``output_dir``.
         stop_at_step: end the run after this step as if it were killed (no final save): for
@@ -161,8 +161,8 @@ class PretrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if not 0 < self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must lie in (0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
         if "preset" not in self.model:
@@ -337,6 +337,36 @@ def create_optimizer(
     )
 
 
+def _cosine_anneal(start: float, end: float, fraction: float) -> float:
+    """From ``start`` (fraction 0) to ``end`` (fraction 1) along half a cosine, as OneCycleLR."""
+    return end + (start - end) / 2 * (math.cos(math.pi * fraction) + 1)
+
+
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's OneCycleLR (cosine, no momentum cycling) as factors of each group's learning rate:
+    from 1/25 of it up to the peak at step ``warmup_fraction * total_steps - 1``, then down to
+    1/25e4 of it at the last step.
+
+    Why not OneCycleLR itself: it divides by the warm-up length in steps minus one, so a run
+    whose warm-up is one step or less (a few steps with the tiny preset) fails with a division
+    by zero or starts at the final rate. Here such a run starts at the peak.
+    """
+    peak = max(warmup_fraction * total_steps - 1, 0.0)
+    last = total_steps - 1
+    initial, final = 1 / 25, 1 / 25 / 1e4  # OneCycleLR's div_factor and final_div_factor
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return _cosine_anneal(initial, 1.0, step / peak)
+        if last <= peak:  # a one-step run
+            return 1.0
+        return _cosine_anneal(1.0, final, (step - peak) / (last - peak))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
     if device.type != "cpu":
@@ -443,10 +473,18 @@ def resolve_checkpoint(config: PretrainingConfig) -> Path:
     return checkpoints[-1]
 
 
-def save_checkpoint(accelerator: Accelerator, config: PretrainingConfig, step: int) -> None:
-    """``accelerator.save_state`` to ``output_dir/checkpoint-<step>``, dropping the oldest beyond
+def save_checkpoint(
+    accelerator: Accelerator,
+    config: PretrainingConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> None:
+    """Training state at ``step`` to ``output_dir/checkpoint-<step>``, dropping the oldest beyond
     ``checkpoints_total_limit``."""
-    accelerator.save_state(os.path.join(config.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
+    folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    save_training_state(folder, accelerator, model, optimizer, scheduler, {"step": step})
     if accelerator.is_main_process and config.checkpoints_total_limit:
         for old in list_checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
             shutil.rmtree(old)
@@ -577,26 +615,18 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
-    # cycle_momentum=False: the betas stay as configured; only the learning rate cycles.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.learning_rate,
-        total_steps=total_steps,
-        pct_start=config.warmup_fraction,
-        cycle_momentum=False,
-    )
+    scheduler = one_cycle_schedule(optimizer, total_steps, config.warmup_fraction)
 
     # Prepare. The schedule is stepped by hand once per optimizer step (a prepared one steps
-    # num_processes times), so it is only registered for checkpointing.
+    # num_processes times), so it is not prepared.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     # Resume: model, optimizer, schedule and global RNGs; batches follow from the step.
     start_step = 0
     if config.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(config)
-        accelerator.load_state(checkpoint)
-        start_step = checkpoint_step(checkpoint)
+        counters = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
+        start_step = counters["step"]
         logger.info(f"resumed from {checkpoint} at step {start_step}")
 
     accelerator.init_trackers("sane-pretraining", config=_tracker_config(config))
@@ -682,7 +712,7 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
             eval_metrics = evaluate(model, data.validation, accelerator)
             metrics_log.log({**eval_metrics, "epoch": completed / steps_per_epoch}, step=completed)
         if config.checkpointing_steps and completed % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, completed)
+            save_checkpoint(accelerator, config, model, optimizer, scheduler, completed)
         interval_start += time.perf_counter() - pause_start
 
         if completed == config.stop_at_step:

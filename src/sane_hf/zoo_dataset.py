@@ -627,14 +627,16 @@ def build_zoo_dataset(
     cache_dir = cache_dir or tempfile.mkdtemp(
         prefix="sane_zoo_", dir=get_temporary_cache_files_directory()
     )
+    statistics = zoo_statistics(all_records, splits)
     metadata = ZooMetadata(
-        zoo=zoo,
+        # zoo.json lists the epochs of the raw zoo; the dataset's copy lists those it holds
+        zoo=zoo | {"epochs": statistics["epochs"]},
         layout=encoder.layout,
         normalization=encoder.normalization,
         tokenizer={"tokensize": tokensize, "include_norm": include_norm, "dtype": dtype_name},
         alignment=alignment,
         split={"seed": seed, "fractions": list(split_fractions), "models": splits},
-        statistics=zoo_statistics(all_records, splits),
+        statistics=statistics,
     )
     bar = tqdm(total=len(all_records), desc="tokenizing checkpoints", disable=not progress)
     dataset = DatasetDict()

@@ -1,0 +1,190 @@
+"""Training checkpoints in safe formats: tensors in safetensors, everything else in JSON.
+
+Accelerate's ``save_state`` writes the optimizer, the schedule and the RNG states with
+``torch.save`` (pickle). A checkpoint folder here holds instead:
+
+- ``model.safetensors``: the model's full state dict;
+- ``optimizer.safetensors``: every tensor of the optimizer's per-parameter state, named
+  ``<parameter name>.<state name>`` (``encoder.layers.0.mlp.fc1.weight.exp_avg``), and
+  ``optimizer.json``: the parameter groups (parameters by name) and any non-tensor state;
+- ``training_state.json``: the step counters, the learning-rate schedule and the fp16 loss
+  scaler;
+- ``rng_state_<rank>.safetensors`` and ``rng_state_<rank>.json``: each process's torch
+  generator states (CPU and CUDA; dropout draws from them), and Python's and NumPy's.
+
+Model and optimizer go through ``torch.distributed.checkpoint``'s full state dicts, keyed by
+parameter name: one process, DDP and FSDP write the same files (FSDP gathers the shards onto the
+main process, which writes them), and every process reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
+OPTIMIZER_FILE = "optimizer.json"
+TRAINING_STATE_FILE = "training_state.json"
+
+
+def flatten_optimizer_state(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict keyed by parameter name into named tensors and JSON data."""
+    tensors, other = {}, {}
+    for name, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.contiguous()
+            else:
+                other.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": other}
+
+
+def unflatten_optimizer_state(
+    tensors: dict[str, torch.Tensor], data: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of `flatten_optimizer_state` (state names hold no dots; parameter names may)."""
+    state = {name: dict(values) for name, values in data["state"].items()}
+    for key, tensor in tensors.items():
+        name, _, entry = key.rpartition(".")
+        state.setdefault(name, {})[entry] = tensor
+    return {"state": state, "param_groups": data["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's generator states: torch's as uint8 tensors, Python's and NumPy's as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    version, keys, gauss = random.getstate()
+    kind, np_keys, position, has_gauss, cached_gauss = np.random.get_state()
+    data = {
+        "python": {"version": version, "keys": list(keys), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": np_keys.tolist(),
+            "position": position,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached_gauss,
+        },
+    }
+    return tensors, data
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    for key, state in tensors.items():
+        if key.startswith("torch_cuda_"):
+            torch.cuda.set_rng_state(state, int(key.removeprefix("torch_cuda_")))
+    python = data["python"]
+    random.setstate((python["version"], tuple(python["keys"]), python["gauss"]))
+    numpy = data["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.array(numpy["keys"], dtype=np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rng_state_{rank}.safetensors", folder / f"rng_state_{rank}.json"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def save_training_state(
+    folder: str | os.PathLike,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    counters: dict[str, int],
+) -> None:
+    """Write a checkpoint of a prepared model and optimizer; every process must call it.
+
+    ``counters`` (e.g. ``{"step": 200}``) go to ``training_state.json`` as they are.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # cpu_offload with full state dicts: the main process gets everything, the others nothing
+    model_state, optimizer_state = get_state_dict(
+        accelerator.unwrap_model(model),
+        getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside Accelerate's
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
+    rng_tensors, rng_data = rng_state()
+    tensors_file, json_file = _rng_files(folder, accelerator.process_index)
+    save_file(rng_tensors, tensors_file)
+    _write_json(json_file, rng_data)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, folder / MODEL_FILE)
+        optimizer_tensors, optimizer_data = flatten_optimizer_state(optimizer_state)
+        save_file(optimizer_tensors, folder / OPTIMIZER_TENSORS_FILE)
+        _write_json(folder / OPTIMIZER_FILE, optimizer_data)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {**counters, "scheduler": scheduler.state_dict(), "scaler": scaler}
+        _write_json(folder / TRAINING_STATE_FILE, state)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(
+    folder: str | os.PathLike,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, int]:
+    """Restore a `save_training_state` checkpoint in place; returns its counters."""
+    folder = Path(folder)
+    tensors_file, json_file = _rng_files(folder, accelerator.process_index)
+    if not tensors_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no RNG state of process {accelerator.process_index}: resume with the "
+            "number of processes that wrote the checkpoint"
+        )
+    optimizer_state = unflatten_optimizer_state(
+        load_file(folder / OPTIMIZER_TENSORS_FILE),
+        json.loads((folder / OPTIMIZER_FILE).read_text()),
+    )
+    set_state_dict(
+        accelerator.unwrap_model(model),
+        getattr(optimizer, "optimizer", optimizer),
+        model_state_dict=load_file(folder / MODEL_FILE),
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
+    state = json.loads((folder / TRAINING_STATE_FILE).read_text())
+    scheduler.load_state_dict(state.pop("scheduler"))
+    scaler = state.pop("scaler")
+    if (scaler is None) != (accelerator.scaler is None):
+        raise ValueError(
+            f"{folder} was saved {'without' if scaler is None else 'with'} an fp16 loss scaler: "
+            "resume with the mixed_precision it was trained with"
+        )
+    if scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
+    set_rng_state(load_file(tensors_file), json.loads(json_file.read_text()))
+    return state
