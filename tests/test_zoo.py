@@ -8,7 +8,13 @@ from safetensors.torch import load_file
 from sane_hf import ZooConfig, build_model, load_dataset_by_name, register_architecture, train_zoo
 from sane_hf.architectures import ACTIVATIONS
 from sane_hf.cli import main
-from sane_hf.zoo import _ChunkTrainer, data_order, initialize_zoo_model, structural_kwargs
+from sane_hf.zoo import (
+    _ChunkTrainer,
+    _GroupedSequential,
+    data_order,
+    initialize_zoo_model,
+    structural_kwargs,
+)
 
 TINY = {"dataset_kwargs": {"num_samples": 100}, "batch_size": 10}
 
@@ -264,3 +270,52 @@ def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
     assert len(_metadata(tmp_path / "zoo")) == 4
     assert main(args) == 0  # finished: nothing left to train
     assert len(_metadata(tmp_path / "zoo")) == 4
+
+
+def _chunk_trainer(architecture, input_shape, num_models=3, **architecture_kwargs):
+    config = ZooConfig(architecture=architecture, num_models=num_models, **TINY)
+    dataset = load_dataset_by_name("digits", input_shape, num_samples=100)
+    kwargs = {**architecture_kwargs, "num_classes": 10}
+    return _ChunkTrainer(config, kwargs, config.model_specs(), dataset, torch.device("cpu"))
+
+
+def test_grouped_cpu_step_matches_the_vmapped_step(monkeypatch):
+    grouped = _chunk_trainer("cnn_s", (1, 28, 28), in_channels=1)
+    monkeypatch.setattr(_GroupedSequential, "supports", staticmethod(lambda module: False))
+    vmapped = _chunk_trainer("cnn_s", (1, 28, 28), in_channels=1)
+    assert grouped.grouped is not None and vmapped.grouped is None
+
+    batch = torch.arange(30).view(3, 10)  # [models, batch]
+    expected = vmapped._train_step(vmapped.params, vmapped.buffers, *vmapped._train_batch(batch))
+    got = grouped._train_step(grouped.params, grouped.buffers, *grouped._train_batch(batch))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-4, msg=key)
+    x = grouped.data.test[0]
+    torch.testing.assert_close(
+        grouped._logits(grouped.params, grouped.buffers, x),
+        vmapped._logits(vmapped.params, vmapped.buffers, x),
+    )
+
+
+def _conv_then_linear(activation="tanh", num_classes=10):
+    # The Linear layer acts on [B, C, 1, 1] feature maps: valid, but not a grouped Linear.
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, num_classes, 8), torch.nn.Linear(1, 1), torch.nn.Flatten()
+    )
+
+
+def test_networks_the_grouped_step_cannot_run_train_through_vmap(tmp_path):
+    register_architecture("conv_then_linear_zoo_test", _conv_then_linear, overwrite=True)
+    trainer = _chunk_trainer("conv_then_linear_zoo_test", (1, 8, 8))
+    assert trainer.grouped is None
+    config = ZooConfig(
+        architecture="conv_then_linear_zoo_test",
+        input_shape=(1, 8, 8),
+        num_models=2,
+        epochs=1,
+        **TINY,
+    )
+    zoo_dir = train_zoo(config, tmp_path, progress=False)
+    initial, trained = _metadata(zoo_dir)[-2:]
+    assert trained["train_loss"] < initial["train_loss"]

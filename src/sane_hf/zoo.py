@@ -21,11 +21,14 @@ from the in-memory dataset by per-model index tensors), its own dropout masks
 (``randomness="different"``) and its own BatchNorm running statistics (stacked buffers updated in
 place). Adam/AdamW/SGD are applied to the stacked tensors with a learning rate and weight decay per
 model, so a group can mix lr/wd values. ``models_per_chunk`` bounds how many models are in memory.
-On CPU, stacked conv weights and batches are kept in the layout that makes vmap's grouped
-convolutions channels-last (oneDNN's fast path). ``bf16=True`` autocasts to bfloat16 (meant for
-GPUs; same accuracy on digits). On machines shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``
-before starting Python: spinning OpenMP threads of different processes slow each other down
-several times.
+On CPU, plain ``nn.Sequential`` networks of convolutions, linear, pooling, activation and dropout
+layers (CNN-s, CNN-m, MLPs) skip vmap: they run as one network of grouped layers whose
+activations stay ``[batch, models * channels, ...]`` (``_GroupedSequential``, ~2x faster), and
+freed activation memory is kept on the heap instead of being returned to the OS after every step.
+Stacked conv weights and batches are kept channels-last (oneDNN's fast grouped convolutions).
+``bf16=True`` autocasts to bfloat16 (meant for GPUs; same accuracy on digits). On machines shared
+with other jobs, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: spinning OpenMP threads
+of different processes slow each other down several times.
 
 Output: the raw zoo directory (read by the dataset builder)::
 
@@ -50,11 +53,13 @@ sizes.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import itertools
 import json
 import math
 import os
+import platform
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +115,9 @@ _RESUMABLE_CHANGES = ("device", "models_per_chunk", "eval_batch_size")
 # (model, sample) pairs per evaluation forward when eval_batch_size is None: on CPU, activations
 # beyond ~1k pairs fall out of cache and throughput drops by a third; GPUs want large batches.
 _EVAL_PAIRS = {"cpu": 1024, "cuda": 262144}
+# glibc's mallopt parameters, and the values that keep a CPU step's activations on the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_FREED_BYTES, _MMAP_BYTES = 256 * 2**20, 32 * 2**20
 
 
 @dataclass
@@ -123,7 +131,7 @@ class ZooConfig:
     ``dataset_kwargs`` go to ``load_dataset_by_name`` (``num_samples``, ``split_seed``,
     ``fractions``). ``eval_batch_size`` samples are evaluated at once for every model in a chunk
     (``None``: about 1k (CPU) or 256k (GPU) model-samples per forward). ``models_per_chunk``
-    models are trained at once: 50 suits CPU caches (a 100-model chunk of CNN-s steps ~20% slower
+    models are trained at once: 50 suits CPU caches (a 100-model chunk of CNN-s steps ~1.5x slower
     per model); on a GPU raise it as far as memory allows (e.g. 1000 for CNN-s).
     """
 
@@ -332,6 +340,8 @@ def train_zoo(
     finished = _finished_models(output_dir)
     chunks = _plan_chunks([s for s in specs if s.model_id not in finished], config.models_per_chunk)
     data = dataset.to(device)
+    if device.type == "cpu":
+        _keep_freed_memory_on_the_heap()
     steps_per_epoch = math.ceil(len(dataset.train[1]) / config.batch_size)
     with (
         tqdm(
@@ -363,7 +373,8 @@ def fine_tune_population(
 ) -> np.ndarray:
     """Fine-tune copies of ``networks`` (one module structure) together, like a zoo chunk.
 
-    All networks take one vmapped step per batch (instead of one Python loop per network), with
+    All networks take one step per batch together (grouped layers on CPU, vmap otherwise; not
+    one Python loop per network), with
     ``torch.optim``'s update rules; network ``i`` sees the training data in the order of
     ``seeds[i]`` (`data_order`). The networks themselves are not modified.
 
@@ -384,6 +395,8 @@ def fine_tune_population(
         ModelSpec(f"network_{i}", seed, config.hyperparameters) for i, seed in enumerate(seeds)
     ]
     device = torch.device(device)
+    if device.type == "cpu":
+        _keep_freed_memory_on_the_heap()
     steps_per_epoch = math.ceil(len(dataset.train[1]) / batch_size)
     with (
         tqdm(total=epochs * steps_per_epoch, desc="fine-tuning", disable=not progress) as bar,
@@ -396,6 +409,22 @@ def fine_tune_population(
             trainer._train_epoch(bar)
             accuracies.append(trainer.evaluate(["test"])["test_acc"])
     return torch.stack(accuracies, dim=1).numpy()
+
+
+def _keep_freed_memory_on_the_heap() -> None:
+    """Stop glibc from handing freed activation memory back to the OS after every CPU step.
+
+    By default glibc serves the step's multi-MB activations with fresh mmaps or trims them off
+    the heap once freed, so every step page-faults them in again: a third of a CNN-s step.
+    This is process-wide, like setting ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+    before starting Python, and keeps at most ``_KEEP_FREED_BYTES`` of freed memory mapped.
+    Other C libraries are left alone.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
 
 
 def _input_shape(config: ZooConfig) -> tuple[int, ...] | None:
@@ -502,8 +531,105 @@ class _PopulationOptimizer:
         param.sub_((lr / bias_correction1) * exp_avg / denom)
 
 
+# Layers that act on every channel on its own: they run unchanged on grouped activations.
+_PER_CHANNEL_LAYERS = (
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    *ACTIVATIONS.values(),
+)
+_CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+class _GroupedSequential:
+    """``M`` stacked copies of an ``nn.Sequential`` run as one network of grouped layers.
+
+    vmap turns a convolution of stacked models into one grouped convolution, but then moves the
+    model dimension next to the batch dimension for the following layer (bias, pooling), which
+    copies the largest activations several times per step: on CPU those copies cost as much as
+    the convolutions. Here activations stay ``[batch, M * channels, ...]`` (model ``m`` owns a
+    block of channels) through the whole network: convolutions are grouped by model, linear
+    layers are batched matmuls, and per-channel layers (activations, pooling, dropout) run as they
+    are. Only plain ``Sequential`` networks of such layers without buffers qualify (``supports``);
+    everything else trains through vmap.
+    """
+
+    def __init__(self, module: nn.Sequential, num_models: int):
+        self.layers = list(module.named_children())
+        self.num_models = num_models
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        if (
+            not isinstance(module, nn.Sequential)
+            or type(module).forward is not nn.Sequential.forward
+        ):
+            return False
+        return next(module.buffers(), None) is None and all(
+            _is_groupable(layer) for layer in module.children()
+        )
+
+    @staticmethod
+    def inputs(x: Tensor) -> Tensor:
+        """``[B, M, C, ...]`` per-model inputs as grouped ``[B, M * C, ...]`` (images channels-last,
+        the layout of oneDNN's fast grouped convolutions)."""
+        x = x.flatten(1, 2)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def shared_inputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Logits ``[M, B, classes]`` of every model on the same inputs ``x`` ``[B, C, ...]``."""
+        models_x = x.unsqueeze(1).expand(-1, self.num_models, *x.shape[1:])
+        return self(params, self.inputs(models_x)).transpose(0, 1)
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Logits ``[B, M, classes]`` of grouped inputs ``x`` (see ``inputs``)."""
+        for name, layer in self.layers:
+            weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+            if type(layer) in _CONVOLUTIONS:
+                x = _CONVOLUTIONS[type(layer)](
+                    x,
+                    weight.flatten(0, 1),
+                    None if bias is None else bias.flatten(),
+                    layer.stride,
+                    layer.padding,
+                    layer.dilation,
+                    layer.groups * self.num_models,
+                )
+            elif type(layer) is nn.Linear:
+                x = self._linear(x, weight, bias)
+            elif type(layer) is nn.Flatten:
+                x = x.flatten(1)
+            else:
+                x = layer(x)
+        return x.unflatten(1, (self.num_models, -1))
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if x.dim() != 2:
+            raise ValueError(
+                f"grouped Linear layers take [batch, features] inputs, got {x.dim()}-d"
+            )
+        x = x.unflatten(1, (self.num_models, -1)).transpose(0, 1)  # [M, B, in]
+        weight = weight.transpose(1, 2)  # [M, in, out]
+        out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+        return out.transpose(0, 1).flatten(1)
+
+
+def _is_groupable(layer: nn.Module) -> bool:
+    kind = type(layer)
+    if kind in _CONVOLUTIONS:
+        return layer.padding_mode == "zeros"
+    if kind is nn.Flatten:
+        return layer.start_dim == 1 and layer.end_dim == -1
+    return kind is nn.Linear or kind in _PER_CHANNEL_LAYERS
+
+
 class _ChunkTrainer:
-    """Trains one chunk of models with one vmapped step, checkpointing as it goes."""
+    """Trains one chunk of models with one vectorized step, checkpointing as it goes."""
 
     def __init__(
         self,
@@ -537,8 +663,28 @@ class _ChunkTrainer:
         self.optimizer = _PopulationOptimizer(config, specs, self.params)
         self.epoch = 0
         self.records: list[dict] = []
-        self._train_step = vmap(grad(self._loss), randomness="different")
-        self._logits = vmap(self._forward, in_dims=(0, 0, None))
+        self._vmap_logits = vmap(self._forward, in_dims=(0, 0, None))
+        self.grouped = self._grouped_network()
+        if self.grouped is None:
+            self._train_step = vmap(grad(self._loss), randomness="different")
+        else:
+            self._train_step = grad(self._grouped_loss)
+
+    def _grouped_network(self) -> _GroupedSequential | None:
+        """The grouped fast path, on CPU (where vmap's layout copies dominate a step), for
+        networks it supports and whose logits it reproduces (checked on two samples)."""
+        if self.device.type != "cpu" or not _GroupedSequential.supports(self.module):
+            return None
+        grouped = _GroupedSequential(self.module, len(self.specs))
+        x = self.data.train[0][:2]
+        self.module.eval()
+        with torch.no_grad():
+            expected = self._vmap_logits(self.params, self.buffers, x)
+            try:
+                logits = grouped.shared_inputs(self.params, x)
+            except (RuntimeError, ValueError):
+                return None
+        return grouped if torch.allclose(logits, expected, rtol=1e-4, atol=1e-6) else None
 
     def _forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.module, (params, buffers), (x,))
@@ -546,12 +692,31 @@ class _ChunkTrainer:
     def _loss(self, params, buffers, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self._forward(params, buffers, x).float(), y)
 
+    def _grouped_loss(self, params, buffers, x: Tensor, y: Tensor) -> Tensor:
+        """Sum over models of each model's mean loss: its gradient is every model's own."""
+        logits = self.grouped(params, x).float()  # [B, M, classes]
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(0).sum()
+
+    def _logits(self, params, buffers, x: Tensor) -> Tensor:
+        """Logits ``[M, B, classes]`` of every model on the same inputs ``x``."""
+        if self.grouped is None:
+            return self._vmap_logits(params, buffers, x)
+        return self.grouped.shared_inputs(params, x)
+
+    def _train_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and labels of the training samples ``batch`` ``[M, B]`` in the step's layout."""
+        x, y = self.data.train
+        if self.grouped is not None:
+            batch = batch.t()
+            return _GroupedSequential.inputs(x[batch]), y[batch]
+        return self._batch_layout(x[batch]), y[batch]
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def _weight_layout(self, tensor: Tensor) -> Tensor:
         """Store stacked conv weights ``[M, O, C, kh, kw]`` as ``[M, O, kh, kw, C]``: merged into
-        ``[M*O, C, kh, kw]`` by vmap's grouped convolution they are channels-last."""
+        ``[M*O, C, kh, kw]`` for a grouped convolution they are channels-last."""
         if not (self.channels_last and tensor.dim() == 5):
             return tensor
         return tensor.movedim(2, -1).contiguous().movedim(-1, 2)
@@ -588,7 +753,7 @@ class _ChunkTrainer:
         return math.ceil(len(self.data.train[1]) / self.config.batch_size)
 
     def _train_epoch(self, bar: tqdm) -> None:
-        x, y = self.data.train
+        y = self.data.train[1]
         # Dropout masks come from the global generator, seeded per chunk and epoch for resumption.
         torch.manual_seed(
             int(np.random.SeedSequence([self.specs[0].seed, self.epoch]).generate_state(1)[0])
@@ -598,8 +763,7 @@ class _ChunkTrainer:
         self.module.train()
         for batch in orders.split(self.config.batch_size, dim=1):
             with self._autocast():
-                xb = self._batch_layout(x[batch])
-                grads = self._train_step(self.params, self.buffers, xb, y[batch])
+                grads = self._train_step(self.params, self.buffers, *self._train_batch(batch))
             self.optimizer.step(self.params, grads)
             bar.update(1)
 
