@@ -77,21 +77,21 @@ class Scale:
 
 
 SCALES = {
-    # 2-core CPU: 40 models x 8 epochs on the full MNIST subset, a small SANE on epochs 1-4.
+    # 2-core CPU: 100 models x 12 epochs on the full MNIST subset, a small SANE on epochs 1-6.
     "cpu": Scale(
-        zoo=ZooConfig(dataset="mnist", num_models=40, epochs=8),
-        pretrain_epochs=4,
-        pretraining={**CPU_PRETRAINING, "num_epochs": 400},
+        zoo=ZooConfig(dataset="mnist", num_models=100, epochs=12),
+        pretrain_epochs=6,
+        pretraining={**CPU_PRETRAINING, "num_epochs": 150},
         sampling=SamplingSettings(
             num_prompts=30,
             prompt_split="test",
-            num_samples=5,
+            num_samples=10,
             num_candidates=25,
             rounds=2,
             finetune_epochs=5,
         ),
         table3_epochs=(0, 1, 5),
-        mode_samples=10,
+        mode_samples=20,
     ),
     # The scale: 1,000 models x 50 epochs (the zoo of `bench_zoo.py --preset h100`), SANE
     # `cnn` preset (paper Table 8) on epochs 1-25, with a 48-token window (a whole CNN-s network)

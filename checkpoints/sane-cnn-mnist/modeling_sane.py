@@ -324,7 +324,8 @@ class SaneTransformer(nn.Module):
     """One half of SANE: `Linear(in -> d_model)` + positions, pre-LN blocks, `Linear(d_model -> out)`.
 
     The encoder maps tokens (in = tokensize) to latents (out = latent_dim); the decoder is the
-    same stack in the other direction, with its own weights and position tables.
+    same stack in the other direction, with its own weights. Both add the same position vectors,
+    looked up once in the model's one set of position tables (as in the paper).
     """
 
     def __init__(self, config: SaneConfig, in_features: int, out_features: int):
@@ -332,7 +333,6 @@ class SaneTransformer(nn.Module):
         self.config = config
         self.in_features = in_features
         self.input_projection = nn.Linear(in_features, config.d_model)
-        self.position_embeddings = SanePositionEmbeddings(config)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([SaneLayer(config) for _ in range(config.n_layers)])
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=False)
@@ -341,16 +341,16 @@ class SaneTransformer(nn.Module):
     def forward(
         self,
         inputs: torch.Tensor,
-        positions: torch.Tensor,
+        position_embeddings: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Map `inputs` [B, W, in_features] at `positions` [B, W, 3] to [B, W, out_features].
+        """Map `inputs` [B, W, in_features] with their `position_embeddings` [B, W, d_model]
+        (`SanePositionEmbeddings` of the positions) to [B, W, out_features].
 
         `attention_mask` [B, W] is True on real tokens; padded tokens are never attended to.
         """
-        check_window_shapes(inputs, positions, attention_mask, self.in_features)
         inputs = inputs.to(self.input_projection.weight.dtype)
-        hidden_states = self.input_projection(inputs) + self.position_embeddings(positions)
+        hidden_states = self.input_projection(inputs) + position_embeddings
         hidden_states = self.dropout(hidden_states)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
@@ -410,6 +410,28 @@ class SanePreTrainedModel(PreTrainedModel):
         """Turn the range check of positions on or off; see `set_position_checks`."""
         set_position_checks(self, enabled)
 
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Latents [B, W, latent_dim] of token windows [B, W, tokensize] at `positions`
+        [B, W, 3] (models with an encoder); `attention_mask` [B, W] is True on real tokens."""
+        check_window_shapes(tokens, positions, attention_mask, self.config.tokensize)
+        return self.encoder(tokens, self.position_embeddings(positions), attention_mask)
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tokens [B, W, tokensize] decoded from latents [B, W, latent_dim] at `positions`
+        [B, W, 3] (models with a decoder); `attention_mask` [B, W] is True on real tokens."""
+        check_window_shapes(latents, positions, attention_mask, self.config.latent_dim)
+        return self.decoder(latents, self.position_embeddings(positions), attention_mask)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -464,12 +486,14 @@ class SanePreTrainedModel(PreTrainedModel):
 class SaneModel(SanePreTrainedModel):
     """SANE autoencoder: encoder, decoder and projection head, with the pretraining loss.
 
-    `model.encoder(tokens, positions, attention_mask)` gives latents and
-    `model.decoder(latents, positions, attention_mask)` gives tokens, for code that needs one half.
+    `model.encode(tokens, positions, attention_mask)` gives latents and
+    `model.decode(latents, positions, attention_mask)` gives tokens, for code that needs one half.
+    Encoder and decoder share one set of position tables (`position_embeddings`).
     """
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
+        self.position_embeddings = SanePositionEmbeddings(config)
         self.encoder = SaneTransformer(config, config.tokensize, config.latent_dim)
         self.decoder = SaneTransformer(config, config.latent_dim, config.tokensize)
         self.projection_head = SaneProjectionHead(config)
@@ -510,8 +534,10 @@ class SaneModel(SanePreTrainedModel):
                 f"num_views=2 needs the two views stacked on the batch axis, but the batch size "
                 f"{tokens.shape[0]} is odd"
             )
-        latents = self.encoder(tokens, positions, attention_mask)
-        reconstructions = self.decoder(latents, positions, attention_mask)
+        check_window_shapes(tokens, positions, attention_mask, self.config.tokensize)
+        position_embeddings = self.position_embeddings(positions)
+        latents = self.encoder(tokens, position_embeddings, attention_mask)
+        reconstructions = self.decoder(latents, position_embeddings, attention_mask)
         projections = self.projection_head(latents, attention_mask)
 
         reconstruction_loss = contrastive_loss = loss = None
@@ -536,12 +562,14 @@ class SaneModel(SanePreTrainedModel):
 
 
 class SaneEncoderModel(SanePreTrainedModel):
-    """The encoder of SANE alone: tokens -> latents. Loads the encoder of a full SANE checkpoint."""
+    """The encoder of SANE alone: tokens -> latents. Loads the encoder and the position tables
+    of a full SANE checkpoint."""
 
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^decoder\.", r"^projection_head\."]
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
+        self.position_embeddings = SanePositionEmbeddings(config)
         self.encoder = SaneTransformer(config, config.tokensize, config.latent_dim)
         self.post_init()
 
@@ -553,17 +581,19 @@ class SaneEncoderModel(SanePreTrainedModel):
     ) -> SaneEncoderOutput:
         """Encode `tokens` [B, W, tokensize] at `positions` [B, W, 3] into latents [B, W, latent_dim];
         `attention_mask` [B, W] is True on real tokens."""
-        return SaneEncoderOutput(latents=self.encoder(tokens, positions, attention_mask))
+        return SaneEncoderOutput(latents=self.encode(tokens, positions, attention_mask))
 
 
 class SaneDecoderModel(SanePreTrainedModel):
-    """The decoder of SANE alone: latents -> tokens. Loads the decoder of a full SANE checkpoint."""
+    """The decoder of SANE alone: latents -> tokens. Loads the decoder and the position tables
+    of a full SANE checkpoint."""
 
     main_input_name = "latents"
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^encoder\.", r"^projection_head\."]
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
+        self.position_embeddings = SanePositionEmbeddings(config)
         self.decoder = SaneTransformer(config, config.latent_dim, config.tokensize)
         self.post_init()
 
@@ -575,7 +605,7 @@ class SaneDecoderModel(SanePreTrainedModel):
     ) -> SaneDecoderOutput:
         """Decode `latents` [B, W, latent_dim] at `positions` [B, W, 3] into tokens
         [B, W, tokensize]; `attention_mask` [B, W] is True on real tokens."""
-        return SaneDecoderOutput(reconstructions=self.decoder(latents, positions, attention_mask))
+        return SaneDecoderOutput(reconstructions=self.decode(latents, positions, attention_mask))
 
 
 SaneModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,37 @@
+"""The checkpoint shipped in the repository (checkpoints/sane-cnn-mnist, made by
+benchmarks/release_sane_cnn_mnist.py) must load and sample with the current code."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sane_hf import SaneModel, SaneSampler
+from sane_hf.modeling_sane import SaneDecoderModel, SaneEncoderModel
+from sane_hf.zoo_dataset import METADATA_FILE, ZooMetadata
+
+RELEASE = Path(__file__).parent.parent / "checkpoints" / "sane-cnn-mnist"
+
+
+@pytest.mark.parametrize("model_class", [SaneModel, SaneEncoderModel, SaneDecoderModel])
+def test_released_checkpoint_loads_every_weight(model_class):
+    model, info = model_class.from_pretrained(RELEASE, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert model.dtype == torch.bfloat16
+
+
+def test_released_checkpoint_samples_networks_that_classify_mnist_shaped_inputs():
+    model = SaneModel.from_pretrained(RELEASE, dtype=torch.float32).eval()
+    metadata = ZooMetadata.from_dict(json.loads((RELEASE / METADATA_FILE).read_text()))
+    sampler = SaneSampler.from_zoo(model, metadata)
+    # Two prompts in normalized token space (noise around the zoo's mean weights): the sampler
+    # encodes them, draws from the KDE, decodes, de-normalizes and builds CNN-s networks.
+    noise = torch.randn(2, *sampler.mask.shape, generator=torch.Generator().manual_seed(0))
+    prompts = 0.1 * noise * sampler.mask
+    samples = sampler.sample(prompts, 2, generator=torch.Generator().manual_seed(0))
+    assert len(samples) == 2
+    for network in samples.models:
+        logits = network(torch.randn(3, 1, 28, 28))
+        assert logits.shape == (3, 10) and torch.isfinite(logits).all()
