@@ -1,8 +1,10 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from sane_hf.cli import main
 from sane_hf.configuration_sane import SaneConfig
@@ -122,6 +124,22 @@ def test_logistic_probe_separates_categories():
     xs, ys = _splits(x), _splits(labels)
     probe = LogisticProbe().fit(xs["train"], ys["train"], xs["validation"], ys["validation"])
     assert probe.score(xs["test"], ys["test"]) > 0.8  # chance: 1/3
+
+
+def test_logistic_probe_records_unconverged_fits_instead_of_warning():
+    """Separable features (like raw weights: more features than checkpoints) have no finite
+    optimum under weak penalties; such fits are kept and listed, without a warning per fit."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 400)) * 100.0
+    labels = np.where(x[:, 0] + x[:, 1] > 0, "adam", "sgd")
+    xs, ys = _splits(x), _splits(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        probe = LogisticProbe(max_iter=3).fit(
+            xs["train"], ys["train"], xs["validation"], ys["validation"]
+        )
+    assert probe.unconverged_cs and set(probe.unconverged_cs) <= set(probe.cs)
+    assert probe.score(xs["test"], ys["test"]) > 0.6  # chance: 1/2
 
 
 def test_probe_features_report(tmp_path):

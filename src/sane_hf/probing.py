@@ -19,8 +19,10 @@ Everything here follows one protocol so that SANE and its baselines are comparab
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import r2_score
 from torch import nn
@@ -212,12 +215,20 @@ class RidgeProbe:
 
 
 class LogisticProbe:
-    """Multinomial logistic regression; ``C`` (inverse regularization) chosen by validation accuracy."""
+    """Multinomial logistic regression; ``C`` (inverse regularization) chosen by validation accuracy.
+
+    The ``C`` grid is fitted from the strongest penalty to the weakest, each fit starting from
+    the previous solution (warm start: the path costs little more than one fit). On separable
+    features (raw weights W: thousands of features for hundreds of checkpoints) the weakest
+    penalties have no finite optimum and lbfgs stops at ``max_iter``; those fits are still
+    classifiers, scored on validation like the others, and listed in ``unconverged_cs`` instead
+    of raising a ConvergenceWarning per fit.
+    """
 
     metric = "accuracy"
 
     def __init__(self, cs: Sequence[float] = REGULARIZATION_GRID, max_iter: int = 1000):
-        self.cs = tuple(float(c) for c in cs)
+        self.cs = tuple(sorted(float(c) for c in cs))
         self.max_iter = max_iter
 
     def fit(
@@ -228,9 +239,15 @@ class LogisticProbe:
         val_x = _check_features("validation features", val_x, val_y)
         self.standardizer = _Standardizer(train_x)
         train_x, val_x = self.standardizer(train_x), self.standardizer(val_x)
-        classifiers = [
-            LogisticRegression(C=c, max_iter=self.max_iter).fit(train_x, train_y) for c in self.cs
-        ]
+        path = LogisticRegression(max_iter=self.max_iter, warm_start=True)
+        classifiers, self.unconverged_cs = [], []
+        for c in self.cs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                path.set_params(C=c).fit(train_x, train_y)
+            if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+                self.unconverged_cs.append(c)
+            classifiers.append(copy.deepcopy(path))
         self.validation_scores = np.array([clf.score(val_x, val_y) for clf in classifiers])
         best = int(np.argmax(self.validation_scores))  # ties: the smallest C, the strongest penalty
         self.c = self.regularization = self.cs[best]
