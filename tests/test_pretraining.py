@@ -172,6 +172,17 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(tiny_digits_zoo, tmp
     assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
 
 
+def test_compiled_run_saves_a_model_and_checkpoints_that_load_plainly(tiny_digits_zoo, tmp_path):
+    """`torch_compile: true` wraps the model (keys `_orig_mod.*`); nothing saved may carry it."""
+    output_dir = tmp_path / "compiled"
+    extra = ["--set", "torch_compile=true", "--max-steps", "2", "--checkpointing-steps", "1"]
+    main(arguments(tiny_digits_zoo, output_dir, *extra))
+    _, info = SaneModel.from_pretrained(output_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    checkpoint_keys = load_file(output_dir / "checkpoint-1" / "model.safetensors").keys()
+    assert checkpoint_keys == load_file(output_dir / "model.safetensors").keys()
+
+
 def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
     """``training/pretrain.py`` in two CPU processes (torchrun, gloo); returns the summary."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]

@@ -131,7 +131,7 @@ def save_training_state(
     folder.mkdir(parents=True, exist_ok=True)
     # cpu_offload with full state dicts: the main process gets everything, the others nothing
     model_state, optimizer_state = get_state_dict(
-        accelerator.unwrap_model(model),
+        accelerator.unwrap_model(model, keep_torch_compile=False),
         getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside Accelerate's
         options=StateDictOptions(full_state_dict=True, cpu_offload=True),
     )
@@ -170,7 +170,7 @@ def load_training_state(
         json.loads((folder / OPTIMIZER_FILE).read_text()),
     )
     set_state_dict(
-        accelerator.unwrap_model(model),
+        accelerator.unwrap_model(model, keep_torch_compile=False),
         getattr(optimizer, "optimizer", optimizer),
         model_state_dict=load_file(folder / MODEL_FILE),
         optim_state_dict=optimizer_state,
