@@ -34,7 +34,7 @@ from sane_hf.sampling import (
     select_prompts,
     split_token_chunks,
 )
-from sane_hf.zoo import data_order
+from sane_hf.zoo import data_order, fine_tune_population
 from sane_hf.zoo_dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo, write_raw_zoo
 from synthetic_zoo import template as synthetic_template
@@ -449,3 +449,15 @@ def test_evaluate_samples_matches_fine_tuning_each_network_alone():
             tolerance = 1.5 / len(task.test[1])  # one test sample may flip on rounding
             assert evaluation.accuracy[group][index] == pytest.approx(expected, abs=tolerance)
     assert evaluation.accuracy["tanh"][:, 1].mean() > evaluation.accuracy["tanh"][:, 0].mean()
+
+
+def test_fine_tune_population_refuses_networks_of_different_structures():
+    task = load_task_dataset({"dataset": "digits", "input_shape": [1, 8, 8]})
+    networks = [
+        build_model("mlp", in_features=64, hidden=[16]),
+        build_model("mlp", in_features=64, hidden=[8]),
+    ]
+    with pytest.raises(ValueError, match="network 1 differs"):
+        fine_tune_population(networks, task, 1, seeds=[0, 1], progress=False)
+    with pytest.raises(ValueError, match="2 seeds for 1 networks"):
+        fine_tune_population(networks[:1], task, 1, seeds=[0, 1], progress=False)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .architectures import initialize
 from .data import ImageDataset, load_dataset_by_name
-from .zoo import fine_tune_population
+from .zoo import fine_tune_population, network_structure
 
 
 @dataclass
@@ -169,7 +169,7 @@ def evaluate_samples(
     members = [(group, i, net) for group, nets in groups.items() for i, net in enumerate(nets)]
     by_structure: dict[str, list[tuple[str, int, nn.Module]]] = {}
     for member in members:
-        by_structure.setdefault(_structure(member[2]), []).append(member)
+        by_structure.setdefault(network_structure(member[2]), []).append(member)
     rows: dict[tuple[str, int], np.ndarray] = {}
     for population in by_structure.values():
         accuracies = fine_tune_population(
@@ -190,12 +190,6 @@ def evaluate_samples(
         for group, networks in groups.items()
     }
     return SampleEvaluation(list(range(epochs + 1)), accuracy)
-
-
-def _structure(network: nn.Module) -> str:
-    """Networks with equal structure strings can be stacked into one vmapped population."""
-    shapes = [(name, tuple(t.shape), t.dtype) for name, t in network.state_dict().items()]
-    return f"{network!r}{shapes}"
 
 
 def scratch_models(

@@ -381,8 +381,15 @@ def fine_tune_population(
     Returns:
         Test accuracy ``[len(networks), epochs + 1]``, column 0 before any training.
     """
-    if len(seeds) != len(networks):
-        raise ValueError(f"got {len(seeds)} seeds for {len(networks)} networks")
+    if len(seeds) != len(networks) or not networks:
+        raise ValueError(f"got {len(seeds)} seeds for {len(networks)} networks (need >= 1)")
+    structures = [network_structure(network) for network in networks]
+    if any(structure != structures[0] for structure in structures):
+        first_other = next(i for i, s in enumerate(structures) if s != structures[0])
+        raise ValueError(
+            f"network {first_other} differs in modules or parameter shapes from network 0: a "
+            "population shares one structure (evaluate_samples groups networks by structure)"
+        )
     hyperparameters = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay}
     config = ZooConfig(
         num_models=len(networks),
@@ -409,6 +416,13 @@ def fine_tune_population(
             trainer._train_epoch(bar)
             accuracies.append(trainer.evaluate(["test"])["test_acc"])
     return torch.stack(accuracies, dim=1).numpy()
+
+
+def network_structure(network: nn.Module) -> str:
+    """Modules (with their settings) and parameter shapes and dtypes of ``network``: networks
+    with equal structure strings can be stacked into one population."""
+    shapes = [(name, tuple(t.shape), t.dtype) for name, t in network.state_dict().items()]
+    return f"{network!r}{shapes}"
 
 
 def _keep_freed_memory_on_the_heap() -> None:
