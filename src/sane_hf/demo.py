@@ -62,8 +62,8 @@ def _default_pretraining() -> dict[str, Any]:
 
 @dataclass
 class DemoConfig:
-    """What the demo trains and measures. `DemoConfig()` is the default demo (about 15 minutes
-    on 2 CPU cores); `DemoConfig.quick()` checks the pipeline in well under a minute."""
+    """What the demo trains and measures. `DemoConfig()` is the default demo (about a minute on
+    an idle 2-core CPU); `DemoConfig.quick()` checks the pipeline in seconds."""
 
     zoo: ZooConfig = field(
         default_factory=lambda: ZooConfig(
