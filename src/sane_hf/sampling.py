@@ -546,8 +546,8 @@ class SaneSampler:
                         f"than the target ({self.layout.num_tokens} tokens): prompts must have "
                         "the target architecture (or use the Gaussian prior)"
                     )
-            raw = torch.stack([prompt.tokens for prompt in encoded])
-            tokens = standardize_tokens(raw.to(self.device), *self.token_maps())
+            raw = torch.stack([prompt.tokens for prompt in encoded]).to(self.device)
+            tokens = standardize_tokens(raw, *self.token_maps(), out=raw)
         expected = (self.layout.num_tokens, self.layout.tokensize)
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(
@@ -573,11 +573,13 @@ class SaneSampler:
         """De-normalize ``[k, N, T]`` tokens (where they are) and load them into copies of the
         template on the host."""
         maps = self.token_maps()
-        weights = unstandardize_tokens(tokens.float().to(maps[0].device), *maps).cpu()
-        return [
-            self._network(self.tokenizer.decode(sample, self.layout, fill_from=self.template))
-            for sample in weights
-        ]
+        weights = torch.empty(tokens.shape[1:], device=maps[0].device)  # reused per sample
+        networks = []
+        for sample in tokens:
+            unstandardize_tokens(sample.to(weights.device), *maps, out=weights)
+            state = self.tokenizer.decode(weights.cpu(), self.layout, fill_from=self.template)
+            networks.append(self._network(state))
+        return networks
 
     def _network(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of the template that holds the tensors of ``state_dict`` (all of its entries).
