@@ -567,7 +567,7 @@ class SaneSampler:
         tokens = decode_latents(
             self.model, latents, self.positions, self.window, self.halo, self.batch_size
         )
-        return tokens.masked_fill(~self.mask.to(tokens.device), 0.0)
+        return tokens.masked_fill_(~self.mask.to(tokens.device), 0.0)  # ours: no copy
 
     def build(self, tokens: torch.Tensor) -> list[nn.Module]:
         """De-normalize ``[k, N, T]`` tokens (where they are) and load them into copies of the
