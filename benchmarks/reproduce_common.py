@@ -41,14 +41,16 @@ GPU_PRETRAINING: dict[str, Any] = {
 }
 
 # SANE at CPU scale for CNN-s zoos: the tiny preset widened to what a 2-core CPU trains in about
-# ten minutes (d_model 64, 4+4 blocks, latent 32), with a 48-token window: a whole CNN-s network.
+# ten minutes (d_model 64, 4+4 blocks), with the paper's latent size 128 (chosen over 32 on the
+# validation split of the MNIST zoo: probe R^2 0.910 / 0.953 vs 0.889 / 0.915 for accuracy /
+# epoch, reconstruction R^2 0.780 vs 0.657) and a 48-token window: a whole CNN-s network.
 CPU_PRETRAINING: dict[str, Any] = {
     "model": {
         "preset": "tiny",
         "d_model": 64,
         "n_heads": 4,
         "n_layers": 4,
-        "latent_dim": 32,
+        "latent_dim": 128,
         "windowsize": 48,
     },
     "learning_rate": 1e-3,
