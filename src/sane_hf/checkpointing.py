@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -39,6 +40,20 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
 OPTIMIZER_FILE = "optimizer.json"
 TRAINING_STATE_FILE = "training_state.json"
+# Whole tensors keyed by parameter name, gathered onto the main process' host memory (the other
+# processes get nothing): the same files from one process, DDP and FSDP.
+FULL_STATE_DICT = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def plain_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside Accelerate's wrappers (DDP, and ``torch.compile``'s, whose parameter
+    names start with ``_orig_mod.``): what checkpoints and saved models are keyed by."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def full_model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, Any]:
+    """The prepared model's whole state dict on the main process (empty on the others)."""
+    return get_model_state_dict(plain_model(accelerator, model), options=FULL_STATE_DICT)
 
 
 def flatten_optimizer_state(
@@ -129,11 +144,10 @@ def save_training_state(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # cpu_offload with full state dicts: the main process gets everything, the others nothing
     model_state, optimizer_state = get_state_dict(
-        accelerator.unwrap_model(model, keep_torch_compile=False),
+        plain_model(accelerator, model),
         getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside Accelerate's
-        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        options=FULL_STATE_DICT,
     )
     rng_tensors, rng_data = rng_state()
     tensors_file, json_file = _rng_files(folder, accelerator.process_index)
@@ -170,7 +184,7 @@ def load_training_state(
         json.loads((folder / OPTIMIZER_FILE).read_text()),
     )
     set_state_dict(
-        accelerator.unwrap_model(model, keep_torch_compile=False),
+        plain_model(accelerator, model),
         getattr(optimizer, "optimizer", optimizer),
         model_state_dict=load_file(folder / MODEL_FILE),
         optim_state_dict=optimizer_state,

@@ -61,7 +61,12 @@ from tqdm.auto import tqdm
 
 from .alignment import PermutationSpec
 from .augmentation import TokenPermutation, WindowBatch, WindowSampler
-from .checkpointing import load_training_state, save_training_state
+from .checkpointing import (
+    full_model_state_dict,
+    load_training_state,
+    plain_model,
+    save_training_state,
+)
 from .configuration_sane import SaneConfig
 from .modeling_sane import SaneModel
 from .tokenization import WeightLayout
@@ -751,10 +756,7 @@ def replica_report(
     """Per process: the parameter norm (equal on all data-parallel replicas when gradients are
     synchronized) and a checksum of its last batch (different: each process sees its own data)."""
     parameter_norm = torch.stack(
-        [
-            p.detach().double().square().sum()
-            for p in accelerator.unwrap_model(model, keep_torch_compile=False).parameters()
-        ]
+        [p.detach().double().square().sum() for p in plain_model(accelerator, model).parameters()]
     ).sum()
     report = {
         "rank": accelerator.process_index,
@@ -762,12 +764,6 @@ def replica_report(
         "batch_checksum": None if batch is None else batch.views.double().sum().item(),
     }
     return gather_object([report])
-
-
-def _without_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``_orig_mod.`` that a compiled model (``torch_compile: true``) puts before every
-    key of the state dict Accelerate gathers, so the saved model loads as a plain SaneModel."""
-    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
 
 
 def save_model(
@@ -781,13 +777,13 @@ def save_model(
     embedding and sampling need to tokenize, normalize and decode for this model. The push
     uploads the output folder without checkpoints: with the config and the logs (the Hub shows
     TensorBoard logs as training metrics)."""
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = plain_model(accelerator, model)
     card_metrics = eval_metrics if unwrapped.config.zoo_dataset and eval_metrics else None
     unwrapped.save_pretrained(
         config.output_dir,
         is_main_process=accelerator.is_main_process,
         save_function=accelerator.save,
-        state_dict=_without_compile_prefix(accelerator.get_state_dict(model)),
+        state_dict=full_model_state_dict(accelerator, model),
         metrics=card_metrics,
         repo_id=config.hub_model_id,
     )
