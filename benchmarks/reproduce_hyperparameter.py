@@ -29,16 +29,17 @@ from reproduce_common import (
     work_dir,
     write_results,
 )
-from sane_hf import ZooConfig, train_zoo
+from sane_hf import ZooConfig
 from sane_hf.experiments import (
     TABLE1_PROPERTIES,
     StageLog,
     build_dataset_stage,
+    experiment_pretraining,
     pretrain_stage,
     probe_stage,
+    zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE, PretrainingConfig
-from sane_hf.zoo_dataset import load_zoo_records, plot_zoo_accuracy
+from sane_hf.pretraining import SUMMARY_FILE
 
 CATEGORICAL = ("activation", "init", "optimizer")
 NUMERIC = ("lr", "weight_decay", "dropout")
@@ -79,20 +80,11 @@ def main() -> None:
     log = StageLog(num_stages=4, record=work / "stage_times.json")
 
     with log.stage("zoo", f"training the hyperparameter zoo ({scale.zoo.num_models} CNN-s)"):
-        train_zoo(scale.zoo, work / "zoo")
-        _, records, _ = load_zoo_records(work / "zoo")
-        plot_zoo_accuracy(records, result_path("hyperparameter", args.scale, "_zoo.png"))
+        zoo_stage(scale.zoo, work / "zoo", result_path("hyperparameter", args.scale, "_zoo.png"))
     with log.stage("dataset", "building the zoo dataset"):
         zoo = build_dataset_stage(work / "zoo", work / "dataset")
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
-        config = PretrainingConfig.from_dict(
-            {
-                **scale.pretraining,
-                "dataset": str(work / "dataset"),
-                "output_dir": str(work / "sane"),
-            }
-        )
-        model = pretrain_stage(config).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     with log.stage("probing", "probing for hyperparameters: SANE vs s(W) vs W"):
         report = probe_stage(
             model,

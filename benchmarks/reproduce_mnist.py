@@ -40,7 +40,7 @@ from reproduce_common import (
     work_dir,
     write_results,
 )
-from sane_hf import ZooConfig, train_zoo
+from sane_hf import ZooConfig
 from sane_hf.experiments import (
     SamplingMethod,
     SamplingSettings,
@@ -48,12 +48,14 @@ from sane_hf.experiments import (
     build_dataset_stage,
     cached_sampling,
     compare_sampling,
+    experiment_pretraining,
     pretrain_stage,
     probe_stage,
     r2_table,
+    zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE, PretrainingConfig
-from sane_hf.zoo_dataset import ZooDataset, load_zoo_records, plot_zoo_accuracy, zoo_statistics
+from sane_hf.pretraining import SUMMARY_FILE
+from sane_hf.zoo_dataset import ZooDataset, load_zoo_records, zoo_statistics
 
 TABLE3_METHODS = (
     SamplingMethod("kde"),
@@ -142,22 +144,13 @@ def mnist_zoo_and_sane(scale_name: str, work: Path, log: StageLog) -> tuple[ZooD
     (``reproduce_new_task.py`` starts from them too)."""
     scale = SCALES[scale_name]
     with log.stage("zoo", f"training the MNIST zoo ({scale.zoo.num_models} CNN-s, resumes)"):
-        train_zoo(scale.zoo, work / "zoo")
-        _, records, _ = load_zoo_records(work / "zoo")
-        plot_zoo_accuracy(records, result_path("mnist", scale_name, "_zoo.png"))
+        zoo_stage(scale.zoo, work / "zoo", result_path("mnist", scale_name, "_zoo.png"))
     with log.stage("dataset", f"zoo dataset of epochs 1..{scale.pretrain_epochs}"):
         zoo = build_dataset_stage(
             work / "zoo", work / "dataset", epochs=range(1, scale.pretrain_epochs + 1)
         )
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
-        config = PretrainingConfig.from_dict(
-            {
-                **scale.pretraining,
-                "dataset": str(work / "dataset"),
-                "output_dir": str(work / "sane"),
-            }
-        )
-        model = pretrain_stage(config).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     return zoo, model
 
 

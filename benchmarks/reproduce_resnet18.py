@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reproduce_common import RESULTS_DIR, device, parse_args, result_path, work_dir, write_results
-from sane_hf import ZooConfig, train_zoo
+from sane_hf import ZooConfig
 from sane_hf.experiments import (
     SamplingMethod,
     SamplingSettings,
@@ -33,12 +33,13 @@ from sane_hf.experiments import (
     build_dataset_stage,
     cached_sampling,
     compare_sampling,
+    experiment_pretraining,
     pretrain_stage,
     probe_stage,
     r2_table,
+    zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE, PretrainingConfig
-from sane_hf.zoo_dataset import load_zoo_records, plot_zoo_accuracy
+from sane_hf.pretraining import SUMMARY_FILE
 
 RESNET_HYPERPARAMETERS = {"activation": "relu", "init": "default", "optimizer": "adam", "lr": 1e-3}
 
@@ -131,23 +132,14 @@ def main() -> None:
     log = StageLog(num_stages=5, record=work / "stage_times.json")
 
     with log.stage("zoo", f"training {scale.zoo.num_models} ResNet-18 (resumes)"):
-        train_zoo(scale.zoo, work / "zoo")
-        _, records, _ = load_zoo_records(work / "zoo")
-        plot_zoo_accuracy(records, result_path("resnet18", args.scale, "_zoo.png"))
+        zoo_stage(scale.zoo, work / "zoo", result_path("resnet18", args.scale, "_zoo.png"))
     with log.stage("dataset", "zoo dataset: 288-value tokens, BatchNorm kept, float16"):
         zoo = build_dataset_stage(work / "zoo", work / "dataset", tokensize=288, dtype="float16")
         print(
             f"    {zoo.metadata.layout.num_tokens} tokens in {zoo.metadata.layout.num_layers} layers"
         )
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']}) on windows"):
-        config = PretrainingConfig.from_dict(
-            {
-                **scale.pretraining,
-                "dataset": str(work / "dataset"),
-                "output_dir": str(work / "sane"),
-            }
-        )
-        model = pretrain_stage(config).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     with log.stage("probing", "Table 1: SANE vs s(W) (halo-window embeddings)"):
         report = probe_stage(
             model,

@@ -37,13 +37,15 @@ from .experiments import (
     build_dataset_stage,
     cached_sampling,
     compare_sampling,
+    experiment_pretraining,
     pretrain_stage,
     probe_stage,
     r2_table,
+    zoo_stage,
 )
-from .pretraining import SUMMARY_FILE, PretrainingConfig
-from .zoo import ZooConfig, train_zoo
-from .zoo_dataset import format_zoo_statistics, load_zoo_records, plot_zoo_accuracy
+from .pretraining import SUMMARY_FILE
+from .zoo import ZooConfig
+from .zoo_dataset import format_zoo_statistics
 
 
 def _default_pretraining() -> dict[str, Any]:
@@ -123,22 +125,14 @@ def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None 
         f"training {config.zoo.num_models} {config.zoo.architecture} networks on "
         f"{config.zoo.dataset} for {config.zoo.epochs} epochs -> {output / 'zoo'} (resumes)",
     ):
-        train_zoo(config.zoo, output / "zoo")
-        _, records, _ = load_zoo_records(output / "zoo")
-        plot_zoo_accuracy(records, output / "zoo_accuracy.png")
+        zoo_stage(config.zoo, output / "zoo", output / "zoo_accuracy.png")
 
     with log.stage("dataset", "building the zoo dataset: split by model, align, tokenize"):
         zoo = build_dataset_stage(output / "zoo", output / "dataset")
         print(format_zoo_statistics(zoo.metadata.statistics, zoo.metadata.zoo))
 
     with log.stage("pretraining", f"pretraining SANE ({config.pretraining['model']}) -> sane/"):
-        pretraining = PretrainingConfig.from_dict(
-            {
-                **config.pretraining,
-                "dataset": str(output / "dataset"),
-                "output_dir": str(output / "sane"),
-            }
-        )
+        pretraining = experiment_pretraining(config.pretraining, output)
         model = pretrain_stage(pretraining)
 
     with log.stage("probing", "property prediction: SANE vs s(W) vs W (test R^2)"):

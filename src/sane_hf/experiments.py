@@ -49,11 +49,14 @@ from .sampling import (
     select_prompts,
     split_token_chunks,
 )
+from .zoo import ZooConfig, train_zoo
 from .zoo_dataset import (
     METADATA_FILE,
     ZooDataset,
     build_zoo_dataset,
     load_zoo_dataset,
+    load_zoo_records,
+    plot_zoo_accuracy,
     save_zoo_dataset,
 )
 
@@ -91,6 +94,21 @@ class StageLog:
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             self.record.write_text(json.dumps(earlier | {name: self.seconds[name]}, indent=1))
+
+
+def zoo_stage(config: ZooConfig, zoo_dir: str | Path, plot_path: str | Path) -> None:
+    """Train (or resume) the raw zoo in ``zoo_dir`` and plot its test accuracy per epoch."""
+    train_zoo(config, zoo_dir)
+    _, records, _ = load_zoo_records(zoo_dir)
+    plot_zoo_accuracy(records, plot_path)
+
+
+def experiment_pretraining(values: Mapping[str, Any], work_dir: str | Path) -> PretrainingConfig:
+    """``PretrainingConfig`` of ``values`` for an experiment folder: SANE reads the zoo dataset
+    of ``work_dir/dataset`` and writes into ``work_dir/sane``."""
+    work_dir = Path(work_dir)
+    paths = {"dataset": str(work_dir / "dataset"), "output_dir": str(work_dir / "sane")}
+    return PretrainingConfig.from_dict({**values, **paths})
 
 
 def build_dataset_stage(
