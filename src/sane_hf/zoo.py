@@ -52,6 +52,7 @@ sizes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -340,15 +341,8 @@ def train_zoo(
     finished = _finished_models(output_dir)
     chunks = _plan_chunks([s for s in specs if s.model_id not in finished], config.models_per_chunk)
     data = dataset.to(device)
-    if device.type == "cpu":
-        _keep_freed_memory_on_the_heap()
-    steps_per_epoch = math.ceil(len(dataset.train[1]) / config.batch_size)
-    with (
-        tqdm(
-            total=len(chunks) * config.epochs * steps_per_epoch, disable=not progress, unit="step"
-        ) as bar,
-        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
-    ):
+    total_steps = len(chunks) * config.epochs * _steps_per_epoch(dataset, config.batch_size)
+    with _population_run(device, total_steps, progress) as bar:
         for index, chunk in enumerate(chunks):
             bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
             trainer = _ChunkTrainer(config, architecture_kwargs, chunk, data, device)
@@ -383,15 +377,15 @@ def fine_tune_population(
     """
     if len(seeds) != len(networks) or not networks:
         raise ValueError(f"got {len(seeds)} seeds for {len(networks)} networks (need >= 1)")
-    structures = [network_structure(network) for network in networks]
-    if any(structure != structures[0] for structure in structures):
-        first_other = next(i for i, s in enumerate(structures) if s != structures[0])
+    structure = network_structure(networks[0])
+    odd = next((i for i, net in enumerate(networks) if network_structure(net) != structure), None)
+    if odd is not None:
         raise ValueError(
-            f"network {first_other} differs in modules or parameter shapes from network 0: a "
+            f"network {odd} differs in modules or parameter shapes from network 0: a "
             "population shares one structure (evaluate_samples groups networks by structure)"
         )
     hyperparameters = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay}
-    config = ZooConfig(
+    config = ZooConfig(  # the recipe; the epochs are counted below (0: evaluation only)
         num_models=len(networks),
         hyperparameters=hyperparameters,
         epochs=max(epochs, 1),
@@ -402,13 +396,8 @@ def fine_tune_population(
         ModelSpec(f"network_{i}", seed, config.hyperparameters) for i, seed in enumerate(seeds)
     ]
     device = torch.device(device)
-    if device.type == "cpu":
-        _keep_freed_memory_on_the_heap()
-    steps_per_epoch = math.ceil(len(dataset.train[1]) / batch_size)
-    with (
-        tqdm(total=epochs * steps_per_epoch, desc="fine-tuning", disable=not progress) as bar,
-        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
-    ):
+    total_steps = epochs * _steps_per_epoch(dataset, batch_size)
+    with _population_run(device, total_steps, progress, "fine-tuning") as bar:
         trainer = _ChunkTrainer(config, {}, specs, dataset.to(device), device, list(networks))
         accuracies = [trainer.evaluate(["test"])["test_acc"]]
         for epoch in range(1, epochs + 1):
@@ -423,6 +412,25 @@ def network_structure(network: nn.Module) -> str:
     with equal structure strings can be stacked into one population."""
     shapes = [(name, tuple(t.shape), t.dtype) for name, t in network.state_dict().items()]
     return f"{network!r}{shapes}"
+
+
+def _steps_per_epoch(dataset: ImageDataset, batch_size: int) -> int:
+    return math.ceil(len(dataset.train[1]) / batch_size)
+
+
+@contextlib.contextmanager
+def _population_run(
+    device: torch.device, total_steps: int, progress: bool, description: str | None = None
+) -> Iterator[tqdm]:
+    """Around every population training: CPU heap settings, a progress bar over the steps, and
+    the global RNG state restored afterwards (training seeds it per chunk and epoch)."""
+    if device.type == "cpu":
+        _keep_freed_memory_on_the_heap()
+    with (
+        tqdm(total=total_steps, desc=description, disable=not progress, unit="step") as bar,
+        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
+    ):
+        yield bar
 
 
 def _keep_freed_memory_on_the_heap() -> None:
@@ -753,7 +761,7 @@ class _ChunkTrainer:
     def run(self, output_dir: Path, state_path: Path, bar: tqdm) -> list[dict]:
         """Train to ``config.epochs`` (resuming from ``state_path`` if saved); return the records."""
         if self._load_state(state_path):
-            bar.update(self.epoch * self._steps_per_epoch())
+            bar.update(self.epoch * _steps_per_epoch(self.data, self.config.batch_size))
         else:
             self._checkpoint(output_dir, state_path)  # epoch 0: the initialization
         while self.epoch < self.config.epochs:
@@ -762,9 +770,6 @@ class _ChunkTrainer:
             if self.epoch in self.config.resolved_checkpoint_epochs:
                 self._checkpoint(output_dir, state_path)
         return self.records
-
-    def _steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train[1]) / self.config.batch_size)
 
     def _train_epoch(self, bar: tqdm) -> None:
         y = self.data.train[1]
