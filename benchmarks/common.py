@@ -138,10 +138,12 @@ def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.devi
         synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / repeats
     kernels: dict[str, float] = {}
+    launches = 0
     for event in profile.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             elapsed_ms = event.time_range.elapsed_us() / 1e3
             kernels[event.name] = kernels.get(event.name, 0.0) + elapsed_ms / repeats
+            launches += 1
     categories = dict.fromkeys([*KERNEL_CATEGORIES, "other (elementwise, norms, fused)"], 0.0)
     for name, ms in kernels.items():
         lowered = name.lower()
@@ -157,10 +159,7 @@ def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.devi
         "profile_kernel_ms_per_call": round(busy_ms, 2),
         "profile_gpu_busy_fraction": round(busy_ms / wall_ms, 3),
         "profile_kernel_ms_by_category": {c: round(ms, 2) for c, ms in categories.items()},
-        "profile_kernels_launched_per_call": sum(
-            1 for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA
-        )
-        // repeats,
+        "profile_kernels_launched_per_call": launches // repeats,
         "profile_top_kernels_ms": {name[:90]: round(ms, 3) for name, ms in top},
     }
 

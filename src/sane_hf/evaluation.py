@@ -156,7 +156,7 @@ def evaluate_samples(
 
     Networks of one module structure (usually all of them: samples of one template and their
     from-scratch twins) are fine-tuned together by `sane_hf.zoo.fine_tune_population`, one
-    vmapped step for all of them.
+    training step for all of them.
 
     Args:
         groups: ``{"SANE subsampled": [...], "from scratch": [...]}``: networks per method. The
