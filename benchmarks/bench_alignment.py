@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sane_hf import PermutationSpec, align, apply_permutation, build_model, random_permutation
-from sane_hf.alignment import invert_permutation
+from sane_hf.weights.alignment import invert_permutation
 
 RESULTS = Path(__file__).parent / "results" / "bench_alignment.json"
 

@@ -35,7 +35,12 @@ from common import (
     write_results,
 )
 from sane_hf import SaneConfig, SaneModel, WeightTokenizer, build_model
-from sane_hf.embedding import default_window_and_halo, encode_tokens, halo_windows, pool_latents
+from sane_hf.downstream.embedding import (
+    default_window_and_halo,
+    encode_tokens,
+    halo_windows,
+    pool_latents,
+)
 
 # Architectures and their token size; ResNet-18 as in the paper's zoos (100 classes, BN kept).
 ARCHITECTURES = {

@@ -1,4 +1,4 @@
-"""End-to-end pretraining speed: epochs of ``sane_hf.pretraining.pretrain`` on a zoo dataset
+"""End-to-end pretraining speed: epochs of ``sane_hf.pretraining.loop.pretrain`` on a zoo dataset
 against the pure step time of the same model, optimizer and batch shape.
 
 The end-to-end run is the real training loop: the zoo's tokens on the data device, random
@@ -44,7 +44,7 @@ from common import (
     write_synthetic_raw_zoo,
 )
 from sane_hf import SaneModel, build_zoo_dataset, save_zoo_dataset
-from sane_hf.pretraining import (
+from sane_hf.pretraining.loop import (
     PretrainingConfig,
     create_optimizer,
     load_pretraining_data,

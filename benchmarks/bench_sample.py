@@ -33,8 +33,8 @@ from common import (
     write_results,
 )
 from sane_hf import NormalizationStats, SaneSampler, WeightTokenizer, build_model
-from sane_hf.embedding import default_window_and_halo, halo_windows
-from sane_hf.sampling import draw_latents
+from sane_hf.downstream.embedding import default_window_and_halo, halo_windows
+from sane_hf.downstream.sampling import draw_latents
 
 
 def prompt_networks(architecture: str, num_prompts: int) -> list[torch.nn.Module]:

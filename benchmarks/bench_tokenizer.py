@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sane_hf import WeightLayout, WeightTokenizer
-from sane_hf.architectures import build_model
+from sane_hf.zoo.architectures import build_model
 
 RESULTS = Path(__file__).parent / "results" / "bench_tokenizer.json"
 

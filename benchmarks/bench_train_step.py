@@ -59,7 +59,7 @@ from common import (
     write_results,
 )
 from sane_hf import SaneConfig, SaneModel
-from sane_hf.modeling_sane import SaneLayer
+from sane_hf.models.sane.modeling_sane import SaneLayer
 
 DEFAULT_BATCH_SIZE = {"tiny": 4, "cnn": 32, "resnet18": 32}
 # Length of the synthetic token sequence windows are cut from: CNN-m and ResNet-18 (BN kept).

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sane_hf import ZooConfig, load_dataset_by_name, train_zoo
-from sane_hf.zoo import data_order, initialize_zoo_model
+from sane_hf.zoo.training import data_order, initialize_zoo_model
 
 PRESETS = {
     "cpu": ZooConfig(

@@ -28,9 +28,10 @@ from reproduce_common import (
     sampling_markdown,
 )
 from sane_hf import SaneModel
+from sane_hf.downstream.probing import probe_zoo
 from sane_hf.hub import build_model_card, build_zoo_dataset_card
-from sane_hf.probing import probe_zoo
-from sane_hf.zoo_dataset import METADATA_FILE, ZooDataset, load_zoo_dataset
+from sane_hf.zoo.dataset import ZooDataset, load_zoo_dataset
+from sane_hf.zoo.formats import DATASET_METADATA_FILE
 
 ROOT = Path(__file__).parent.parent
 MAX_BYTES = 15 * 2**20
@@ -144,7 +145,7 @@ def main() -> None:
     output = Path(args.output)
     shutil.rmtree(output, ignore_errors=True)
     model.save_pretrained(output)
-    shutil.copy(work / "sane" / METADATA_FILE, output / METADATA_FILE)
+    shutil.copy(work / "sane" / DATASET_METADATA_FILE, output / DATASET_METADATA_FILE)
     card = build_model_card(
         model.config,
         num_parameters=model.num_parameters(),

@@ -1,6 +1,6 @@
 """What the ``reproduce_*.py`` scripts share: the ``--scale`` switch, work folders, result files.
 
-Every script runs the stages of `sane_hf.experiments` (resumable: rerun the same command to
+Every script runs the stages of `sane_hf.recipes.experiments` (resumable: rerun the same command to
 continue) in ``outputs/reproduce/<experiment>-<scale>/`` and writes its numbers to
 ``benchmarks/results/reproduce_<experiment>_<scale>.json`` and its plots beside it, with the
 command, the scale, the machine, the load average and the wall time of every stage (the

@@ -30,7 +30,8 @@ from reproduce_common import (
     write_results,
 )
 from sane_hf import ZooConfig
-from sane_hf.experiments import (
+from sane_hf.pretraining.loop import SUMMARY_FILE
+from sane_hf.recipes.experiments import (
     TABLE1_PROPERTIES,
     StageLog,
     build_dataset_stage,
@@ -39,7 +40,6 @@ from sane_hf.experiments import (
     probe_stage,
     zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE
 
 CATEGORICAL = ("activation", "init", "optimizer")
 NUMERIC = ("lr", "weight_decay", "dropout")

@@ -41,7 +41,8 @@ from reproduce_common import (
     write_results,
 )
 from sane_hf import ZooConfig
-from sane_hf.experiments import (
+from sane_hf.pretraining.loop import SUMMARY_FILE
+from sane_hf.recipes.experiments import (
     SamplingMethod,
     SamplingSettings,
     StageLog,
@@ -54,8 +55,8 @@ from sane_hf.experiments import (
     r2_table,
     zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE
-from sane_hf.zoo_dataset import ZooDataset, load_zoo_records, zoo_statistics
+from sane_hf.zoo.dataset import ZooDataset, load_zoo_records
+from sane_hf.zoo.statistics import zoo_statistics
 
 TABLE3_METHODS = (
     SamplingMethod("kde"),

@@ -27,7 +27,8 @@ from reproduce_common import WORK_ROOT, parse_args, result_path, work_dir, write
 from reproduce_mnist import SCALES as MNIST_SCALES
 from reproduce_mnist import mnist_zoo_and_sane
 from sane_hf import ZooConfig, train_zoo
-from sane_hf.experiments import (
+from sane_hf.downstream.sampling import select_prompts
+from sane_hf.recipes.experiments import (
     SamplingMethod,
     SamplingSettings,
     StageLog,
@@ -36,7 +37,6 @@ from sane_hf.experiments import (
     compare_sampling,
     prompt_networks,
 )
-from sane_hf.sampling import select_prompts
 
 METHODS = (SamplingMethod("kde"), SamplingMethod("subsampled"))
 

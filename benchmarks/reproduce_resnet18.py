@@ -26,7 +26,8 @@ from typing import Any
 
 from reproduce_common import RESULTS_DIR, device, parse_args, result_path, work_dir, write_results
 from sane_hf import ZooConfig
-from sane_hf.experiments import (
+from sane_hf.pretraining.loop import SUMMARY_FILE
+from sane_hf.recipes.experiments import (
     SamplingMethod,
     SamplingSettings,
     StageLog,
@@ -39,7 +40,6 @@ from sane_hf.experiments import (
     r2_table,
     zoo_stage,
 )
-from sane_hf.pretraining import SUMMARY_FILE
 
 RESNET_HYPERPARAMETERS = {"activation": "relu", "init": "default", "optimizer": "adam", "lr": 1e-3}
 

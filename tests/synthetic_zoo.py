@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sane_hf import build_model
-from sane_hf.zoo_dataset import build_zoo_dataset
+from sane_hf.zoo.dataset import build_zoo_dataset
 
 ARCHITECTURE_KWARGS = {"in_features": 64, "hidden": [6], "num_classes": 10}  # 8x8 digits
 EPOCHS = (0, 1, 2, 3, 4)

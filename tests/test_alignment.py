@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sane_hf import build_model
-from sane_hf.alignment import (
+from sane_hf.weights.alignment import (
     PermutationSpec,
     PermutedAxis,
     align,

@@ -3,16 +3,16 @@ import functools
 import pytest
 import torch
 
-from sane_hf.alignment import PermutationSpec, apply_permutation
-from sane_hf.architectures import build_model
-from sane_hf.augmentation import (
+from sane_hf.pretraining.augmentation import (
     TokenPermutation,
     WindowSampler,
     multiplicative_noise,
     random_erasing,
     real_entry_mask,
 )
-from sane_hf.tokenization import WeightTokenizer
+from sane_hf.weights.alignment import PermutationSpec, apply_permutation
+from sane_hf.weights.tokenization import WeightTokenizer
+from sane_hf.zoo.architectures import build_model
 
 
 def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -8,13 +8,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from sane_hf.checkpointing import (
+from sane_hf.pretraining.checkpointing import (
     flatten_optimizer_state,
     load_training_state,
     save_training_state,
     unflatten_optimizer_state,
 )
-from sane_hf.pretraining import one_cycle_schedule
+from sane_hf.pretraining.loop import one_cycle_schedule
 
 
 @pytest.fixture

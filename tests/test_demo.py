@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sane_hf.cli import main
-from sane_hf.demo import DemoConfig, run_demo
+from sane_hf.recipes.demo import DemoConfig, run_demo
 
 PLOTS = ("zoo_accuracy.png", "probe.png", "sampling.png")
 GROUPS = ["SANE kde (shared)", "SANE subsampled (shared)", "from scratch"]

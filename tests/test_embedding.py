@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from sane_hf.configuration_sane import SaneConfig
-from sane_hf.embedding import (
+from sane_hf.downstream.embedding import (
     decode_latents,
     default_window_and_halo,
     embed,
@@ -11,8 +10,9 @@ from sane_hf.embedding import (
     halo_windows,
     pool_latents,
 )
-from sane_hf.modeling_sane import SaneModel
-from sane_hf.zoo_dataset import zoo_metadata
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.zoo.dataset import zoo_metadata
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 from synthetic_zoo import template as synthetic_template
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sane_hf.alignment import PermutationSpec, apply_permutation, random_permutation
-from sane_hf.evaluation import SampleEvaluation
-from sane_hf.experiments import (
+from sane_hf.downstream.evaluation import SampleEvaluation
+from sane_hf.pretraining.loop import PretrainingConfig
+from sane_hf.recipes.experiments import (
     SamplingMethod,
     SamplingResults,
     aligned_to_zoo,
@@ -18,7 +18,7 @@ from sane_hf.experiments import (
     prompt_networks,
     zoo_reference_network,
 )
-from sane_hf.pretraining import PretrainingConfig
+from sane_hf.weights.alignment import PermutationSpec, apply_permutation, random_permutation
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
 
 

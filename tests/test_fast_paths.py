@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from sane_hf import NormalizationStats, SaneConfig, SaneModel, SaneSampler, WeightTokenizer
-from sane_hf.alignment import PermutationSpec
-from sane_hf.architectures import build_model
-from sane_hf.augmentation import TokenPermutation, WindowSampler
-from sane_hf.zoo_dataset import standardize_tokens, unstandardize_tokens
+from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
+from sane_hf.weights.alignment import PermutationSpec
+from sane_hf.weights.normalization import standardize_tokens, unstandardize_tokens
+from sane_hf.zoo.architectures import build_model
 
 BATCH_SIZE = 4
 NUM_BATCHES, PASSES = 3, 4  # a few batches seen repeatedly: their losses must fall

@@ -22,7 +22,7 @@ from sane_hf import (
     SaneModel,
     SaneModelOutput,
 )
-from sane_hf.modeling_sane import masked_mse, nt_xent
+from sane_hf.models.sane.modeling_sane import masked_mse, nt_xent
 
 TOKENSIZE = 289
 
@@ -261,8 +261,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_save_and_load_round_trip_with_model_card(tmp_path):
+    from sane_hf.hub import save_model_card
+
     model = tiny_model(zoo_dataset="fake-user/cnn-zoo")
-    model.save_pretrained(tmp_path, metrics={"test_mse": 0.25})
+    model.save_pretrained(tmp_path)
+    save_model_card(model, tmp_path, metrics={"test_mse": 0.25})
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
     card = (tmp_path / "README.md").read_text()
@@ -275,9 +278,7 @@ def test_save_and_load_round_trip_with_model_card(tmp_path):
     torch.testing.assert_close(loaded(**batch).reconstructions, model(**batch).reconstructions)
 
     with pytest.raises(ValueError, match="zoo_dataset"):
-        tiny_model().save_pretrained(tmp_path / "no-zoo", metrics={"test_mse": 0.25})
-    with pytest.raises(ValueError, match="push_to_hub"):
-        model.save_pretrained(tmp_path, push_to_hub=True)
+        save_model_card(tiny_model(), tmp_path / "no-zoo", metrics={"test_mse": 0.25})
 
 
 def test_encoder_and_decoder_load_their_half_of_a_full_checkpoint(tmp_path):
@@ -357,8 +358,10 @@ def test_push_to_hub_round_trip_with_our_card(fake_hub, tmp_path):
         path_in_repo="README.md",
         repo_id=repo_id,
     )
+    from sane_hf.hub import push_model_to_hub
+
     model = tiny_model(zoo_dataset="fake-user/cnn-zoo")
-    model.push_to_hub(repo_id, metrics={"test_mse": 0.5}, tags=["cnn-s"])
+    push_model_to_hub(model, repo_id, metrics={"test_mse": 0.5}, tags=["cnn-s"])
 
     files = fake_hub.repo_files(repo_id)
     assert {"config.json", "model.safetensors", "modeling_sane.py", "README.md"} <= set(files)

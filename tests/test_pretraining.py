@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sane_hf import SaneModel, cli
-from sane_hf.pretraining import (
+from sane_hf.pretraining.loop import (
     PretrainingConfig,
     build_argument_parser,
     build_model_config,
@@ -22,7 +22,7 @@ from sane_hf.pretraining import (
     read_metrics,
     split_tokens,
 )
-from sane_hf.zoo_dataset import build_zoo_dataset, load_zoo_dataset
+from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
 
 REPO = Path(__file__).parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

@@ -7,9 +7,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from sane_hf.cli import main
-from sane_hf.configuration_sane import SaneConfig
-from sane_hf.modeling_sane import SaneModel
-from sane_hf.probing import (
+from sane_hf.downstream.probing import (
     LogisticProbe,
     RidgeProbe,
     SaneForPropertyPrediction,
@@ -19,7 +17,9 @@ from sane_hf.probing import (
     raw_weight_features,
     weight_statistics,
 )
-from sane_hf.zoo_dataset import save_zoo_dataset
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.zoo.dataset import save_zoo_dataset
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 
 

@@ -9,15 +9,16 @@ from huggingface_hub import ModelCard
 
 from sane_hf import SaneConfig, SaneModel
 from sane_hf.cli import main
-from sane_hf.hub import build_model_card
-from sane_hf.zoo_dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
+from sane_hf.hub import build_model_card, save_model_card
+from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
 from synthetic_zoo import write_raw_zoo
 
 
 def test_push_model_folder_uploads_weights_card_and_zoo_metadata(fake_hub, tmp_path, capsys):
     config = SaneConfig.from_preset("tiny", tokensize=13, zoo_dataset="fake-user/zoo")
     model = SaneModel(config).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "sane", metrics={"r2_test_acc": 0.5})
+    model.save_pretrained(tmp_path / "sane")
+    save_model_card(model, tmp_path / "sane", metrics={"r2_test_acc": 0.5})
     (tmp_path / "sane" / "sane_zoo.json").write_text('{"zoo": "metadata"}\n')
 
     assert main(["push", str(tmp_path / "sane"), "fake-user/sane-tiny"]) == 0

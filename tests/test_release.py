@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import sane_hf.models.sane
 from sane_hf import SaneModel, SaneSampler
-from sane_hf.modeling_sane import SaneDecoderModel, SaneEncoderModel
-from sane_hf.zoo_dataset import METADATA_FILE, ZooMetadata
+from sane_hf.models.sane.modeling_sane import SaneDecoderModel, SaneEncoderModel
+from sane_hf.zoo.dataset import ZooMetadata
+from sane_hf.zoo.formats import DATASET_METADATA_FILE
 
 RELEASE = Path(__file__).parent.parent / "checkpoints" / "sane-cnn-mnist"
 
@@ -24,7 +26,7 @@ def test_released_checkpoint_loads_every_weight(model_class):
 
 def test_released_checkpoint_samples_networks_that_classify_mnist_shaped_inputs():
     model = SaneModel.from_pretrained(RELEASE, dtype=torch.float32).eval()
-    metadata = ZooMetadata.from_dict(json.loads((RELEASE / METADATA_FILE).read_text()))
+    metadata = ZooMetadata.from_dict(json.loads((RELEASE / DATASET_METADATA_FILE).read_text()))
     sampler = SaneSampler.from_zoo(model, metadata)
     # Two prompts in normalized token space (noise around the zoo's mean weights): the sampler
     # encodes them, draws from the KDE, decodes, de-normalizes and builds CNN-s networks.
@@ -35,3 +37,12 @@ def test_released_checkpoint_samples_networks_that_classify_mnist_shaped_inputs(
     for network in samples.models:
         logits = network(torch.randn(3, 1, 28, 28))
         assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["configuration_sane.py", "modeling_sane.py"])
+def test_shipped_remote_code_equals_the_package(name):
+    """The remote-code copies next to released weights are the package's model files, verbatim."""
+    source = Path(sane_hf.models.sane.__file__).parent / name
+    assert (RELEASE / name).read_text() == source.read_text(), (
+        f"checkpoints/{RELEASE.name}/{name} differs from src: copy the package file over it"
+    )

@@ -10,11 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sane_hf import build_model
-from sane_hf.alignment import PermutationSpec, apply_permutation, random_permutation
 from sane_hf.cli import main
-from sane_hf.configuration_sane import SaneConfig
-from sane_hf.data import dataset_from_tensors
-from sane_hf.evaluation import (
+from sane_hf.downstream.evaluation import (
     accuracy,
     accuracy_score,
     evaluate_samples,
@@ -22,8 +19,7 @@ from sane_hf.evaluation import (
     random_batches,
     scratch_models,
 )
-from sane_hf.modeling_sane import SaneModel
-from sane_hf.sampling import (
+from sane_hf.downstream.sampling import (
     SaneSampler,
     condition_batchnorm,
     draw_latents,
@@ -34,8 +30,12 @@ from sane_hf.sampling import (
     select_prompts,
     split_token_chunks,
 )
-from sane_hf.zoo import data_order, fine_tune_population
-from sane_hf.zoo_dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.weights.alignment import PermutationSpec, apply_permutation, random_permutation
+from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+from sane_hf.zoo.tasks import dataset_from_tensors
+from sane_hf.zoo.training import data_order, fine_tune_population
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo, write_raw_zoo
 from synthetic_zoo import template as synthetic_template
 

@@ -7,7 +7,7 @@ import transformers
 from torch import nn
 
 from sane_hf import TokenizedWeights, WeightLayout, WeightTokenizer
-from sane_hf.architectures import build_model
+from sane_hf.zoo.architectures import build_model
 
 
 class Mixed(nn.Module):

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sane_hf import ZooConfig, build_model, load_dataset_by_name, register_architecture, train_zoo
-from sane_hf.architectures import ACTIVATIONS
 from sane_hf.cli import main
-from sane_hf.zoo import (
+from sane_hf.zoo.architectures import ACTIVATIONS
+from sane_hf.zoo.training import (
     _ChunkTrainer,
     _GroupedSequential,
     data_order,

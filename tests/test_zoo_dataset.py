@@ -12,17 +12,17 @@ from safetensors.torch import load_file, save_file
 
 from sane_hf import WeightTokenizer, build_model
 from sane_hf.cli import main
-from sane_hf.hub import build_zoo_dataset_card
-from sane_hf.zoo_dataset import (
-    NormalizationStats,
+from sane_hf.hub import push_zoo_dataset
+from sane_hf.weights.normalization import NormalizationStats
+from sane_hf.zoo.card import build_zoo_dataset_card
+from sane_hf.zoo.dataset import (
     build_zoo_dataset,
     load_zoo_dataset,
-    push_zoo_dataset,
     save_zoo_dataset,
     split_models,
     zoo_metadata,
-    zoo_statistics,
 )
+from sane_hf.zoo.statistics import zoo_statistics
 
 NUM_MODELS = 8
 EPOCHS = (0, 1, 2)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from sane_hf import build_model
 from sane_hf.cli import main
-from sane_hf.zoo_import import ImportReport, ZooImportError, import_zoo, load_zoo_metadata
+from sane_hf.zoo.formats import load_zoo_metadata
+from sane_hf.zoo.importing import ImportReport, ZooImportError, import_zoo
 
 EPOCHS = (0, 1, 2)
 

@@ -7,11 +7,11 @@ decoder maps latents back to tokens, and a projection head pools the latents of 
 contrastive loss between two augmented views.
 
 This file is copied next to the weights by `save_pretrained` so that checkpoints load with
-`trust_remote_code=True` where sane-hf is not installed: it imports nothing from `sane_hf`
-except, lazily and optionally, `sane_hf.hub` for model cards.
+`trust_remote_code=True` where sane-hf is not installed: it imports nothing from `sane_hf`.
+`save_pretrained` and `push_to_hub` are transformers' own; SANE's model card is written by the
+free functions of `sane_hf.hub`.
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -380,22 +380,8 @@ class SaneProjectionHead(nn.Module):
         return self.fc2(self.activation(self.fc1(pooled)))
 
 
-def _import_sane_hub():
-    """`sane_hf.hub` (model cards), or None where this file runs as remote code without sane-hf.
-
-    Imported lazily and inside `try`: transformers' remote-code loader ignores imports in `try`
-    blocks when it checks that a model file's dependencies are installed.
-    """
-    try:
-        from sane_hf import hub
-    except ImportError:
-        return None
-    return hub
-
-
 class SanePreTrainedModel(PreTrainedModel):
-    """Weight initialization, attention backends, checkpointing and Hub I/O shared by the SANE
-    models. `save_pretrained` and `push_to_hub` also write a SANE model card (README.md)."""
+    """Weight initialization, attention backends and checkpointing shared by the SANE models."""
 
     config_class = SaneConfig
     config: SaneConfig
@@ -441,46 +427,6 @@ class SanePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        *,
-        metrics: dict[str, float] | None = None,
-        repo_id: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Save weights (safetensors) and config like transformers, plus a model card README.md.
-
-        Args:
-            metrics: evaluation results (name -> value) for the card's model-index; they need
-                `config.zoo_dataset`.
-            repo_id: Hub id the folder is meant for, used in the card's usage example.
-        """
-        if kwargs.get("push_to_hub"):
-            raise ValueError(
-                "save_pretrained(push_to_hub=True) would upload transformers' generic model card; "
-                "call model.push_to_hub(repo_id) instead"
-            )
-        super().save_pretrained(save_directory, is_main_process, **kwargs)
-        if not is_main_process:
-            return
-        hub = _import_sane_hub()
-        if hub is not None:
-            hub.save_model_card(self, save_directory, metrics=metrics, repo_id=repo_id)
-        elif metrics is not None:
-            raise ImportError("writing metrics into the model card needs the sane-hf package")
-
-    def push_to_hub(self, repo_id: str, *, metrics: dict[str, float] | None = None, **kwargs):
-        """Upload to the Hub with a SANE model card (`library_name: sane-hf`), which replaces any
-        card already in the repo. Keyword arguments as `PreTrainedModel.push_to_hub`."""
-        hub = _import_sane_hub()
-        if hub is not None:
-            return hub.push_model_to_hub(self, repo_id, metrics=metrics, **kwargs)
-        if metrics is not None:
-            raise ImportError("writing metrics into the model card needs the sane-hf package")
-        return super().push_to_hub(repo_id, **kwargs)
 
 
 class SaneModel(SanePreTrainedModel):

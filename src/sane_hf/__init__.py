@@ -1,135 +1,172 @@
-"""sane-hf: SANE weight-space learning as a Hugging Face-style pretrained model package."""
+"""sane-hf: SANE weight-space learning as a Hugging Face-style pretrained model package.
 
-from transformers import AutoConfig, AutoModel
+The package follows the data: ``weights`` (tokens, normalization, alignment) -> ``zoo`` (training,
+import, datasets) -> ``models`` (SaneConfig, SaneModel) -> ``hub`` -> ``pretraining`` ->
+``downstream`` (embeddings, probes, sampling) -> ``recipes`` (experiments, demo) -> ``cli``.
+Lower layers never import higher ones (an import-linter contract in pyproject.toml checks it).
 
-from .alignment import (
-    AlignmentResult,
-    PermutationSpec,
-    align,
-    apply_permutation,
-    random_permutation,
-)
-from .architectures import build_model, initialize, list_architectures, register_architecture
-from .augmentation import TokenPermutation, WindowSampler
-from .configuration_sane import SaneConfig
-from .data import ImageDataset, dataset_from_tensors, load_dataset_by_name
-from .demo import DemoConfig, run_demo
-from .embedding import Embeddings, decode_latents, embed, encode_tokens
-from .evaluation import SampleEvaluation, evaluate_samples, scratch_models
-from .experiments import SamplingMethod, SamplingResults, SamplingSettings, compare_sampling
-from .modeling_sane import (
-    SaneDecoderModel,
-    SaneDecoderOutput,
-    SaneEncoderModel,
-    SaneEncoderOutput,
-    SaneModel,
-    SaneModelOutput,
-    SanePreTrainedModel,
-)
-from .pretraining import PretrainingConfig, pretrain
-from .probing import (
-    LogisticProbe,
-    ProbeReport,
-    RidgeProbe,
-    SaneForPropertyPrediction,
-    probe_features,
-    probe_zoo,
-    weight_statistics,
-)
-from .sampling import (
-    NoveltyReport,
-    SampledModels,
-    SaneSampler,
-    condition_batchnorm,
-    draw_latents,
-    novelty_report,
-    select_prompts,
-)
-from .tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
-from .zoo import ZooConfig, fine_tune_population, train_zoo
-from .zoo_dataset import (
-    NormalizationStats,
-    ZooDataset,
-    ZooMetadata,
-    build_zoo_dataset,
-    load_zoo_dataset,
-    push_zoo_dataset,
-    save_zoo_dataset,
-)
-from .zoo_import import ImportReport, ZooImportError, import_zoo
+The public API is re-exported here lazily, as transformers and timm do: ``import sane_hf``
+imports no heavy dependency (torch, transformers, datasets, ...); a name is imported from its
+module the first time it is used. Importing ``SaneConfig`` registers the "sane" model type with
+``AutoConfig``/``AutoModel``.
+"""
 
-# `AutoConfig`/`AutoModel` resolve "sane" checkpoints once sane_hf is imported.
-AutoConfig.register("sane", SaneConfig, exist_ok=True)
-AutoModel.register(SaneConfig, SaneModel, exist_ok=True)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AlignmentResult",
-    "DemoConfig",
-    "Embeddings",
-    "ImageDataset",
-    "ImportReport",
-    "LogisticProbe",
-    "NormalizationStats",
-    "NoveltyReport",
-    "PermutationSpec",
-    "PretrainingConfig",
-    "ProbeReport",
-    "RidgeProbe",
-    "SampleEvaluation",
-    "SampledModels",
-    "SamplingMethod",
-    "SamplingResults",
-    "SamplingSettings",
-    "SaneConfig",
-    "SaneDecoderModel",
-    "SaneDecoderOutput",
-    "SaneEncoderModel",
-    "SaneEncoderOutput",
-    "SaneForPropertyPrediction",
-    "SaneModel",
-    "SaneModelOutput",
-    "SanePreTrainedModel",
-    "SaneSampler",
-    "TokenPermutation",
-    "TokenizedWeights",
-    "WeightLayout",
-    "WeightTokenizer",
-    "WindowSampler",
-    "ZooConfig",
-    "ZooDataset",
-    "ZooImportError",
-    "ZooMetadata",
-    "align",
-    "apply_permutation",
-    "build_model",
-    "build_zoo_dataset",
-    "compare_sampling",
-    "condition_batchnorm",
-    "dataset_from_tensors",
-    "decode_latents",
-    "draw_latents",
-    "embed",
-    "encode_tokens",
-    "evaluate_samples",
-    "fine_tune_population",
-    "import_zoo",
-    "initialize",
-    "list_architectures",
-    "load_dataset_by_name",
-    "load_zoo_dataset",
-    "novelty_report",
-    "pretrain",
-    "probe_features",
-    "probe_zoo",
-    "push_zoo_dataset",
-    "random_permutation",
-    "register_architecture",
-    "run_demo",
-    "save_zoo_dataset",
-    "scratch_models",
-    "select_prompts",
-    "train_zoo",
-    "weight_statistics",
-]
+# module (below sane_hf) -> the public names it defines
+_PUBLIC_API: dict[str, list[str]] = {
+    "weights.tokenization": ["TokenizedWeights", "WeightLayout", "WeightTokenizer"],
+    "weights.normalization": ["NormalizationStats"],
+    "weights.alignment": [
+        "AlignmentResult",
+        "PermutationSpec",
+        "align",
+        "apply_permutation",
+        "random_permutation",
+    ],
+    "zoo.architectures": [
+        "build_model",
+        "initialize",
+        "list_architectures",
+        "register_architecture",
+    ],
+    "zoo.tasks": ["ImageDataset", "dataset_from_tensors", "load_dataset_by_name"],
+    "zoo.training": ["ZooConfig", "fine_tune_population", "train_zoo"],
+    "zoo.importing": ["ImportReport", "ZooImportError", "import_zoo"],
+    "zoo.dataset": [
+        "ZooDataset",
+        "ZooMetadata",
+        "build_zoo_dataset",
+        "load_zoo_dataset",
+        "save_zoo_dataset",
+    ],
+    "models.sane.configuration_sane": ["SaneConfig"],
+    "models.sane.modeling_sane": [
+        "SaneDecoderModel",
+        "SaneDecoderOutput",
+        "SaneEncoderModel",
+        "SaneEncoderOutput",
+        "SaneModel",
+        "SaneModelOutput",
+        "SanePreTrainedModel",
+    ],
+    "hub": ["push_zoo_dataset"],
+    "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
+    "pretraining.loop": ["PretrainingConfig", "pretrain"],
+    "downstream.embedding": ["Embeddings", "decode_latents", "embed", "encode_tokens"],
+    "downstream.probing": [
+        "LogisticProbe",
+        "ProbeReport",
+        "RidgeProbe",
+        "SaneForPropertyPrediction",
+        "probe_features",
+        "probe_zoo",
+        "weight_statistics",
+    ],
+    "downstream.sampling": [
+        "NoveltyReport",
+        "SampledModels",
+        "SaneSampler",
+        "condition_batchnorm",
+        "draw_latents",
+        "novelty_report",
+        "select_prompts",
+    ],
+    "downstream.evaluation": ["SampleEvaluation", "evaluate_samples", "scratch_models"],
+    "recipes.experiments": [
+        "SamplingMethod",
+        "SamplingResults",
+        "SamplingSettings",
+        "compare_sampling",
+    ],
+    "recipes.demo": ["DemoConfig", "run_demo"],
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC_API.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sane_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sane_hf.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from sane_hf.downstream.embedding import Embeddings, decode_latents, embed, encode_tokens
+    from sane_hf.downstream.evaluation import SampleEvaluation, evaluate_samples, scratch_models
+    from sane_hf.downstream.probing import (
+        LogisticProbe,
+        ProbeReport,
+        RidgeProbe,
+        SaneForPropertyPrediction,
+        probe_features,
+        probe_zoo,
+        weight_statistics,
+    )
+    from sane_hf.downstream.sampling import (
+        NoveltyReport,
+        SampledModels,
+        SaneSampler,
+        condition_batchnorm,
+        draw_latents,
+        novelty_report,
+        select_prompts,
+    )
+    from sane_hf.hub import push_zoo_dataset
+    from sane_hf.models.sane.configuration_sane import SaneConfig
+    from sane_hf.models.sane.modeling_sane import (
+        SaneDecoderModel,
+        SaneDecoderOutput,
+        SaneEncoderModel,
+        SaneEncoderOutput,
+        SaneModel,
+        SaneModelOutput,
+        SanePreTrainedModel,
+    )
+    from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
+    from sane_hf.pretraining.loop import PretrainingConfig, pretrain
+    from sane_hf.recipes.demo import DemoConfig, run_demo
+    from sane_hf.recipes.experiments import (
+        SamplingMethod,
+        SamplingResults,
+        SamplingSettings,
+        compare_sampling,
+    )
+    from sane_hf.weights.alignment import (
+        AlignmentResult,
+        PermutationSpec,
+        align,
+        apply_permutation,
+        random_permutation,
+    )
+    from sane_hf.weights.normalization import NormalizationStats
+    from sane_hf.weights.tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
+    from sane_hf.zoo.architectures import (
+        build_model,
+        initialize,
+        list_architectures,
+        register_architecture,
+    )
+    from sane_hf.zoo.dataset import (
+        ZooDataset,
+        ZooMetadata,
+        build_zoo_dataset,
+        load_zoo_dataset,
+        save_zoo_dataset,
+    )
+    from sane_hf.zoo.importing import ImportReport, ZooImportError, import_zoo
+    from sane_hf.zoo.tasks import ImageDataset, dataset_from_tensors, load_dataset_by_name
+    from sane_hf.zoo.training import ZooConfig, fine_tune_population, train_zoo

@@ -1,37 +1,39 @@
-"""Hugging Face Hub integration: model cards, pushing SANE models with their card, zoo dataset cards.
+"""Hugging Face Hub integration as free functions (timm's `_hub.py`): model cards and pushes.
 
-`SanePreTrainedModel.save_pretrained` and `.push_to_hub` call into this module. It lives outside
-`modeling_sane.py` because that file is copied next to the weights for `trust_remote_code`
-loading and must work without sane-hf installed; card writing is optional there.
+The model files never import this module: they are copied next to the weights for
+`trust_remote_code` loading and must work without sane-hf installed, so `save_pretrained` and
+`push_to_hub` stay transformers' own and the SANE card is written here.
 
 transformers' own `push_to_hub` keeps an existing card or writes one with
 `library_name: transformers`; `push_model_to_hub` uploads our card instead, every time.
 """
 
-import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from datasets import DatasetDict
 from huggingface_hub import (
     CommitInfo,
+    CommitOperationAdd,
     DatasetCard,
-    DatasetCardData,
     EvalResult,
     HfApi,
     ModelCard,
     ModelCardData,
 )
 
-from .configuration_sane import SaneConfig
-from .modeling_sane import SanePreTrainedModel
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import SanePreTrainedModel
+from sane_hf.zoo.card import build_zoo_dataset_card
+from sane_hf.zoo.dataset import ZooDataset, as_splits, load_zoo_dataset
+from sane_hf.zoo.formats import DATASET_METADATA_FILE
 
 if TYPE_CHECKING:
-    from .zoo_dataset import ZooMetadata
+    pass
 
 LIBRARY_NAME = "sane-hf"
 MODEL_TAGS = ("sane", "weight-space-learning", "hyper-representations", "model-zoo")
@@ -137,9 +139,8 @@ def push_model_to_hub(
     if tags:
         model.add_model_tags(tags)
     with tempfile.TemporaryDirectory() as work_dir:
-        model.save_pretrained(
-            work_dir, max_shard_size=max_shard_size, metrics=metrics, repo_id=repo_id
-        )
+        model.save_pretrained(work_dir, max_shard_size=max_shard_size)
+        save_model_card(model, work_dir, metrics=metrics, repo_id=repo_id)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=work_dir,
@@ -187,12 +188,10 @@ def push_folder(
 
     A model folder is uploaded as it is (weights, config, remote code, card, ``sane_zoo.json``).
     A zoo dataset folder (``save_zoo_dataset``) is converted to the Hub's parquet layout by
-    `sane_hf.zoo_dataset.push_zoo_dataset`, so ``load_zoo_dataset(repo_id)`` works on the repo.
+    `sane_hf.zoo.dataset.push_zoo_dataset`, so ``load_zoo_dataset(repo_id)`` works on the repo.
     """
-    from .zoo_dataset import METADATA_FILE, load_zoo_dataset, push_zoo_dataset
-
     folder = Path(folder)
-    if (folder / METADATA_FILE).is_file() and (folder / "dataset_dict.json").is_file():
+    if (folder / DATASET_METADATA_FILE).is_file() and (folder / "dataset_dict.json").is_file():
         return push_zoo_dataset(
             load_zoo_dataset(folder),
             repo_id,
@@ -203,7 +202,7 @@ def push_folder(
     if not (folder / "config.json").is_file():
         raise ValueError(
             f"{folder} is neither a SANE model folder (config.json from save_pretrained) nor a "
-            f"zoo dataset folder ({METADATA_FILE} and dataset_dict.json from save_zoo_dataset)"
+            f"zoo dataset folder ({DATASET_METADATA_FILE} and dataset_dict.json from save_zoo_dataset)"
         )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -214,143 +213,38 @@ def push_folder(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset cards for zoo datasets (`sane_hf.zoo_dataset`)
-
-
-ZOO_DATASET_TAGS = ("sane", "model-zoo", "weight-space-learning", "neural-network-weights")
-COLUMN_DOCS = {
-    "model_id": "network id; all checkpoints of one network share it (and one split)",
-    "epoch": "training epoch of the checkpoint (0 = initialization)",
-    "tokens": "normalized weight tokens `[N, T]`; `ZooMetadata.decode` gives the state_dict",
-    "positions": "`[N, 3]` (global token index, layer index, row index)",
-    "counts": "real values per token; the padding mask is `arange(T) < counts[:, None]`",
-    "seed": "training seed of the network",
-    "ggap": "generalization gap, train_acc - test_acc",
-    "hyperparameters": "training hyperparameters of the network",
-}
-
-
-def _size_category(count: int) -> str:
-    for limit, name in ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K")):
-        if count < limit:
-            return name
-    return "100K<n<1M" if count < 10**6 else "n>1M"
-
-
-def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def build_zoo_dataset_card(
-    metadata: "ZooMetadata",
+def push_zoo_dataset(
+    dataset: DatasetDict | ZooDataset,
+    repo_id: str,
     *,
-    repo_id: str | None = None,
-    card_data: DatasetCardData | None = None,
-) -> DatasetCard:
-    """A dataset card for a zoo dataset: architecture, data, protocol and property statistics.
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload zoo dataset with sane-hf",
+) -> CommitInfo:
+    """Push the splits (parquet), then ``sane_zoo.json`` and the dataset card in one commit.
 
-    ``card_data`` (e.g. the metadata ``push_to_hub`` wrote: ``configs``, ``dataset_info``) is
-    kept and completed with a name, tags and a size category.
+    The card keeps the ``configs``/``dataset_info`` metadata that ``push_to_hub`` wrote, so
+    ``datasets.load_dataset(repo_id)`` and `load_zoo_dataset` both work on the repo.
     """
-    from .zoo_dataset import METADATA_FILE  # zoo_dataset imports this module
-
-    zoo, statistics, layout = metadata.zoo, metadata.statistics, metadata.layout
-    architecture = zoo["architecture"]
-    name = f"{architecture} zoo on {zoo.get('dataset', 'an unnamed dataset')}"
-    card_data = card_data or DatasetCardData()
-    card_data.pretty_name = name
-    card_data.tags = list(
-        dict.fromkeys([*ZOO_DATASET_TAGS, architecture, *(card_data.get("tags") or [])])
-    )
-    card_data.size_categories = [_size_category(statistics["num_checkpoints"])]
-    if "license" in zoo:
-        card_data.license = zoo["license"]
-
-    build_arguments = ", ".join(
-        [repr(architecture), *(f"{k}={v!r}" for k, v in zoo.get("architecture_kwargs", {}).items())]
-    )
-    num_parameters = sum(
-        math.prod(spec.shape) for layer in layout.layers for spec in layer.parameters
-    )
-    alignment = metadata.alignment
-    if alignment["aligned"]:
-        epoch = alignment["alignment_epoch"]
-        aligned = (
-            f"every network is permuted onto `{alignment['reference_model_id']}` (epoch "
-            f"{alignment['reference_epoch']}) by weight matching; the permutation of a network is "
-            f"found on its {'last' if epoch is None else f'epoch-{epoch}'} checkpoint and applied "
-            "to all its checkpoints (permutations do not change what a network computes)"
-        )
-    else:
-        aligned = "none (networks keep their own hidden-unit order)"
-    split = metadata.split
-    protocol_keys = [key for key in zoo if key not in ("architecture", "architecture_kwargs")]
-    per_epoch = [
-        (
-            row["epoch"],
-            row["checkpoints"],
-            *(f"{row['test_acc'][stat]:.4f}" for stat in ("mean", "std", "min", "max")),
-            f"{row['train_acc']['mean']:.4f}",
-        )
-        for row in statistics["per_epoch"]
+    splits, metadata = as_splits(dataset)
+    splits.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
+    existing = DatasetCard.load(repo_id, repo_type="dataset", token=token).data
+    card = build_zoo_dataset_card(metadata, repo_id=repo_id, card_data=existing)
+    operations = [
+        CommitOperationAdd("README.md", str(card).encode()),
+        CommitOperationAdd(DATASET_METADATA_FILE, (metadata.to_json() + "\n").encode()),
     ]
-    load_from = repo_id or "path/to/saved/zoo"
-    sections = [
-        f"# {name}",
-        f"A population of {statistics['num_models']} `{architecture}` networks "
-        f"({statistics['num_checkpoints']} checkpoints), stored as weight tokens for SANE "
-        "([Schürholt et al., ICML 2024](https://arxiv.org/abs/2406.09997)) with sane-hf. "
-        "One row per checkpoint.",
-        "## Architecture",
-        f"- `build_model({build_arguments})`: "
-        f"{num_parameters:,} tokenized parameters\n"
-        f"- {layout.num_tokens} tokens of {layout.tokensize} values per checkpoint, "
-        f"{layout.num_layers} layers",
-        "## Data",
-        "\n".join(f"- {key}: `{json.dumps(zoo[key])}`" for key in protocol_keys),
-        "## Preprocessing",
-        f"- split {'/'.join(str(round(100 * f)) for f in split['fractions'])} **by network** "
-        f"(seed {split['seed']}): all checkpoints of a network are in one split\n"
-        f"- alignment: {aligned}\n"
-        "- normalization: per-parameter mean and std of the **training split only**, stored in "
-        f"`{METADATA_FILE}` to de-normalize generated weights\n"
-        f"- tokenizer: token size {metadata.tokenizer['tokensize']}, normalization layers "
-        f"{'included' if metadata.tokenizer['include_norm'] else 'left out'}; "
-        f"tokens stored as {metadata.tokenizer['dtype']}",
-        "## Splits",
-        _markdown_table(
-            ("split", "networks", "checkpoints"),
-            ((s, c["models"], c["checkpoints"]) for s, c in statistics.get("splits", {}).items()),
-        ),
-        "## Test accuracy per epoch",
-        _markdown_table(
-            ("epoch", "checkpoints", "mean", "std", "min", "max", "train acc mean"), per_epoch
-        ),
-        "## Columns",
-        "\n".join(f"- `{column}`: {doc}" for column, doc in COLUMN_DOCS.items())
-        + "\n- `train_loss`, `train_acc`, `val_loss`, `val_acc`, `test_loss`, `test_acc`: "
-        "properties of the checkpoint (accuracies are fractions)",
-        "## Usage",
-        "```python\nfrom sane_hf import load_zoo_dataset\n\n"
-        f"zoo = load_zoo_dataset({load_from!r})\n"
-        'row = zoo.splits["train"].with_format("torch")[0]\n'
-        'state_dict = zoo.metadata.decode(row["tokens"])  # de-normalized weights\n'
-        'model = zoo.metadata.build_model(row["hyperparameters"])\n'
-        "model.load_state_dict(state_dict)\n```",
-    ]
-    return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    return HfApi(token=token).create_commit(
+        repo_id, operations, commit_message=commit_message, repo_type="dataset"
+    )
 
 
 __all__ = [
     "LIBRARY_NAME",
     "MODEL_TAGS",
-    "ZOO_DATASET_TAGS",
     "build_model_card",
-    "build_zoo_dataset_card",
     "push_folder",
     "push_model_to_hub",
+    "push_zoo_dataset",
     "save_model_card",
 ]

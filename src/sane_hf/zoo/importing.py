@@ -2,7 +2,7 @@
 
 Published zoos come in two shapes, and both end up as one raw zoo directory
 (``zoo.json``, ``metadata.jsonl``, ``checkpoints/*.safetensors``) that the dataset builder
-(`sane_hf.zoo_dataset`) reads:
+(`sane_hf.zoo.dataset`) reads:
 
 - the Model Zoos / Ray Tune trial layout: one folder per model with ``params.json`` (the trial
   config), ``result.json`` (JSON lines, one per epoch) and ``checkpoint_<epoch>/checkpoints``
@@ -25,21 +25,27 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .architectures import build_model
+from sane_hf.zoo.architectures import build_model
+from sane_hf.zoo.formats import (
+    RAW_METADATA_FILE,
+    ZOO_FILE,
+    atomic_save_safetensors,
+    atomic_write_text,
+    checkpoint_file_name,
+    load_zoo_info,
+    load_zoo_metadata,
+    read_json_lines,
+)
 
-METADATA_FILE = "metadata.jsonl"
-ZOO_FILE = "zoo.json"
-CHECKPOINT_DIR = "checkpoints"
 REPORT_FILE = "import_report.json"
 PROGRESS_DIR = ".import_progress"
 
@@ -135,55 +141,6 @@ class ImportReport:
             lines.append(f"skipped {len(self.skipped)} items:")
             lines += [f"  - {item.message}" for item in self.skipped]
         return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
-        file.write(text)
-        temporary = Path(file.name)
-    os.replace(temporary, path)
-
-
-def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file`` through a temporary file (a crash leaves no half file)."""
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({key: value.contiguous() for key, value in state_dict.items()}, temporary)
-    os.replace(temporary, path)
-
-
-def checkpoint_file_name(model_id: str, epoch: int) -> str:
-    """Path of a checkpoint inside a raw zoo directory, as written in ``metadata.jsonl``."""
-    return f"{CHECKPOINT_DIR}/{model_id}_epoch_{epoch:03d}.safetensors"
-
-
-def load_zoo_info(raw_zoo_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``zoo.json`` of a raw zoo directory."""
-    path = Path(raw_zoo_dir) / ZOO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a raw zoo directory needs a {ZOO_FILE}")
-    return json.loads(path.read_text())
-
-
-def load_zoo_metadata(raw_zoo_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read ``metadata.jsonl`` of a raw zoo directory: one dict per checkpoint, in file order."""
-    path = Path(raw_zoo_dir) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a raw zoo directory needs a {METADATA_FILE}")
-    return read_json_lines(path)
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
-    return records
 
 
 def architecture_signature(architecture: str, architecture_kwargs: dict) -> dict[str, tuple]:
@@ -393,7 +350,7 @@ class _ZooWriter:
 
     def _load_state(self) -> _ImportState:
         state = _ImportState()
-        if (self.output / METADATA_FILE).is_file():
+        if (self.output / RAW_METADATA_FILE).is_file():
             for record in load_zoo_metadata(self.output):
                 state.records.setdefault(record["model_id"], []).append(record)
             if (self.output / REPORT_FILE).is_file():
@@ -470,7 +427,7 @@ class _ZooWriter:
         self.report.models = dict(sorted(self.report.models.items()))
         self.report.skipped = resumed_skips + self.report.skipped
         atomic_write_text(
-            self.output / METADATA_FILE, "".join(json.dumps(r) + "\n" for r in records)
+            self.output / RAW_METADATA_FILE, "".join(json.dumps(r) + "\n" for r in records)
         )
         atomic_write_text(self.output / ZOO_FILE, json.dumps(zoo_info, indent=2) + "\n")
         self.report.save(self.output / REPORT_FILE)
@@ -592,7 +549,7 @@ def _import_safetensors_folder(source: Path, writer: _ZooWriter, progress: bool)
     lines_by_model: dict[str, list[tuple[int, dict]]] = {}
     for number, line in enumerate(load_zoo_metadata(source), start=1):
         if not isinstance(line.get("model_id"), str):
-            writer.skip(SkippedItem(f"{METADATA_FILE} line {number}", "no model_id"))
+            writer.skip(SkippedItem(f"{RAW_METADATA_FILE} line {number}", "no model_id"))
             continue
         lines_by_model.setdefault(line["model_id"], []).append((number, line))
     for model_id in tqdm(sorted(lines_by_model), desc="importing models", disable=not progress):
@@ -605,7 +562,7 @@ def _import_safetensors_folder(source: Path, writer: _ZooWriter, progress: bool)
 
 
 def _import_safetensors_line(source: Path, number: int, line: dict, model: _ModelImport) -> None:
-    where = f"{METADATA_FILE} line {number}"
+    where = f"{RAW_METADATA_FILE} line {number}"
     epoch, seed, file = line.get("epoch"), line.get("seed"), line.get("file")
     try:
         for name, value, kind in (("epoch", epoch, int), ("seed", seed, int), ("file", file, str)):
@@ -677,7 +634,7 @@ def import_zoo(
         raise FileNotFoundError(f"zoo source {source} is not a directory")
     if output.resolve() == source.resolve():
         raise ValueError(f"import into a new directory, not into the source {source} itself")
-    source_layout = "safetensors" if (source / METADATA_FILE).is_file() else "ray_tune"
+    source_layout = "safetensors" if (source / RAW_METADATA_FILE).is_file() else "ray_tune"
     info = _resolve_zoo_info(source, source_layout, architecture, architecture_kwargs, zoo_info)
     report = ImportReport(source=str(source), output=str(output), source_layout=source_layout)
     writer = _ZooWriter(output, report, info, strict)

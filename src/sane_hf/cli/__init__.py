@@ -52,7 +52,7 @@ def _add_zoo_train_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_train(args) -> int:
-    from .zoo import ZooConfig, train_zoo
+    from sane_hf.zoo.training import ZooConfig, train_zoo
 
     values = ZooConfig.from_file(args.config).to_dict() if args.config else {}
     for name in (
@@ -108,7 +108,7 @@ def _add_zoo_import_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_import(args) -> int:
-    from .zoo_import import ZooImportError, import_zoo
+    from sane_hf.zoo.importing import ZooImportError, import_zoo
 
     try:
         report = import_zoo(
@@ -151,13 +151,9 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_build(args) -> int:
-    from .zoo_dataset import (
-        build_zoo_dataset,
-        format_zoo_statistics,
-        push_zoo_dataset,
-        save_zoo_dataset,
-        zoo_metadata,
-    )
+    from sane_hf.hub import push_zoo_dataset
+    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+    from sane_hf.zoo.statistics import format_zoo_statistics
 
     if args.output is None and args.push_to_hub is None:
         print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
@@ -197,12 +193,8 @@ def _add_zoo_info_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_info(args) -> int:
-    from .zoo_dataset import (
-        format_zoo_statistics,
-        load_zoo_records,
-        plot_zoo_accuracy,
-        zoo_statistics,
-    )
+    from sane_hf.zoo.dataset import load_zoo_records
+    from sane_hf.zoo.statistics import format_zoo_statistics, plot_zoo_accuracy, zoo_statistics
 
     zoo, records, splits = load_zoo_records(args.path)
     print(format_zoo_statistics(zoo_statistics(records, splits), zoo))
@@ -218,7 +210,7 @@ ZOO_COMMANDS.append(_add_zoo_info_command)
 
 
 def _add_pretrain_command(subparsers) -> None:
-    from .pretraining import build_argument_parser
+    from sane_hf.pretraining.loop import build_argument_parser
 
     parser = subparsers.add_parser(
         "pretrain",
@@ -232,7 +224,7 @@ def _add_pretrain_command(subparsers) -> None:
 
 
 def _run_pretrain(args) -> int:
-    from .pretraining import run
+    from sane_hf.pretraining.loop import run
 
     summary = run(args)
     print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
@@ -292,9 +284,9 @@ def _add_probe_command(subparsers) -> None:
 def _run_probe(args) -> int:
     from pathlib import Path
 
-    from .modeling_sane import SaneEncoderModel
-    from .probing import probe_zoo
-    from .zoo_dataset import load_zoo_dataset
+    from sane_hf.downstream.probing import probe_zoo
+    from sane_hf.models.sane.modeling_sane import SaneEncoderModel
+    from sane_hf.zoo.dataset import load_zoo_dataset
 
     if args.plot and not args.output_dir:
         raise SystemExit("error: --plot needs --output-dir")
@@ -353,7 +345,7 @@ def _add_sample_command(subparsers) -> None:
         "--mode",
         choices=("shared", "joint", "token"),
         default="shared",
-        help="KDE mode (see sane_hf.sampling)",
+        help="KDE mode (see sane_hf.downstream.sampling)",
     )
     parser.add_argument(
         "--bandwidth", type=float, default=0.2, help="KDE bandwidth in latent units"
@@ -393,11 +385,11 @@ def _add_sample_command(subparsers) -> None:
 def _run_sample(args) -> int:
     import torch
 
-    from .evaluation import load_task_dataset
-    from .experiments import zoo_prompts
-    from .modeling_sane import SaneModel
-    from .sampling import SaneSampler, select_prompts
-    from .zoo_dataset import load_zoo_dataset
+    from sane_hf.downstream.evaluation import load_task_dataset
+    from sane_hf.downstream.sampling import SaneSampler, select_prompts
+    from sane_hf.models.sane.modeling_sane import SaneModel
+    from sane_hf.recipes.experiments import zoo_prompts
+    from sane_hf.zoo.dataset import load_zoo_dataset
 
     model = SaneModel.from_pretrained(args.model).to(_device(args)).eval()
     zoo = load_zoo_dataset(args.dataset)
@@ -437,7 +429,7 @@ def _draw_samples(args, sampler, prompts, task):
     """Plain KDE sampling, or subsampling/bootstrapping scored on training data."""
     import torch
 
-    from .evaluation import accuracy_score, random_batches
+    from sane_hf.downstream.evaluation import accuracy_score, random_batches
 
     norms = [
         m
@@ -478,7 +470,7 @@ def _save_samples(samples, output_dir: str) -> None:
 
 def _novelty(sampler, samples, zoo, prompts, rows, from_training_split: bool) -> dict:
     """Distances of samples, and of prompts to other models, to the nearest training model."""
-    from .sampling import model_groups, novelty_report, split_token_chunks
+    from sane_hf.downstream.sampling import model_groups, novelty_report, split_token_chunks
 
     train = zoo.splits["train"]
     groups = model_groups(train)
@@ -496,7 +488,7 @@ def _novelty(sampler, samples, zoo, prompts, rows, from_training_split: bool) ->
 
 def _evaluate(args, sampler, samples, task, hyperparameters) -> dict:
     """Fine-tune samples and from-scratch networks with the prompts' recipe; table and plot."""
-    from .evaluation import evaluate_samples, scratch_models
+    from sane_hf.downstream.evaluation import evaluate_samples, scratch_models
 
     init = hyperparameters.get("init") or "default"
     scratch = scratch_models(sampler.template, len(samples), init, args.seed)
@@ -538,7 +530,7 @@ def _add_demo_command(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from sane_hf.recipes.demo import DemoConfig, run_demo
 
     run_demo(args.output_dir, DemoConfig.quick() if args.quick else DemoConfig())
     return 0
@@ -560,7 +552,7 @@ def _add_push_command(subparsers) -> None:
 
 
 def _run_push(args) -> int:
-    from .hub import push_folder
+    from sane_hf.hub import push_folder
 
     try:
         commit = push_folder(

@@ -59,7 +59,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import platform
 import shutil
 from collections.abc import Iterator, Sequence
@@ -70,13 +69,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from .architectures import ACTIVATIONS, INITIALIZATIONS, build_model, initialize
-from .data import ImageDataset, load_dataset_by_name
+from sane_hf.zoo.architectures import ACTIVATIONS, INITIALIZATIONS, build_model, initialize
+from sane_hf.zoo.formats import (
+    CHECKPOINT_DIR,
+    RAW_METADATA_FILE,
+    ZOO_FILE,
+    atomic_save_safetensors,
+    atomic_write_text,
+)
+from sane_hf.zoo.tasks import ImageDataset, load_dataset_by_name
 
 SEED_ZOO_HYPERPARAMETERS: dict[str, Any] = {
     "activation": "tanh",
@@ -815,7 +821,7 @@ class _ChunkTrainer:
         tensors = {k: v.cpu() for k, v in {**self.params, **self.buffers}.items()}
         for i, spec in enumerate(self.specs):
             file = f"checkpoints/{spec.model_id}_epoch_{self.epoch:03d}.safetensors"
-            _atomic_save({k: tensors[k][i] for k in self.state_keys}, output_dir / file)
+            atomic_save_safetensors({k: tensors[k][i] for k in self.state_keys}, output_dir / file)
             record = {
                 "file": file,
                 "model_id": spec.model_id,
@@ -834,7 +840,7 @@ class _ChunkTrainer:
         tensors |= {f"buffer.{k}": v for k, v in self.buffers.items()}
         tensors |= {f"optimizer.{k}": v for k, v in self.optimizer.state.items()}
         tensor_file = state_path.with_name(f"{state_path.name}_epoch_{self.epoch:03d}.safetensors")
-        _atomic_save({k: v.cpu() for k, v in tensors.items()}, tensor_file)
+        atomic_save_safetensors({k: v.cpu() for k, v in tensors.items()}, tensor_file)
         state = {
             "tensors": tensor_file.name,
             "epoch": self.epoch,
@@ -842,7 +848,7 @@ class _ChunkTrainer:
             "model_ids": [s.model_id for s in self.specs],
             "records": self.records,
         }
-        _atomic_write(_state_json(state_path), json.dumps(state))
+        atomic_write_text(_state_json(state_path), json.dumps(state))
         for old in state_path.parent.glob(f"{state_path.name}_epoch_*.safetensors"):
             if old != tensor_file:
                 old.unlink()
@@ -894,7 +900,7 @@ def _zoo_info(
 
 def _start_or_resume(output_dir: Path, info: dict) -> None:
     """Write zoo.json, or check that an existing one describes the same zoo."""
-    zoo_json = output_dir / "zoo.json"
+    zoo_json = output_dir / ZOO_FILE
     if zoo_json.exists():
         previous = json.loads(zoo_json.read_text())
         old, new = previous.get("config", {}), info["config"]
@@ -908,9 +914,9 @@ def _start_or_resume(output_dir: Path, info: dict) -> None:
                 f"{output_dir} holds a zoo trained with a different config (fields {changed or ['dataset']} "
                 "differ); use another output directory or the original config to resume"
             )
-    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (output_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     _state_dir(output_dir).mkdir(exist_ok=True)
-    _atomic_write(zoo_json, json.dumps(info, indent=2))
+    atomic_write_text(zoo_json, json.dumps(info, indent=2))
 
 
 def _state_dir(output_dir: Path) -> Path:
@@ -930,24 +936,14 @@ def _finish_chunk(output_dir: Path, state_path: Path, records: list[dict]) -> No
     all_records = sorted(
         [*_read_metadata(output_dir), *records], key=lambda r: (r["model_id"], r["epoch"])
     )
-    _atomic_write(output_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in all_records))
+    atomic_write_text(
+        output_dir / RAW_METADATA_FILE, "".join(json.dumps(r) + "\n" for r in all_records)
+    )
     for path in state_path.parent.glob(f"{state_path.name}[._]*"):
         path.unlink()
 
 
 def _read_metadata(output_dir: Path) -> Iterator[dict]:
-    path = output_dir / "metadata.jsonl"
+    path = output_dir / RAW_METADATA_FILE
     if path.exists():
         yield from (json.loads(line) for line in path.read_text().splitlines() if line)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ and 5 epochs of fine-tuning, against models trained from scratch with the same b
 freshly initialized ones as the from-scratch baseline): every network is fine-tuned with the same
 optimizer, data and number of epochs, and its test accuracy is recorded after every epoch.
 
-Fine-tuning reuses the zoo trainer (`sane_hf.zoo.fine_tune_population`): all networks of one
+Fine-tuning reuses the zoo trainer (`sane_hf.zoo.training.fine_tune_population`): all networks of one
 structure train together in one vmapped step, so Table 3's 25 epochs for tens of networks take
 seconds on a GPU rather than minutes of a Python loop per network.
 """
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architectures import initialize
-from .data import ImageDataset, load_dataset_by_name
-from .zoo import fine_tune_population, network_structure
+from sane_hf.zoo.architectures import initialize
+from sane_hf.zoo.tasks import ImageDataset, load_dataset_by_name
+from sane_hf.zoo.training import fine_tune_population, network_structure
 
 
 @dataclass
@@ -155,13 +155,13 @@ def evaluate_samples(
     """Fine-tune copies of every network of every group the same way; record test accuracy.
 
     Networks of one module structure (usually all of them: samples of one template and their
-    from-scratch twins) are fine-tuned together by `sane_hf.zoo.fine_tune_population`, one
+    from-scratch twins) are fine-tuned together by `sane_hf.zoo.training.fine_tune_population`, one
     training step for all of them.
 
     Args:
         groups: ``{"SANE subsampled": [...], "from scratch": [...]}``: networks per method. The
             networks themselves are not modified.
-        dataset: the task (``sane_hf.data.load_dataset_by_name``); accuracy is on its test split.
+        dataset: the task (``sane_hf.zoo.tasks.load_dataset_by_name``); accuracy is on its test split.
         epochs: fine-tuning epochs; accuracy is recorded at epoch 0 and after each epoch.
         optimizer, lr, weight_decay, batch_size: the training recipe (default: the zoo's).
         seed: seeds the data order; network ``i`` of every group sees the same order.

@@ -37,9 +37,9 @@ from sklearn.metrics import r2_score
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_sane import SaneConfig
-from .embedding import embed
-from .modeling_sane import (
+from sane_hf.downstream.embedding import embed
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import (
     SanePositionEmbeddings,
     SanePreTrainedModel,
     SaneTransformer,

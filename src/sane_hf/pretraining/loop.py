@@ -21,7 +21,7 @@ erasing) is derived from ``(seed, epoch, batch, rank)``, and a checkpoint keeps 
 optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
 resumed with ``--resume-from-checkpoint latest`` (same config, same number of processes) logs
 the same losses as an uninterrupted run. Checkpoint folders hold no pickle: tensors are
-safetensors, the rest JSON (``sane_hf.checkpointing``).
+safetensors, the rest JSON (``sane_hf.pretraining.checkpointing``).
 
 Output folder: ``pretraining_config.yaml``, ``metrics.jsonl`` (training loss terms, learning
 rate, steps/s, tokens/s, the fraction of a measured step spent waiting for data; validation MSE
@@ -59,19 +59,20 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
-from .alignment import PermutationSpec
-from .augmentation import TokenPermutation, WindowBatch, WindowSampler
-from .checkpointing import (
+from sane_hf.hub import save_model_card
+from sane_hf.models.sane.configuration_sane import SaneConfig
+from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.pretraining.augmentation import TokenPermutation, WindowBatch, WindowSampler
+from sane_hf.pretraining.checkpointing import (
     full_model_state_dict,
     load_training_state,
     plain_model,
     save_training_state,
 )
-from .configuration_sane import SaneConfig
-from .modeling_sane import SaneModel
-from .tokenization import WeightLayout
-from .zoo_dataset import METADATA_FILE as ZOO_METADATA_FILE
-from .zoo_dataset import ZooMetadata, load_zoo_dataset
+from sane_hf.weights.alignment import PermutationSpec
+from sane_hf.weights.tokenization import WeightLayout
+from sane_hf.zoo.dataset import ZooMetadata, load_zoo_dataset
+from sane_hf.zoo.formats import DATASET_METADATA_FILE as ZOO_METADATA_FILE
 
 logger = get_logger(__name__)
 
@@ -784,11 +785,10 @@ def save_model(
         is_main_process=accelerator.is_main_process,
         save_function=accelerator.save,
         state_dict=full_model_state_dict(accelerator, model),
-        metrics=card_metrics,
-        repo_id=config.hub_model_id,
     )
     if not accelerator.is_main_process:
         return
+    save_model_card(unwrapped, config.output_dir, metrics=card_metrics, repo_id=config.hub_model_id)
     (Path(config.output_dir) / ZOO_METADATA_FILE).write_text(data.metadata.to_json())
     if config.push_to_hub:
         api = HfApi()

@@ -27,9 +27,7 @@ import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .alignment import align
-from .data import ImageDataset
-from .evaluation import (
+from sane_hf.downstream.evaluation import (
     SampleEvaluation,
     accuracy_score,
     evaluate_samples,
@@ -37,10 +35,8 @@ from .evaluation import (
     random_batches,
     scratch_models,
 )
-from .modeling_sane import SaneModel
-from .pretraining import CONFIG_FILE, SUMMARY_FILE, PretrainingConfig, list_checkpoints, pretrain
-from .probing import ProbeReport, probe_zoo
-from .sampling import (
+from sane_hf.downstream.probing import ProbeReport, probe_zoo
+from sane_hf.downstream.sampling import (
     KDEMode,
     SampledModels,
     SaneSampler,
@@ -49,16 +45,26 @@ from .sampling import (
     select_prompts,
     split_token_chunks,
 )
-from .zoo import ZooConfig, train_zoo
-from .zoo_dataset import (
-    METADATA_FILE,
+from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.pretraining.loop import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    PretrainingConfig,
+    list_checkpoints,
+    pretrain,
+)
+from sane_hf.weights.alignment import align
+from sane_hf.zoo.dataset import (
     ZooDataset,
     build_zoo_dataset,
     load_zoo_dataset,
     load_zoo_records,
-    plot_zoo_accuracy,
     save_zoo_dataset,
 )
+from sane_hf.zoo.formats import DATASET_METADATA_FILE as METADATA_FILE
+from sane_hf.zoo.statistics import plot_zoo_accuracy
+from sane_hf.zoo.tasks import ImageDataset
+from sane_hf.zoo.training import ZooConfig, train_zoo
 
 TABLE1_PROPERTIES = ("test_acc", "epoch", "ggap")
 SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
@@ -132,7 +138,7 @@ def build_dataset_stage(
 
 
 def pretrain_stage(config: PretrainingConfig) -> SaneModel:
-    """Pretrain SANE with `sane_hf.pretraining.pretrain`, resuming from the newest checkpoint of
+    """Pretrain SANE with `sane_hf.pretraining.loop.pretrain`, resuming from the newest checkpoint of
     ``config.output_dir``; a finished run (saved model and summary) is only loaded.
 
     A run started with another config is an error, not silently reused: the saved
@@ -209,7 +215,7 @@ class SamplingMethod:
     ``kind``: ``kde`` (draws around the prompts), ``subsampled`` (draw ``num_candidates``, keep
     the best), ``bootstrapped`` (subsample, then refit the KDE on the kept latents for more
     rounds) or ``prior`` (bootstrapping that starts from Gaussian latents, no prompts).
-    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.sampling`).
+    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.downstream.sampling`).
     """
 
     kind: Literal["kde", "subsampled", "bootstrapped", "prior"]

@@ -40,14 +40,15 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from .architectures import build_model
-from .embedding import decode_latents, encode_tokens
-from .modeling_sane import check_positions
-from .tokenization import WeightLayout, WeightTokenizer
-from .zoo_dataset import standardize_tokens, unstandardize_tokens
+from sane_hf.downstream.embedding import decode_latents, encode_tokens
+from sane_hf.models.sane.modeling_sane import check_positions
+from sane_hf.weights.normalization import standardize_tokens, unstandardize_tokens
+from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
+from sane_hf.zoo.architectures import build_model
 
 if TYPE_CHECKING:
-    from .zoo_dataset import NormalizationStats, ZooMetadata
+    from sane_hf.weights.normalization import NormalizationStats
+    from sane_hf.zoo.dataset import ZooMetadata
 
 KDEMode = Literal["token", "joint", "shared"]
 KDE_MODES: tuple[str, ...] = ("token", "joint", "shared")

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .experiments import (
+from sane_hf.pretraining.loop import SUMMARY_FILE
+from sane_hf.recipes.experiments import (
     SamplingMethod,
     SamplingSettings,
     StageLog,
@@ -43,9 +44,8 @@ from .experiments import (
     r2_table,
     zoo_stage,
 )
-from .pretraining import SUMMARY_FILE
-from .zoo import ZooConfig
-from .zoo_dataset import format_zoo_statistics
+from sane_hf.zoo.statistics import format_zoo_statistics
+from sane_hf.zoo.training import ZooConfig
 
 
 def _default_pretraining() -> dict[str, Any]:

@@ -25,11 +25,11 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling_sane import check_positions, set_position_checks
-from .tokenization import TokenizedWeights, WeightTokenizer
+from sane_hf.models.sane.modeling_sane import check_positions, set_position_checks
+from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
 
 if TYPE_CHECKING:
-    from .zoo_dataset import NormalizationStats
+    from sane_hf.weights.normalization import NormalizationStats
 
 TOKEN_COLUMNS = ("tokens", "positions", "counts")
 
@@ -296,7 +296,7 @@ def embed(
         weights: an ``nn.Module``, a state_dict or ``TokenizedWeights`` of raw weights; or a zoo
             dataset split (``datasets.Dataset`` with ``tokens``/``positions`` columns, already
             normalized). Zoo models are aligned to a reference; align a network to the same
-            reference (``sane_hf.alignment.align``) to embed it the way the zoo was.
+            reference (``sane_hf.weights.alignment.align``) to embed it the way the zoo was.
         normalization: the zoo's training statistics (``metadata.normalization``); required for
             raw weights, which are standardized with them before they are tokenized.
         tokenizer: tokenizes modules and state_dicts; default ``WeightTokenizer(config.tokensize)``

@@ -1,7 +1,7 @@
 """Model zoos as Hugging Face `datasets`: split, aligned, normalized and tokenized once.
 
 `build_zoo_dataset` turns a raw zoo directory (``zoo.json``, ``metadata.jsonl``,
-``checkpoints/*.safetensors``, see `sane_hf.zoo_import`) into a ``DatasetDict`` with one row per
+``checkpoints/*.safetensors``, see `sane_hf.zoo.importing`) into a ``DatasetDict`` with one row per
 checkpoint, so training SANE reads memory-mapped Arrow instead of re-doing the preprocessing:
 
 - split 70/15/15 **by model** (all checkpoints of a model in one split), from sorted model ids
@@ -10,7 +10,7 @@ checkpoint, so training SANE reads memory-mapped Arrow instead of re-doing the p
   matching; the permutation is computed once per model, on one epoch, and applied to all;
 - per-parameter standardization with statistics of the **training split only** (the reference
   implementation computes them per split, which leaks test weights into the inputs);
-- tokenization with `sane_hf.tokenization.WeightTokenizer`.
+- tokenization with `sane_hf.weights.tokenization.WeightTokenizer`.
 
 The layout, the normalization statistics, the zoo description and the preprocessing settings
 travel with the data: as JSON in every split's ``info.description`` and as ``sane_zoo.json``
@@ -33,11 +33,11 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property, partial
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,28 +56,31 @@ from datasets import (
 )
 from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 from huggingface_hub import (
-    CommitInfo,
-    CommitOperationAdd,
-    DatasetCard,
-    HfApi,
     hf_hub_download,
 )
 from safetensors.torch import load_file
-from torch import nn
 from tqdm.auto import tqdm
 
-from .alignment import PermutationSpec, apply_permutation
-from .alignment import align as weight_match
-from .architectures import build_model
-from .hub import build_zoo_dataset_card
-from .tokenization import WeightLayout, WeightTokenizer
-from .zoo_import import atomic_write_text, load_zoo_info, load_zoo_metadata
+from sane_hf.weights.alignment import PermutationSpec, apply_permutation
+from sane_hf.weights.alignment import align as weight_match
+from sane_hf.weights.normalization import (
+    NormalizationStats,
+    standardize_tokens,
+)
+from sane_hf.weights.tokenization import WeightTokenizer
+from sane_hf.zoo.architectures import build_model
+from sane_hf.zoo.card import build_zoo_dataset_card
+from sane_hf.zoo.formats import (
+    DATASET_METADATA_FILE,
+    atomic_write_text,
+    load_zoo_info,
+    load_zoo_metadata,
+)
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, zoo_metadata
+from sane_hf.zoo.statistics import zoo_statistics
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
-METADATA_FILE = "sane_zoo.json"
-METADATA_FORMAT = "sane_hf.ZooDataset"
-METADATA_VERSION = 1
 PROPERTY_COLUMNS = (
     "train_loss",
     "train_acc",
@@ -92,7 +95,6 @@ FIXED_KEYS = ("file", "model_id", "epoch", "seed", *PROPERTY_COLUMNS)
 TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Rows are buffered in memory before Arrow writes them; keep a batch around this size.
 WRITER_BATCH_BYTES = 64 * 2**20
-MIN_STD = 1e-8
 
 
 def split_models(
@@ -118,250 +120,6 @@ def split_models(
         split: sorted(ids[i] for i in order[start:end])
         for split, start, end in zip(SPLITS, bounds[:-1], bounds[1:])
     }
-
-
-def parameter_key_index(layout: WeightLayout) -> tuple[list[str], torch.Tensor]:
-    """For every token value, the index of the parameter it comes from (``-1`` on padding).
-
-    Returns ``(keys, index)`` with ``index`` a long tensor ``[N, T]``. A layer's rows are the
-    concatenation of its parameters' columns (weight columns, then the bias column), cut into
-    tokens of ``T`` values, so the map follows from the layout alone.
-    """
-    keys = [spec.key for layer in layout.layers for spec in layer.parameters]
-    blocks = []
-    for layer in layout.layers:
-        row = torch.full((layer.tokens_per_row * layout.tokensize,), -1, dtype=torch.long)
-        for spec in layer.parameters:
-            start = spec.column_offset
-            row[start : start + spec.columns] = keys.index(spec.key)
-        blocks.append(row.view(layer.tokens_per_row, layout.tokensize).repeat(layer.rows, 1))
-    return keys, torch.cat(blocks)
-
-
-def standardize_tokens(
-    tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(tokens - mean) / std`` in float64 with per-value maps (`NormalizationStats.token_maps`),
-    rounded to the dtype of ``out`` (default: a new tensor like ``tokens``; may be ``tokens``)."""
-    mean, std = mean.to(tokens.device), std.to(tokens.device)
-    return _in_float64_per_sequence(tokens, out, lambda values: values.sub_(mean).div_(std))
-
-
-def unstandardize_tokens(
-    tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``tokens * std + mean`` in float64: the inverse of `standardize_tokens`."""
-    mean, std = mean.to(tokens.device), std.to(tokens.device)
-    return _in_float64_per_sequence(tokens, out, lambda values: values.mul_(std).add_(mean))
-
-
-def _in_float64_per_sequence(
-    tokens: torch.Tensor, out: torch.Tensor | None, update: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Apply the in-place ``update`` to every ``[N, T]`` sequence of ``tokens`` in float64.
-
-    The sequences pass one at a time through a single float64 buffer: a float64 copy of all of
-    them (1.2 GB for ten ResNet-18) costs more in freshly faulted-in memory than the arithmetic,
-    several seconds on a 2-core machine.
-    """
-    if out is None:
-        out = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
-    sequences = zip(tokens.reshape(-1, *tokens.shape[-2:]), out.view(-1, *out.shape[-2:]))
-    buffer = torch.empty(tokens.shape[-2:], dtype=torch.float64, device=tokens.device)
-    for source, target in sequences:
-        target.copy_(update(buffer.copy_(source)))
-    return out
-
-
-@dataclass
-class NormalizationStats:
-    """Mean and standard deviation of every tokenized parameter, over the training checkpoints.
-
-    Standardizing per parameter (not over the whole network) puts layers of very different scale
-    (a 5x5 conv kernel, a 20-unit classifier, BatchNorm running variances) on one scale for the
-    autoencoder; sampled tokens are mapped back with `denormalize_tokens`. A parameter whose
-    values do not vary (std below 1e-8) keeps std 1: it is only centred.
-    """
-
-    mean: dict[str, float]
-    std: dict[str, float]
-
-    @classmethod
-    def from_state_dicts(
-        cls, state_dicts: Iterable[Mapping[str, torch.Tensor]], keys: Sequence[str]
-    ) -> NormalizationStats:
-        """Accumulate the statistics of ``keys`` over ``state_dicts`` (float64 sums, one pass)."""
-        count = dict.fromkeys(keys, 0)
-        total = dict.fromkeys(keys, 0.0)
-        total_squares = dict.fromkeys(keys, 0.0)
-        for state_dict in state_dicts:
-            for key in keys:
-                values = state_dict[key].double()
-                count[key] += values.numel()
-                total[key] += values.sum().item()
-                total_squares[key] += values.square().sum().item()
-        if not all(count.values()):
-            raise ValueError("normalization statistics need at least one checkpoint")
-        mean = {key: total[key] / count[key] for key in keys}
-        std = {}
-        for key in keys:
-            variance = max(total_squares[key] / count[key] - mean[key] ** 2, 0.0)
-            std[key] = math.sqrt(variance) if math.sqrt(variance) >= MIN_STD else 1.0
-        return cls(mean, std)
-
-    def normalize(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(w - mean) / std`` per parameter; tensors without statistics pass through."""
-        return {
-            key: (value - self.mean[key]) / self.std[key] if key in self.mean else value
-            for key, value in state_dict.items()
-        }
-
-    def denormalize(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``w * std + mean`` per parameter: the inverse of `normalize`."""
-        return {
-            key: value * self.std[key] + self.mean[key] if key in self.mean else value
-            for key, value in state_dict.items()
-        }
-
-    def token_maps(self, layout: WeightLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-value mean and std ``[N, T]`` (float64) for ``layout``; padding gets 0 and 1."""
-        keys, index = parameter_key_index(layout)
-        missing = [key for key in keys if key not in self.mean]
-        if missing:
-            raise KeyError(f"no normalization statistics for parameters {missing}")
-        mean = torch.tensor([*(self.mean[key] for key in keys), 0.0], dtype=torch.float64)
-        std = torch.tensor([*(self.std[key] for key in keys), 1.0], dtype=torch.float64)
-        return mean[index], std[index]  # index -1 picks the padding entry at the end
-
-    def normalize_tokens(self, tokens: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
-        """Standardize raw tokens ``[..., N, T]`` (same as tokenizing `normalize`'s output)."""
-        return standardize_tokens(tokens, *self.token_maps(layout))
-
-    def denormalize_tokens(self, tokens: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
-        """Map normalized tokens ``[..., N, T]`` back to weight scale (padding stays as given)."""
-        return unstandardize_tokens(tokens, *self.token_maps(layout))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": dict(self.mean), "std": dict(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> NormalizationStats:
-        return cls(mean=dict(data["mean"]), std=dict(data["std"]))
-
-
-@dataclass
-class ZooMetadata:
-    """Everything needed to read a zoo dataset back into networks (``sane_zoo.json``).
-
-    Attributes:
-        zoo: the raw zoo's ``zoo.json`` (architecture, kwargs, dataset, kind, epochs, ...).
-        layout: the `WeightLayout` of every row's tokens.
-        normalization: the training-split `NormalizationStats` the tokens were standardized with.
-        tokenizer: ``WeightTokenizer`` settings (``tokensize``, ``include_norm``) and the stored
-            token ``dtype``.
-        alignment: ``{"aligned", "alignment_epoch"}``, plus ``"reference_model_id"`` and
-            ``"reference_epoch"`` when aligned.
-        split: ``{"seed", "fractions", "models": {split: [model ids]}}``.
-        statistics: counts and accuracy per epoch (see `zoo_statistics`).
-    """
-
-    zoo: dict[str, Any]
-    layout: WeightLayout
-    normalization: NormalizationStats
-    tokenizer: dict[str, Any]
-    alignment: dict[str, Any]
-    split: dict[str, Any]
-    statistics: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": METADATA_FORMAT,
-            "version": METADATA_VERSION,
-            "zoo": self.zoo,
-            "layout": self.layout.to_dict(),
-            "normalization": self.normalization.to_dict(),
-            "tokenizer": self.tokenizer,
-            "alignment": self.alignment,
-            "split": self.split,
-            "statistics": self.statistics,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ZooMetadata:
-        if data.get("format") != METADATA_FORMAT or data.get("version") != METADATA_VERSION:
-            raise ValueError(
-                f"not a {METADATA_FORMAT} version {METADATA_VERSION} description: got "
-                f"format={data.get('format')!r}, version={data.get('version')!r}"
-            )
-        return cls(
-            zoo=data["zoo"],
-            layout=WeightLayout.from_dict(data["layout"]),
-            normalization=NormalizationStats.from_dict(data["normalization"]),
-            tokenizer=data["tokenizer"],
-            alignment=data["alignment"],
-            split=data["split"],
-            statistics=data.get("statistics", {}),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> ZooMetadata:
-        return cls.from_dict(json.loads(text))
-
-    def build_tokenizer(self) -> WeightTokenizer:
-        """The tokenizer the rows were made with (decoding only needs the layout)."""
-        return WeightTokenizer(self.tokenizer["tokensize"], self.tokenizer["include_norm"])
-
-    def build_model(self, hyperparameters: Mapping[str, Any] | None = None) -> nn.Module:
-        """A fresh network of the zoo's architecture, with a row's activation and dropout."""
-        hyperparameters = hyperparameters or {}
-        kwargs = {
-            name: value.item() if isinstance(value, torch.Tensor) else value
-            for name in ("activation", "dropout")
-            if (value := hyperparameters.get(name)) is not None
-        }
-        return build_model(
-            self.zoo["architecture"], **self.zoo.get("architecture_kwargs", {}), **kwargs
-        )
-
-    def decode(self, tokens: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """De-normalize one row's tokens ``[N, T]`` and decode them into a state_dict."""
-        tokens = torch.as_tensor(tokens, dtype=torch.float32)
-        weights = unstandardize_tokens(tokens, *self._token_maps)
-        return self.build_tokenizer().decode(weights, self.layout, fill_from=self._skipped_fill())
-
-    @cached_property
-    def _token_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.normalization.token_maps(self.layout)
-
-    def _skipped_fill(self) -> nn.Module | None:
-        """Tensors left out of the tokens (``include_norm=False``) come from a fresh model."""
-        return self.build_model() if self.layout.skipped else None
-
-
-class ZooDataset(NamedTuple):
-    """A zoo dataset and its description, as returned by `load_zoo_dataset`."""
-
-    splits: DatasetDict
-    metadata: ZooMetadata
-
-
-def zoo_metadata(dataset: DatasetDict | Dataset) -> ZooMetadata:
-    """The `ZooMetadata` stored in a zoo dataset's ``info.description``."""
-    split = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
-    try:
-        return ZooMetadata.from_json(split.info.description or "")
-    except json.JSONDecodeError:
-        raise ValueError(
-            "this dataset carries no zoo description (info.description is not sane-hf JSON): "
-            "build it with build_zoo_dataset or load it with load_zoo_dataset"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Columns: fixed ones, and inferred ones for free-form metadata (hyperparameters, metrics, ...)
 
 
 @dataclass
@@ -682,7 +440,7 @@ def _attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
 # Saving, loading, pushing
 
 
-def _as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetadata]:
+def as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetadata]:
     if isinstance(dataset, ZooDataset):
         return dataset.splits, dataset.metadata
     return dataset, zoo_metadata(dataset)
@@ -690,10 +448,10 @@ def _as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetad
 
 def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike) -> None:
     """``save_to_disk`` plus ``sane_zoo.json`` and a dataset card (``README.md``) beside it."""
-    splits, metadata = _as_splits(dataset)
+    splits, metadata = as_splits(dataset)
     path = Path(path)
     splits.save_to_disk(str(path))
-    atomic_write_text(path / METADATA_FILE, metadata.to_json() + "\n")
+    atomic_write_text(path / DATASET_METADATA_FILE, metadata.to_json() + "\n")
     build_zoo_dataset_card(metadata).save(path / "README.md")
 
 
@@ -706,119 +464,22 @@ def load_zoo_dataset(
     """Load a zoo dataset from a `save_zoo_dataset` directory (memory-mapped) or a Hub repo."""
     path = Path(path_or_repo_id)
     if path.is_dir():
-        if not (path / METADATA_FILE).is_file():
+        if not (path / DATASET_METADATA_FILE).is_file():
             raise FileNotFoundError(
-                f"{path} has no {METADATA_FILE}: not a zoo dataset saved by save_zoo_dataset"
+                f"{path} has no {DATASET_METADATA_FILE}: not a zoo dataset saved by save_zoo_dataset"
             )
         splits = load_from_disk(str(path))
-        metadata_text = (path / METADATA_FILE).read_text()
+        metadata_text = (path / DATASET_METADATA_FILE).read_text()
     else:
         repo_id = str(path_or_repo_id)
         splits = load_dataset(repo_id, revision=revision, token=token)
         metadata_file = hf_hub_download(
-            repo_id, METADATA_FILE, repo_type="dataset", revision=revision, token=token
+            repo_id, DATASET_METADATA_FILE, repo_type="dataset", revision=revision, token=token
         )
         metadata_text = Path(metadata_file).read_text()
     metadata = ZooMetadata.from_json(metadata_text)
     _attach_metadata(splits, metadata)
     return ZooDataset(splits, metadata)
-
-
-def push_zoo_dataset(
-    dataset: DatasetDict | ZooDataset,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload zoo dataset with sane-hf",
-) -> CommitInfo:
-    """Push the splits (parquet), then ``sane_zoo.json`` and the dataset card in one commit.
-
-    The card keeps the ``configs``/``dataset_info`` metadata that ``push_to_hub`` wrote, so
-    ``datasets.load_dataset(repo_id)`` and `load_zoo_dataset` both work on the repo.
-    """
-    splits, metadata = _as_splits(dataset)
-    splits.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
-    existing = DatasetCard.load(repo_id, repo_type="dataset", token=token).data
-    card = build_zoo_dataset_card(metadata, repo_id=repo_id, card_data=existing)
-    operations = [
-        CommitOperationAdd("README.md", str(card).encode()),
-        CommitOperationAdd(METADATA_FILE, (metadata.to_json() + "\n").encode()),
-    ]
-    return HfApi(token=token).create_commit(
-        repo_id, operations, commit_message=commit_message, repo_type="dataset"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics, summary and plot (``sane-hf zoo info``)
-
-
-def _describe(values: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        "max": float(values.max()),
-    }
-
-
-def zoo_statistics(
-    records: Sequence[Mapping[str, Any]], splits: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, Any]:
-    """Counts (per split when ``splits`` is given) and train/test accuracy per epoch.
-
-    ``records`` need ``model_id``, ``epoch``, ``train_acc`` and ``test_acc``.
-    """
-    model_ids = np.array([record["model_id"] for record in records])
-    epochs = np.array([record["epoch"] for record in records])
-    accuracy = {
-        name: np.array([record[name] for record in records], dtype=np.float64)
-        for name in ("train_acc", "test_acc")
-    }
-    statistics: dict[str, Any] = {
-        "num_models": len(set(model_ids.tolist())),
-        "num_checkpoints": len(records),
-        "epochs": sorted(set(epochs.tolist())),
-    }
-    if splits is not None:
-        statistics["splits"] = {
-            split: {"models": len(ids), "checkpoints": int(np.isin(model_ids, list(ids)).sum())}
-            for split, ids in splits.items()
-        }
-    statistics["per_epoch"] = [
-        {"epoch": epoch, "checkpoints": int((epochs == epoch).sum())}
-        | {name: _describe(values[epochs == epoch]) for name, values in accuracy.items()}
-        for epoch in statistics["epochs"]
-    ]
-    return statistics
-
-
-def format_zoo_statistics(statistics: Mapping[str, Any], zoo: Mapping[str, Any]) -> str:
-    """A terminal summary: what the zoo is, split sizes, test accuracy per epoch."""
-    kind = f", {zoo['kind']} zoo" if "kind" in zoo else ""
-    lines = [
-        f"zoo: {zoo.get('architecture', '?')} on {zoo.get('dataset', '?')}{kind}: "
-        f"{statistics['num_models']} models, {statistics['num_checkpoints']} checkpoints, "
-        f"epochs {statistics['epochs']}"
-    ]
-    if "splits" in statistics:
-        lines.append(
-            "splits: "
-            + ", ".join(
-                f"{split} {counts['models']} models / {counts['checkpoints']} checkpoints"
-                for split, counts in statistics["splits"].items()
-            )
-        )
-    lines.append("test accuracy per epoch:")
-    lines.append(f"{'epoch':>6} {'checkpoints':>12} {'mean':>7} {'std':>7} {'min':>7} {'max':>7}")
-    for row in statistics["per_epoch"]:
-        test = row["test_acc"]
-        lines.append(
-            f"{row['epoch']:>6} {row['checkpoints']:>12} {test['mean']:>7.4f} {test['std']:>7.4f} "
-            f"{test['min']:>7.4f} {test['max']:>7.4f}"
-        )
-    return "\n".join(lines)
 
 
 ACCURACY_COLUMNS = ["model_id", "epoch", "train_acc", "test_acc"]
@@ -833,7 +494,7 @@ def load_zoo_records(
     (``None``).
     """
     path = Path(path)
-    if (path / METADATA_FILE).is_file():
+    if (path / DATASET_METADATA_FILE).is_file():
         zoo = load_zoo_dataset(path)
         records, splits = [], {}
         for split, dataset in zoo.splits.items():
@@ -842,36 +503,3 @@ def load_zoo_records(
             splits[split] = sorted(set(columns["model_id"]))
         return zoo.metadata.zoo, records, splits
     return load_zoo_info(path), load_zoo_metadata(path), None
-
-
-def plot_zoo_accuracy(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Test accuracy vs epoch: one thin line per model, the population mean and min-max band."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg renders the png
-    from matplotlib.ticker import MaxNLocator
-
-    by_model: dict[str, list[tuple[int, float]]] = {}
-    for record in records:
-        by_model.setdefault(record["model_id"], []).append((record["epoch"], record["test_acc"]))
-    statistics = zoo_statistics(records)["per_epoch"]
-    epochs = [row["epoch"] for row in statistics]
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.add_subplot()
-    for points in by_model.values():
-        points.sort()
-        axes.plot(*zip(*points), color="tab:blue", alpha=0.15, linewidth=0.8)
-    axes.fill_between(
-        epochs,
-        [row["test_acc"]["min"] for row in statistics],
-        [row["test_acc"]["max"] for row in statistics],
-        color="tab:orange",
-        alpha=0.2,
-        label="min-max",
-    )
-    axes.plot(
-        epochs, [row["test_acc"]["mean"] for row in statistics], color="tab:orange", label="mean"
-    )
-    axes.set(xlabel="epoch", ylabel="test accuracy", title=f"{len(by_model)} models, one line each")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)

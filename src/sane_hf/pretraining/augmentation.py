@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .alignment import PermutationSpec
-from .tokenization import WeightLayout, WeightTokenizer
+from sane_hf.weights.alignment import PermutationSpec
+from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
 
 
 def derive_seed(*keys: int) -> int:

@@ -1,0 +1,1 @@
+"""Layer 3, models: the transformers model classes (`models/sane/`)."""

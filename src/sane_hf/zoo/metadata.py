@@ -1,0 +1,142 @@
+"""`ZooMetadata` (``sane_zoo.json``): what travels with a zoo dataset to read rows back into networks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from datasets import (
+    Dataset,
+    DatasetDict,
+)
+from torch import nn
+
+from sane_hf.weights.normalization import (
+    NormalizationStats,
+    unstandardize_tokens,
+)
+from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
+from sane_hf.zoo.architectures import build_model
+
+METADATA_FORMAT = "sane_hf.ZooDataset"
+METADATA_VERSION = 1
+
+
+@dataclass
+class ZooMetadata:
+    """Everything needed to read a zoo dataset back into networks (``sane_zoo.json``).
+
+    Attributes:
+        zoo: the raw zoo's ``zoo.json`` (architecture, kwargs, dataset, kind, epochs, ...).
+        layout: the `WeightLayout` of every row's tokens.
+        normalization: the training-split `NormalizationStats` the tokens were standardized with.
+        tokenizer: ``WeightTokenizer`` settings (``tokensize``, ``include_norm``) and the stored
+            token ``dtype``.
+        alignment: ``{"aligned", "alignment_epoch"}``, plus ``"reference_model_id"`` and
+            ``"reference_epoch"`` when aligned.
+        split: ``{"seed", "fractions", "models": {split: [model ids]}}``.
+        statistics: counts and accuracy per epoch (see `zoo_statistics`).
+    """
+
+    zoo: dict[str, Any]
+    layout: WeightLayout
+    normalization: NormalizationStats
+    tokenizer: dict[str, Any]
+    alignment: dict[str, Any]
+    split: dict[str, Any]
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": METADATA_FORMAT,
+            "version": METADATA_VERSION,
+            "zoo": self.zoo,
+            "layout": self.layout.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "tokenizer": self.tokenizer,
+            "alignment": self.alignment,
+            "split": self.split,
+            "statistics": self.statistics,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ZooMetadata:
+        if data.get("format") != METADATA_FORMAT or data.get("version") != METADATA_VERSION:
+            raise ValueError(
+                f"not a {METADATA_FORMAT} version {METADATA_VERSION} description: got "
+                f"format={data.get('format')!r}, version={data.get('version')!r}"
+            )
+        return cls(
+            zoo=data["zoo"],
+            layout=WeightLayout.from_dict(data["layout"]),
+            normalization=NormalizationStats.from_dict(data["normalization"]),
+            tokenizer=data["tokenizer"],
+            alignment=data["alignment"],
+            split=data["split"],
+            statistics=data.get("statistics", {}),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ZooMetadata:
+        return cls.from_dict(json.loads(text))
+
+    def build_tokenizer(self) -> WeightTokenizer:
+        """The tokenizer the rows were made with (decoding only needs the layout)."""
+        return WeightTokenizer(self.tokenizer["tokensize"], self.tokenizer["include_norm"])
+
+    def build_model(self, hyperparameters: Mapping[str, Any] | None = None) -> nn.Module:
+        """A fresh network of the zoo's architecture, with a row's activation and dropout."""
+        hyperparameters = hyperparameters or {}
+        kwargs = {
+            name: value.item() if isinstance(value, torch.Tensor) else value
+            for name in ("activation", "dropout")
+            if (value := hyperparameters.get(name)) is not None
+        }
+        return build_model(
+            self.zoo["architecture"], **self.zoo.get("architecture_kwargs", {}), **kwargs
+        )
+
+    def decode(self, tokens: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """De-normalize one row's tokens ``[N, T]`` and decode them into a state_dict."""
+        tokens = torch.as_tensor(tokens, dtype=torch.float32)
+        weights = unstandardize_tokens(tokens, *self._token_maps)
+        return self.build_tokenizer().decode(weights, self.layout, fill_from=self._skipped_fill())
+
+    @cached_property
+    def _token_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalization.token_maps(self.layout)
+
+    def _skipped_fill(self) -> nn.Module | None:
+        """Tensors left out of the tokens (``include_norm=False``) come from a fresh model."""
+        return self.build_model() if self.layout.skipped else None
+
+
+class ZooDataset(NamedTuple):
+    """A zoo dataset and its description, as returned by `load_zoo_dataset`."""
+
+    splits: DatasetDict
+    metadata: ZooMetadata
+
+
+def zoo_metadata(dataset: DatasetDict | Dataset) -> ZooMetadata:
+    """The `ZooMetadata` stored in a zoo dataset's ``info.description``."""
+    split = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
+    try:
+        return ZooMetadata.from_json(split.info.description or "")
+    except json.JSONDecodeError:
+        raise ValueError(
+            "this dataset carries no zoo description (info.description is not sane-hf JSON): "
+            "build it with build_zoo_dataset or load it with load_zoo_dataset"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Columns: fixed ones, and inferred ones for free-form metadata (hyperparameters, metrics, ...)
