@@ -143,8 +143,9 @@ def tiny_digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     `train_zoo` trains 8 CNN-s for 2 epochs on 300 digits (checkpoints at epochs 0, 1, 2), then
     `build_zoo_dataset` splits (5/1/2 models), aligns, normalizes and tokenizes them.
     """
+    from sane_hf.zoo.config import ZooConfig
     from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset
-    from sane_hf.zoo.training import ZooConfig, train_zoo
+    from sane_hf.zoo.training import train_zoo
 
     root = tmp_path_factory.mktemp("tiny_digits_zoo")
     config = ZooConfig(

@@ -36,7 +36,8 @@ _PUBLIC_API: dict[str, list[str]] = {
         "register_architecture",
     ],
     "zoo.tasks": ["ImageDataset", "dataset_from_tensors", "load_dataset_by_name"],
-    "zoo.training": ["ZooConfig", "fine_tune_population", "train_zoo"],
+    "zoo.config": ["ZooConfig"],
+    "zoo.training": ["fine_tune_population", "train_zoo"],
     "zoo.importing": ["ImportReport", "ZooImportError", "import_zoo"],
     "zoo.dataset": [
         "ZooDataset",
@@ -57,7 +58,8 @@ _PUBLIC_API: dict[str, list[str]] = {
     ],
     "hub": ["push_zoo_dataset"],
     "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
-    "pretraining.loop": ["PretrainingConfig", "pretrain"],
+    "pretraining.config": ["PretrainingConfig"],
+    "pretraining.loop": ["pretrain"],
     "downstream.embedding": ["Embeddings", "decode_latents", "embed", "encode_tokens"],
     "downstream.probing": [
         "LogisticProbe",
@@ -137,7 +139,8 @@ if TYPE_CHECKING:
         SanePreTrainedModel,
     )
     from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
-    from sane_hf.pretraining.loop import PretrainingConfig, pretrain
+    from sane_hf.pretraining.config import PretrainingConfig
+    from sane_hf.pretraining.loop import pretrain
     from sane_hf.recipes.demo import DemoConfig, run_demo
     from sane_hf.recipes.experiments import (
         SamplingMethod,
@@ -160,6 +163,7 @@ if TYPE_CHECKING:
         list_architectures,
         register_architecture,
     )
+    from sane_hf.zoo.config import ZooConfig
     from sane_hf.zoo.dataset import (
         ZooDataset,
         ZooMetadata,
@@ -169,4 +173,4 @@ if TYPE_CHECKING:
     )
     from sane_hf.zoo.importing import ImportReport, ZooImportError, import_zoo
     from sane_hf.zoo.tasks import ImageDataset, dataset_from_tensors, load_dataset_by_name
-    from sane_hf.zoo.training import ZooConfig, fine_tune_population, train_zoo
+    from sane_hf.zoo.training import fine_tune_population, train_zoo

@@ -52,7 +52,8 @@ def _add_zoo_train_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_train(args) -> int:
-    from sane_hf.zoo.training import ZooConfig, train_zoo
+    from sane_hf.zoo.config import ZooConfig
+    from sane_hf.zoo.training import train_zoo
 
     values = ZooConfig.from_file(args.config).to_dict() if args.config else {}
     for name in (

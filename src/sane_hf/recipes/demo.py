@@ -44,8 +44,8 @@ from sane_hf.recipes.experiments import (
     r2_table,
     zoo_stage,
 )
+from sane_hf.zoo.config import ZooConfig
 from sane_hf.zoo.statistics import format_zoo_statistics
-from sane_hf.zoo.training import ZooConfig
 
 
 def _default_pretraining() -> dict[str, Any]:

@@ -54,6 +54,7 @@ from sane_hf.pretraining.loop import (
     pretrain,
 )
 from sane_hf.weights.alignment import align
+from sane_hf.zoo.config import ZooConfig
 from sane_hf.zoo.dataset import (
     ZooDataset,
     build_zoo_dataset,
@@ -64,7 +65,7 @@ from sane_hf.zoo.dataset import (
 from sane_hf.zoo.formats import DATASET_METADATA_FILE as METADATA_FILE
 from sane_hf.zoo.statistics import plot_zoo_accuracy
 from sane_hf.zoo.tasks import ImageDataset
-from sane_hf.zoo.training import ZooConfig, train_zoo
+from sane_hf.zoo.training import train_zoo
 
 TABLE1_PROPERTIES = ("test_acc", "epoch", "ggap")
 SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
