@@ -1,5 +1,5 @@
 """The checkpoint shipped in the repository (checkpoints/sane-cnn-mnist, made by
-benchmarks/release_sane_cnn_mnist.py) must load and sample with the current code."""
+scripts/release_sane_cnn_mnist.py) must load and sample with the current code."""
 
 import json
 from pathlib import Path

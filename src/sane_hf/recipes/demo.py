@@ -18,7 +18,7 @@ Everything lands in ``--output-dir``: the raw zoo, the dataset, the SANE checkpo
 finished stages (dataset, pretraining, sampling) are loaded instead of recomputed.
 
 The numbers are those of a small zoo and a tiny SANE: they show the method working end to end,
-not the paper's scale (``benchmarks/reproduce_mnist.py`` is the larger experiment).
+not the paper's scale (``benchmarks/reproduce/mnist.py`` is the larger experiment).
 """
 
 from __future__ import annotations

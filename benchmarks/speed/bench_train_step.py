@@ -27,9 +27,9 @@ same way). Model FLOPs = 6 * N * tokens with N the parameters outside the positi
 events and no host synchronization between them. Peak memory is ``max_memory_allocated`` on GPU
 and the process' peak RSS on CPU.
 
-    python benchmarks/bench_train_step.py --preset tiny
-    python benchmarks/bench_train_step.py --preset cnn --compile model --cuda-graph
-    python benchmarks/bench_train_step.py --preset resnet18 --compile model
+    python -m benchmarks.speed.bench_train_step --preset tiny
+    python -m benchmarks.speed.bench_train_step --preset cnn --compile model --cuda-graph
+    python -m benchmarks.speed.bench_train_step --preset resnet18 --compile model
 
 On CUDA the result also holds a kernel profile of three steps (`common.kernel_profile`): GPU
 time by category (matmul, attention, optimizer, copies, the rest), the GPU-busy fraction of the
@@ -46,7 +46,7 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (
+from benchmarks.common import (
     DTYPES,
     default_device,
     kernel_profile,

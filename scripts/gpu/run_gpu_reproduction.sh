@@ -2,13 +2,13 @@
 # The GPU-scale MNIST reproduction (issue 7) with the H100 zoo benchmark (issue 3), in 10-minute
 # device calls that resume each other:
 #
-#   bash benchmarks/run_gpu_reproduction.sh        # rerun until it prints "reproduction finished"
+#   bash scripts/gpu/run_gpu_reproduction.sh        # rerun until it prints "reproduction finished"
 #
 # Through this workplace's device tool (the wheels the image lacks travel in .whl/, see
-# benchmarks/gpu_env.sh), chaining the calls while the machine is warm (its disk holds the zoo,
+# scripts/gpu/gpu_env.sh), chaining the calls while the machine is warm (its disk holds the zoo,
 # the dataset and the SANE checkpoints between calls of one lease):
 #
-#   run(command="bash benchmarks/run_gpu_reproduction.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu/run_gpu_reproduction.sh", carry=[".whl"], timeout_s=600)
 #
 # The first call trains the 1,000-model CNN-s zoo with `bench_zoo.py --preset h100` (so the zoo
 # is timed: BENCHMARKS.md's H100 number, benchmarks/results/bench_zoo_h100.json) into
@@ -18,18 +18,18 @@
 # results so far into $OUT/reproduce_mnist_gpu.tgz (unpack it in the repository root).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source benchmarks/gpu_env.sh || exit 1
+source scripts/gpu/gpu_env.sh || exit 1
 
 budget=${BUDGET_S:-560}
 work=outputs/reproduce/mnist-gpu
 export TQDM_MININTERVAL=30
 if [[ ! -e $work/zoo ]]; then
-    timeout $((budget - SECONDS)) python3 benchmarks/bench_zoo.py --preset h100 \
+    timeout $((budget - SECONDS)) python -m benchmarks.speed.bench_zoo --preset h100 \
         --baseline-models 1 --zoo-dir "$work/zoo" --output benchmarks/results/bench_zoo_h100.json
 fi
 left=$((budget - SECONDS))
 if ((left > 30)); then
-    timeout "$left" python3 benchmarks/reproduce_mnist.py --scale gpu &&
+    timeout "$left" python -m benchmarks.reproduce.mnist --scale gpu &&
         echo "reproduction finished"
 fi
 if [[ -n "${OUT:-}" ]]; then

@@ -11,8 +11,8 @@ Reported: models/s (encoding and pooling, tokens already on the device, and incl
 host-to-device copy of the tokens), tokens encoded per second (halo context included), the
 encoder's model TFLOP/s (2 * matmul parameters * tokens encoded) and peak memory.
 
-    python benchmarks/bench_embed.py                                   # CPU: tiny, 4 ResNet-18
-    python benchmarks/bench_embed.py --preset resnet18 --num-models 100  # GPU
+    python -m benchmarks.speed.bench_embed                                   # CPU: tiny, 4 ResNet-18
+    python -m benchmarks.speed.bench_embed --preset resnet18 --num-models 100  # GPU
 
 Prints JSON and writes ``benchmarks/results/bench_embed.json``.
 """
@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from common import (
+from benchmarks.common import (
     DTYPES,
     default_device,
     machine_info,

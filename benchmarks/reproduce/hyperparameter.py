@@ -1,7 +1,7 @@
 """Hyperparameter zoo: can linear probes of SANE embeddings tell how a network was trained?
 
-    python benchmarks/reproduce_hyperparameter.py --scale cpu   # 2-core CPU (see SCALES)
-    python benchmarks/reproduce_hyperparameter.py --scale gpu   # full grid, one H100
+    python -m benchmarks.reproduce.hyperparameter --scale cpu   # 2-core CPU (see SCALES)
+    python -m benchmarks.reproduce.hyperparameter --scale gpu   # full grid, one H100
 
 A CNN-s zoo over the Model Zoos grid: activation (tanh, relu, sigmoid, gelu) x dropout (0, 0.5)
 x init (uniform, normal, kaiming_uniform, kaiming_normal) x optimizer (adam, sgd) x lr (1e-3,
@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from reproduce_common import (
+from benchmarks.reproduce_common import (
     CPU_PRETRAINING,
     GPU_PRETRAINING,
     RESULTS_DIR,

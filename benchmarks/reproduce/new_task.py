@@ -1,7 +1,7 @@
 """Sampling for a new task: SANE pretrained on the MNIST zoo, prompted with digits networks.
 
-    python benchmarks/reproduce_new_task.py --scale cpu   # 2-core CPU (see SCALES)
-    python benchmarks/reproduce_new_task.py --scale gpu   # one H100
+    python -m benchmarks.reproduce.new_task --scale cpu   # 2-core CPU (see SCALES)
+    python -m benchmarks.reproduce.new_task --scale gpu   # one H100
 
 SANE and its zoo come from ``reproduce_mnist.py`` (same scale, same work folder: its finished
 stages are reused, missing ones run first). The new task is scikit-learn's digits (resized to
@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from reproduce_common import WORK_ROOT, parse_args, result_path, work_dir, write_results
-from reproduce_mnist import SCALES as MNIST_SCALES
-from reproduce_mnist import mnist_zoo_and_sane
+from benchmarks.reproduce.mnist import SCALES as MNIST_SCALES
+from benchmarks.reproduce.mnist import mnist_zoo_and_sane
+from benchmarks.reproduce_common import WORK_ROOT, parse_args, result_path, work_dir, write_results
 from sane_hf import ZooConfig, train_zoo
 from sane_hf.downstream.sampling import select_prompts
 from sane_hf.recipes.experiments import (

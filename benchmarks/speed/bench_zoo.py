@@ -14,9 +14,9 @@ vectorizing. CPU seconds (all threads) are reported too: on a machine shared wit
 they are a steadier measure than wall-clock time. Prints JSON and writes
 ``benchmarks/results/bench_zoo.json``::
 
-    python benchmarks/bench_zoo.py                   # CPU target
-    python benchmarks/bench_zoo.py --bf16            # bf16 autocast (AMX on recent Xeons)
-    python benchmarks/bench_zoo.py --preset h100     # on a GPU machine
+    python -m benchmarks.speed.bench_zoo                   # CPU target
+    python -m benchmarks.speed.bench_zoo --bf16            # bf16 autocast (AMX on recent Xeons)
+    python -m benchmarks.speed.bench_zoo --preset h100     # on a GPU machine
 
 ``--zoo-dir DIR`` keeps the trained zoo in ``DIR`` (a new folder) instead of a temporary one: the
 GPU-scale MNIST reproduction (``reproduce_mnist.py --scale gpu``, same zoo config) then starts

@@ -1,7 +1,7 @@
 """Scale: SANE on ResNet-18 checkpoints, 53,524 tokens per network, with halo windows and BN conditioning.
 
-    python benchmarks/reproduce_resnet18.py --scale cpu   # a handful of networks (see SCALES)
-    python benchmarks/reproduce_resnet18.py --scale gpu   # one H100
+    python -m benchmarks.reproduce.resnet18 --scale cpu   # a handful of networks (see SCALES)
+    python -m benchmarks.reproduce.resnet18 --scale gpu   # one H100
 
 A seed zoo of ResNet-18 (CIFAR stem, BatchNorm, 11.2M parameters) on the MNIST subset upsampled
 to 32x32 RGB (no CIFAR download here). Tokens of 288 values with BatchNorm kept: 53,524 tokens in
@@ -24,7 +24,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from reproduce_common import RESULTS_DIR, device, parse_args, result_path, work_dir, write_results
+from benchmarks.reproduce_common import (
+    RESULTS_DIR,
+    device,
+    parse_args,
+    result_path,
+    work_dir,
+    write_results,
+)
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (

@@ -1,0 +1,80 @@
+"""`sane-hf probe`: linear probes of SANE embeddings next to the s(W) and W baselines."""
+
+from __future__ import annotations
+
+from sane_hf.cli.common import add_window_arguments, device_argument
+
+_COMMANDS: list = []
+
+
+def _add_probe_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="linear probes of SANE embeddings for model properties, next to s(W) and W baselines",
+    )
+    parser.add_argument("--model", required=True, help="SANE checkpoint folder or Hub id")
+    parser.add_argument("--dataset", required=True, help="zoo dataset folder or Hub id")
+    parser.add_argument("--output-dir", help="write probe.json (and probe.png) here")
+    parser.add_argument(
+        "--properties",
+        nargs="+",
+        help="columns to predict (default: all numeric + categorical hyperparameters)",
+    )
+    parser.add_argument(
+        "--baselines", nargs="*", default=["s(W)", "W"], help="s(W) and/or W; none to skip"
+    )
+    parser.add_argument(
+        "--max-raw-features", type=int, default=50_000, help="largest model for the W baseline"
+    )
+    parser.add_argument(
+        "--layer-means", action="store_true", help="also probe per-layer mean latents"
+    )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="scatter plots of predicted vs true (needs --output-dir)",
+    )
+    add_window_arguments(parser)
+    parser.set_defaults(func=_run_probe)
+
+
+def _run_probe(args) -> int:
+    from pathlib import Path
+
+    from sane_hf.downstream.probing import probe_zoo
+    from sane_hf.models.sane.modeling_sane import SaneEncoderModel
+    from sane_hf.zoo.dataset import load_zoo_dataset
+
+    if args.plot and not args.output_dir:
+        raise SystemExit("error: --plot needs --output-dir")
+    model = SaneEncoderModel.from_pretrained(args.model).to(device_argument(args))
+    zoo = load_zoo_dataset(args.dataset)
+    report = probe_zoo(
+        model,
+        zoo.splits,
+        properties=args.properties,
+        baselines=args.baselines,
+        max_raw_features=args.max_raw_features,
+        include_layer_means=args.layer_means,
+        window=args.window,
+        halo=args.halo,
+        batch_size=args.batch_size,
+    )
+    print(report.table())
+    if args.output_dir:
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        report.save_json(output / "probe.json")
+        if args.plot:
+            report.plot(output / "probe.png")
+        print(f"results written to {output}")
+    return 0
+
+
+_COMMANDS.append(_add_probe_command)
+
+
+def register(subparsers) -> None:
+    """Add this module's commands to the `sane-hf` parser."""
+    for add_command in _COMMANDS:
+        add_command(subparsers)

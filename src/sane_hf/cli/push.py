@@ -1,0 +1,45 @@
+"""`sane-hf push`: upload a saved SANE model or zoo dataset to the Hub."""
+
+from __future__ import annotations
+
+import sys
+
+_COMMANDS: list = []
+
+
+def _add_push_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved SANE model folder or zoo dataset folder to the Hugging Face Hub",
+    )
+    parser.add_argument("path", help="a save_pretrained folder or a save_zoo_dataset folder")
+    parser.add_argument("repo_id", help="Hub repo, e.g. your-name/sane-cnn-mnist")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--commit-message", help="default: 'Upload ... with sane-hf'")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> int:
+    from sane_hf.hub import push_folder
+
+    try:
+        commit = push_folder(
+            args.path,
+            args.repo_id,
+            private=args.private or None,
+            commit_message=args.commit_message,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.path} to {commit.commit_url}")
+    return 0
+
+
+_COMMANDS.append(_add_push_command)
+
+
+def register(subparsers) -> None:
+    """Add this module's commands to the `sane-hf` parser."""
+    for add_command in _COMMANDS:
+        add_command(subparsers)

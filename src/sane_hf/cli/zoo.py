@@ -1,0 +1,211 @@
+"""`sane-hf zoo train|import|build|info`: make and inspect model zoos."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+_COMMANDS: list = []
+_ZOO_COMMANDS: list = []  # sub-commands of `sane-hf zoo`
+
+
+def _add_zoo_command(subparsers) -> None:
+    parser = subparsers.add_parser("zoo", help="train, import, build and inspect model zoos")
+    zoo_subparsers = parser.add_subparsers(dest="zoo_command", required=True)
+    for add_command in _ZOO_COMMANDS:
+        add_command(zoo_subparsers)
+
+
+_COMMANDS.append(_add_zoo_command)
+
+
+def _add_zoo_train_command(zoo_subparsers) -> None:
+    parser = zoo_subparsers.add_parser(
+        "train",
+        help="train a seed or hyperparameter zoo into a raw zoo directory (rerun to resume)",
+    )
+    parser.add_argument("--output", required=True, help="raw zoo directory to write (or resume)")
+    parser.add_argument("--config", help="YAML or JSON file of ZooConfig fields; flags override it")
+    parser.add_argument("--architecture", help="build_model name (default cnn_s)")
+    parser.add_argument(
+        "--dataset", help="digits (default), mnist, mnist1d, an .npz file or an image folder"
+    )
+    parser.add_argument("--num-samples", type=int, help="train on a stratified subsample")
+    parser.add_argument("--kind", choices=("seed", "hyperparameter"), help="default seed")
+    parser.add_argument("--num-models", type=int, help="seeds, or grid sub-sample (default 100)")
+    parser.add_argument("--seed", type=int, help="first seed (default 0)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 50)")
+    parser.add_argument(
+        "--checkpoint-epochs", type=int, nargs="+", help="default: every epoch (0 and last always)"
+    )
+    parser.add_argument("--batch-size", type=int, help="default 10")
+    parser.add_argument("--models-per-chunk", type=int, help="models trained at once (default 50)")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (GPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run_zoo_train)
+
+
+def _run_zoo_train(args) -> int:
+    from sane_hf.zoo.config import ZooConfig
+    from sane_hf.zoo.training import train_zoo
+
+    values = ZooConfig.from_file(args.config).to_dict() if args.config else {}
+    for name in (
+        "architecture",
+        "dataset",
+        "kind",
+        "num_models",
+        "seed",
+        "epochs",
+        "checkpoint_epochs",
+        "batch_size",
+        "models_per_chunk",
+        "device",
+        "bf16",
+    ):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.num_samples is not None:
+        values["dataset_kwargs"] = {
+            **values.get("dataset_kwargs", {}),
+            "num_samples": args.num_samples,
+        }
+    print(train_zoo(ZooConfig.from_dict(values), args.output, progress=not args.no_progress))
+    return 0
+
+
+_ZOO_COMMANDS.append(_add_zoo_train_command)
+
+
+def _add_zoo_import_command(zoo_subparsers) -> None:
+    parser = zoo_subparsers.add_parser(
+        "import",
+        help="convert a zoo (Ray Tune trial folders or a safetensors folder) into a raw zoo directory",
+    )
+    parser.add_argument(
+        "source", help="folder of trial folders, or of safetensors + metadata.jsonl"
+    )
+    parser.add_argument("--output", required=True, help="raw zoo directory to write (or continue)")
+    parser.add_argument(
+        "--architecture", help="build_model name, e.g. cnn_s (needed for Ray trials)"
+    )
+    parser.add_argument(
+        "--architecture-kwargs", type=json.loads, help="JSON, e.g. '{\"in_channels\": 1}'"
+    )
+    parser.add_argument(
+        "--zoo-info",
+        type=json.loads,
+        help='extra zoo.json entries as JSON, e.g. \'{"dataset": "mnist"}\'',
+    )
+    parser.add_argument("--strict", action="store_true", help="stop at the first problem")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run_zoo_import)
+
+
+def _run_zoo_import(args) -> int:
+    from sane_hf.zoo.importing import ZooImportError, import_zoo
+
+    try:
+        report = import_zoo(
+            args.source,
+            args.output,
+            architecture=args.architecture,
+            architecture_kwargs=args.architecture_kwargs,
+            zoo_info=args.zoo_info,
+            strict=args.strict,
+            progress=not args.no_progress,
+        )
+    except ZooImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+_ZOO_COMMANDS.append(_add_zoo_import_command)
+
+
+def _add_zoo_build_command(zoo_subparsers) -> None:
+    parser = zoo_subparsers.add_parser(
+        "build",
+        help="split, align, normalize and tokenize a raw zoo into a Hugging Face dataset",
+    )
+    parser.add_argument("raw_zoo_dir", help="directory with zoo.json, metadata.jsonl, checkpoints/")
+    parser.add_argument("--output", help="directory to save the dataset to")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also push it to this dataset repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--tokensize", type=int, default=289, help="values per token (default 289)")
+    parser.add_argument("--no-norm-layers", action="store_true", help="leave BatchNorm out")
+    parser.add_argument("--no-align", action="store_true", help="skip weight-matching alignment")
+    parser.add_argument("--reference", help="model id of the alignment reference")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the by-model split")
+    parser.add_argument("--epochs", type=int, nargs="+", help="keep only these epochs")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=_run_zoo_build)
+
+
+def _run_zoo_build(args) -> int:
+    from sane_hf.hub import push_zoo_dataset
+    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+    from sane_hf.zoo.statistics import format_zoo_statistics
+
+    if args.output is None and args.push_to_hub is None:
+        print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
+        return 2
+    dataset = build_zoo_dataset(
+        args.raw_zoo_dir,
+        tokensize=args.tokensize,
+        include_norm=not args.no_norm_layers,
+        align=not args.no_align,
+        reference=args.reference,
+        seed=args.seed,
+        epochs=args.epochs,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    if args.output is not None:
+        save_zoo_dataset(dataset, args.output)
+        print(f"saved to {args.output}")
+    if args.push_to_hub is not None:
+        commit = push_zoo_dataset(dataset, args.push_to_hub, private=args.private or None)
+        print(f"pushed to {commit.commit_url}")
+    metadata = zoo_metadata(dataset)
+    print(format_zoo_statistics(metadata.statistics, metadata.zoo))
+    return 0
+
+
+_ZOO_COMMANDS.append(_add_zoo_build_command)
+
+
+def _add_zoo_info_command(zoo_subparsers) -> None:
+    parser = zoo_subparsers.add_parser(
+        "info", help="summarize a zoo dataset or raw zoo: models, splits, accuracy per epoch"
+    )
+    parser.add_argument("path", help="a saved zoo dataset or a raw zoo directory")
+    parser.add_argument("--plot", metavar="PNG", help="also plot test accuracy vs epoch")
+    parser.set_defaults(func=_run_zoo_info)
+
+
+def _run_zoo_info(args) -> int:
+    from sane_hf.zoo.dataset import load_zoo_records
+    from sane_hf.zoo.statistics import format_zoo_statistics, plot_zoo_accuracy, zoo_statistics
+
+    zoo, records, splits = load_zoo_records(args.path)
+    print(format_zoo_statistics(zoo_statistics(records, splits), zoo))
+    if splits is None:
+        print("raw zoo: not split yet (sane-hf zoo build splits it by model)")
+    if args.plot:
+        plot_zoo_accuracy(records, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+_ZOO_COMMANDS.append(_add_zoo_info_command)
+
+
+def register(subparsers) -> None:
+    """Add this module's commands to the `sane-hf` parser."""
+    for add_command in _COMMANDS:
+        add_command(subparsers)
