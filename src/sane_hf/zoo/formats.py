@@ -122,9 +122,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
         file.write(text)
         temporary = Path(file.name)
-    # NamedTemporaryFile creates 0600 files; give the file what the user's umask gives any file.
-    os.chmod(temporary, 0o666 & ~_umask())
+    apply_umask(temporary)  # NamedTemporaryFile creates 0600 files
     os.replace(temporary, path)
+
+
+def apply_umask(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the permissions the user's umask gives a new file (or folder): temporary
+    files and folders are created private (0600/0700), the zoos and datasets made from them
+    should not be."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _umask() -> int:
