@@ -52,6 +52,7 @@ from datasets import (
     disable_progress_bars,
     enable_progress_bars,
 )
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -289,7 +290,6 @@ def _group_records(records: Sequence[dict], epochs: Sequence[int] | None) -> dic
     """Checkpoints per model sorted by epoch, keeping only ``epochs`` when given."""
     by_model: dict[str, list[dict]] = {}
     for record in records:
-        check_model_id(record.get("model_id"), RAW_METADATA_FILE)
         if epochs is None or record["epoch"] in epochs:
             by_model.setdefault(record["model_id"], []).append(record)
     for model_id, checkpoints in by_model.items():
@@ -398,6 +398,11 @@ def build_zoo_dataset(
     all_metadata = load_zoo_metadata(root)
     if not allow_incomplete:
         _check_complete(root, zoo, all_metadata)
+    for record in all_metadata:  # every file is confined before any is read
+        check_model_id(record.get("model_id"), str(root / RAW_METADATA_FILE))
+        resolve_in_zoo(
+            root, record.get("file"), f"{root / RAW_METADATA_FILE}, model {record['model_id']!r}"
+        )
     records_by_model = _group_records(all_metadata, epochs)
     splits = _split_zoo(records_by_model, seed, split_fractions)
 
@@ -435,14 +440,19 @@ def build_zoo_dataset(
             generate = partial(
                 _generate_rows, model_ids, records_by_model, encoder, columns, alignment_epoch, bar
             )
-            dataset[split] = Dataset.from_generator(
-                generate,
-                features=features,
-                cache_dir=str(cache_dir),
-                split=split,
-                fingerprint=generate_random_fingerprint(),
-                writer_batch_size=writer_batch_size,
-            )
+            try:
+                dataset[split] = Dataset.from_generator(
+                    generate,
+                    features=features,
+                    cache_dir=str(cache_dir),
+                    split=split,
+                    fingerprint=generate_random_fingerprint(),
+                    writer_batch_size=writer_batch_size,
+                )
+            except DatasetGenerationError as error:  # our one-line message, not datasets' wrapper
+                if isinstance(error.__cause__, ValueError):
+                    raise error.__cause__ from None
+                raise
     attach_metadata(dataset, metadata)
     return ZooDataset(dataset, metadata)
 

@@ -67,6 +67,7 @@ import contextlib
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ def _train_zoo(
     architecture_kwargs = _architecture_kwargs(config, dataset)
     specs = config.model_specs()
     _check_architecture(config.architecture, architecture_kwargs, specs[0], dataset)
+    if not (output_dir / ZOO_FILE).exists():
+        _warn_overlapping_seeds(output_dir, config)
     _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
     finished = _finished_models(output_dir)
     chunks = _plan_chunks([s for s in specs if s.model_id not in finished], config.models_per_chunk)
@@ -324,6 +327,37 @@ def _start_or_resume(output_dir: Path, info: dict) -> None:
     (output_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     _state_dir(output_dir).mkdir(exist_ok=True)
     write_zoo_info(output_dir, info)
+
+
+def _warn_overlapping_seeds(output_dir: Path, config: ZooConfig) -> None:
+    """Warn when a sibling folder holds a seed zoo of the same recipe whose seeds overlap this
+    one's: models with equal seeds and recipe are identical, which is rarely intended."""
+    if config.kind != "seed":
+        return
+    ignored = {"seed", "num_models", *_RESUMABLE_CHANGES}
+    recipe = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    first, last = config.seed, config.seed + config.num_models - 1
+    siblings = output_dir.parent.glob(f"*/{ZOO_FILE}") if output_dir.parent.is_dir() else []
+    for zoo_json in sorted(siblings):
+        try:
+            other = json.loads(zoo_json.read_text()).get("config", {})
+            other_first, other_last = other["seed"], other["seed"] + other["num_models"] - 1
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a zoo trained by train_zoo: nothing to compare
+        same_recipe = {k: v for k, v in other.items() if k not in ignored} == recipe
+        if (
+            same_recipe
+            and other.get("kind") == "seed"
+            and first <= other_last
+            and other_first <= last
+        ):
+            warnings.warn(
+                f"{zoo_json.parent} holds a seed zoo of the same recipe with seeds "
+                f"{other_first}..{other_last}; this zoo's seeds {first}..{last} overlap it, and "
+                f"models with equal seeds are identical (start at seed {other_last + 1} for an "
+                "independent zoo)",
+                stacklevel=3,
+            )
 
 
 def _state_dir(output_dir: Path) -> Path:
