@@ -422,3 +422,13 @@ def test_the_glibc_heap_setting_is_opt_in(tmp_path, monkeypatch):
     assert calls == []
     train_zoo(config, tmp_path / "b" / "tuned", progress=False, keep_freed_memory=True)
     assert calls == [1]
+
+
+def test_ray_trial_files_linked_from_outside_the_source_are_refused(tmp_path):
+    source = tmp_path / "ray" / "trial_a"
+    source.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "params.json").write_text('{"seed": 0}')
+    (source / "params.json").symlink_to(tmp_path / "elsewhere" / "params.json")
+    with pytest.raises(ZooImportError, match=r"model model_0000: file 'trial_a/params\.json'"):
+        import_zoo(tmp_path / "ray", tmp_path / "raw", architecture="mlp", progress=False)

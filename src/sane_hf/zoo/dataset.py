@@ -14,8 +14,15 @@ checkpoint, so training SANE reads memory-mapped Arrow instead of re-doing the p
 
 The layout, the normalization statistics, the zoo description and the preprocessing settings
 travel with the data: as JSON in every split's ``info.description`` and as ``sane_zoo.json``
-beside the Arrow files on disk and in the Hub repo. `load_zoo_dataset` returns them as a
-`ZooMetadata`, whose ``decode`` turns a row's tokens back into a state_dict.
+beside the Arrow files on disk and in the Hub repo. `build_zoo_dataset` and `load_zoo_dataset`
+both return a `ZooDataset` (``.splits``, ``.metadata``); the metadata's ``decode`` turns a row's
+tokens back into a state_dict. Saving and loading (atomic swaps, fingerprints, checks) are in
+`sane_hf.zoo.storage`.
+
+The raw zoo is read as untrusted input: every ``file`` must stay inside the zoo folder, weights
+must be floating point where the architecture's are and finite (errors name file, model and
+parameter), and a zoo whose training or import has not finished is refused unless
+``allow_incomplete=True``.
 
 Row schema (``T`` = token size, ``N`` = tokens per model)::
 

@@ -17,6 +17,15 @@ another architecture, epochs without metrics. Each problem skips the smallest un
 in an `ImportReport`; ``strict=True`` raises `ZooImportError` with the same message instead.
 Work is saved model by model (checkpoints and a per-model progress file are written atomically),
 so an interrupted import continues where it stopped when run again.
+
+Source metadata is untrusted: a model id that is not a safe file name, or a ``file`` that leaves
+the source folder (also in the output's own progress files and ``metadata.jsonl`` when resuming),
+refuses the whole import with `ZooImportError` naming the id and file, before anything is read
+from or written outside the folders. Weights must be floating point where the architecture's
+are and finite; each problem names the file, the model and the parameter. The output folder is
+locked for the import (`sane_hf.zoo.formats.zoo_writer_lock`): a second import or training into
+it is refused with `ZooBusyError`. The readers of the foreign formats are in
+`sane_hf.zoo.import_readers`.
 """
 
 from __future__ import annotations
@@ -352,6 +361,7 @@ def _check_same_source(writer: _ZooWriter, model_id: str, trial_name: str) -> No
 
 def _import_trial(trial_dir: Path, model: _ModelImport) -> None:
     params = trial_dir / "params.json"
+    _check_inside(trial_dir.parent, [params, trial_dir / "result.json"], model.model_id)
     if not params.is_file():
         model.skip(trial_dir.name, "not a trial folder: no params.json")
         return
@@ -367,6 +377,7 @@ def _import_trial(trial_dir: Path, model: _ModelImport) -> None:
     checkpoints = list(trial_checkpoints(trial_dir))
     if not checkpoints:
         model.skip(trial_dir.name, "no checkpoint_<epoch> folders")
+    _check_inside(trial_dir.parent, [d / "checkpoints" for _, d in checkpoints], model.model_id)
     for epoch, checkpoint_dir in checkpoints:
         path = checkpoint_dir / "checkpoints"
         try:
@@ -443,6 +454,15 @@ def _check_record_paths(root: Path, records: list[dict], where: str) -> None:
             raise ZooImportError(str(error)) from None
 
 
+def _check_inside(source: Path, paths: list[Path], model_id: str) -> None:
+    """Refuse (`ZooImportError`) trial files that are symlinks leading out of ``source``."""
+    for path in paths:
+        try:
+            resolve_in_zoo(source, str(path.relative_to(source)), f"model {model_id}")
+        except ValueError as error:
+            raise ZooImportError(str(error)) from None
+
+
 def _resolve_zoo_info(
     source: Path,
     source_layout: str,
@@ -491,6 +511,11 @@ def import_zoo(
 
     Returns:
         The `ImportReport`, also saved as ``import_report.json`` in ``output``.
+
+    Raises:
+        ZooImportError: with ``strict=True`` at the first problem; always for a model id or
+            file path that would leave the source or output folder.
+        ZooBusyError: another process is writing ``output``.
     """
     source, output = Path(source), Path(output)
     if not source.is_dir():

@@ -370,9 +370,13 @@ def _finished_models(output_dir: Path) -> set[str]:
 
 def _finish_chunk(output_dir: Path, state_path: Path, records: list[dict]) -> None:
     """Add a finished chunk's records to metadata.jsonl (one atomic rewrite), drop its state."""
-    all_records = sorted(
-        [*_read_metadata(output_dir), *records], key=lambda r: (r["model_id"], r["epoch"])
-    )
+    finished = _read_metadata(output_dir)
+    if again := sorted({r["model_id"] for r in finished} & {r["model_id"] for r in records}):
+        raise RuntimeError(  # the writer lock makes this impossible; never write records twice
+            f"{output_dir / RAW_METADATA_FILE} already holds {again[:3]}: another process "
+            "trained them; not adding their records again"
+        )
+    all_records = sorted([*finished, *records], key=lambda r: (r["model_id"], r["epoch"]))
     write_zoo_metadata(output_dir, all_records)
     for path in state_path.parent.glob(f"{state_path.name}[._]*"):
         path.unlink()
