@@ -8,6 +8,7 @@ transformers' own `push_to_hub` keeps an existing card or writes one with
 `library_name: transformers`; `push_model_to_hub` uploads our card instead, every time.
 """
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -33,7 +34,7 @@ from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SanePreTrainedModel
 from sane_hf.zoo.card import build_zoo_dataset_card
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
-from sane_hf.zoo.metadata import ZooDataset
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
 from sane_hf.zoo.storage import as_splits, load_zoo_dataset, save_zoo_dataset
 
 if TYPE_CHECKING:
@@ -262,7 +263,8 @@ def push_zoo_dataset(
             ]
             operations += [
                 CommitOperationAdd("README.md", str(card).encode()),
-                CommitOperationAdd(DATASET_METADATA_FILE, (metadata.to_json() + "\n").encode()),
+                # the fingerprint describes local Arrow files, not the pushed parquet
+                CommitOperationAdd(DATASET_METADATA_FILE, _metadata_bytes(metadata)),
             ]
             stale = [
                 path
@@ -279,6 +281,10 @@ def push_zoo_dataset(
             save_zoo_dataset(ZooDataset(splits, metadata), keep_on_failure)
             kept = f"; the built dataset is kept in {keep_on_failure}"
         raise HubError(f"push of zoo dataset {repo_id} failed: {_describe(error)}{kept}") from None
+
+
+def _metadata_bytes(metadata: ZooMetadata) -> bytes:
+    return (dataclasses.replace(metadata, fingerprint=None).to_json() + "\n").encode()
 
 
 def _card_data(splits: DatasetDict) -> DatasetCardData:

@@ -42,6 +42,8 @@ class ZooMetadata:
             ``"reference_epoch"`` when aligned.
         split: ``{"seed", "fractions", "models": {split: [model ids]}}``.
         statistics: counts and accuracy per epoch (see `zoo_statistics`).
+        fingerprint: of the Arrow files of a saved dataset (`sane_hf.zoo.storage.save_zoo_dataset`
+            records it, loading checks it); ``None`` for a dataset not saved yet or on the Hub.
     """
 
     zoo: dict[str, Any]
@@ -51,9 +53,11 @@ class ZooMetadata:
     alignment: dict[str, Any]
     split: dict[str, Any]
     statistics: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = field(default=None, compare=False)  # not the content
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        fingerprint = {} if self.fingerprint is None else {"fingerprint": self.fingerprint}
+        return fingerprint | {
             "format": METADATA_FORMAT,
             "version": METADATA_VERSION,
             "zoo": self.zoo,
@@ -80,6 +84,7 @@ class ZooMetadata:
             alignment=data["alignment"],
             split=data["split"],
             statistics=data.get("statistics", {}),
+            fingerprint=data.get("fingerprint"),
         )
 
     def to_json(self) -> str:

@@ -9,6 +9,7 @@ not match the recorded fingerprint and a description that does not fit its rows
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,8 +64,8 @@ def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike)
         apply_umask(staging, directory=True)  # mkdtemp makes 0700 folders
         splits.save_to_disk(str(staging))
         build_zoo_dataset_card(metadata).save(staging / "README.md")
-        description = metadata.to_dict() | {"fingerprint": dataset_fingerprint(staging)}
-        atomic_write_text(staging / DATASET_METADATA_FILE, json.dumps(description, indent=1) + "\n")
+        recorded = dataclasses.replace(metadata, fingerprint=dataset_fingerprint(staging))
+        atomic_write_text(staging / DATASET_METADATA_FILE, recorded.to_json() + "\n")
         _swap_in(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
