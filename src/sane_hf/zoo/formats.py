@@ -40,6 +40,7 @@ RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DATASET_METADATA_FILE = "sane_zoo.json"
 LOCK_FILE = ".sane_zoo.lock"
+METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
 # Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -70,6 +71,14 @@ def zoo_writer_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def zoo_metadata_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Wait for and hold the short lock around one read-modify-write of ``metadata.jsonl``: the
+    processes of one multi-process run (which share the writer lock) take turns with it."""
+    with FileLock(Path(folder) / METADATA_LOCK_FILE):
+        yield
 
 
 def check_model_id(model_id: Any, where: str) -> str:

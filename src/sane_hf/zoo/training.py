@@ -50,6 +50,10 @@ One writer per zoo: `train_zoo` holds the folder's lock (`sane_hf.zoo.formats.zo
 for the whole run, so a second process on the same folder is refused at once with a
 `ZooBusyError` instead of duplicating records or deleting the first one's ``train_state/``.
 
+Several processes: under ``torchrun``/``accelerate launch`` (``python -m sane_hf zoo train``) the
+chunks are dealt to the ranks (`sane_hf.zoo.distributed`); the zoo is byte-identical to a
+one-process zoo, and a killed run resumes with any number of processes.
+
 Resuming: metadata.jsonl only ever holds finished models (it is rewritten atomically when a chunk
 finishes), so the models it lists are never retrained. The chunk in progress saves its stacked
 parameters, buffers and optimizer state at every checkpoint epoch, so rerunning ``train_zoo`` with
@@ -84,6 +88,7 @@ from sane_hf.zoo.config import (
     ModelSpec,
     ZooConfig,
 )
+from sane_hf.zoo.distributed import Ranks, my_share, run_lock, zoo_processes
 from sane_hf.zoo.formats import (
     CHECKPOINT_DIR,
     RAW_METADATA_FILE,
@@ -91,7 +96,7 @@ from sane_hf.zoo.formats import (
     load_zoo_metadata,
     write_zoo_info,
     write_zoo_metadata,
-    zoo_writer_lock,
+    zoo_metadata_lock,
 )
 from sane_hf.zoo.grouped import keep_freed_memory_on_the_heap
 from sane_hf.zoo.population import (
@@ -122,8 +127,8 @@ def train_zoo(
     if another process is writing ``output_dir``. Returns ``output_dir``.
     """
     output_dir = Path(output_dir)
-    with zoo_writer_lock(output_dir):
-        _train_zoo(config, output_dir, dataset, progress, keep_freed_memory)
+    with zoo_processes() as ranks, run_lock(output_dir, ranks):
+        _train_zoo(config, output_dir, dataset, progress, keep_freed_memory, ranks)
     return output_dir
 
 
@@ -133,8 +138,9 @@ def _train_zoo(
     dataset: ImageDataset | None,
     progress: bool,
     keep_freed_memory: bool,
+    ranks: Ranks,
 ) -> None:
-    device = torch.device(config.device)
+    device = ranks.device(config.device)
     if dataset is None:
         dataset = load_dataset_by_name(
             config.dataset, _input_shape(config), **config.dataset_kwargs
@@ -142,20 +148,33 @@ def _train_zoo(
     architecture_kwargs = _architecture_kwargs(config, dataset)
     specs = config.model_specs()
     _check_architecture(config.architecture, architecture_kwargs, specs[0], dataset)
-    if not (output_dir / ZOO_FILE).exists():
-        _warn_overlapping_seeds(output_dir, config)
-    _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
+    if ranks.rank == 0:
+        if not (output_dir / ZOO_FILE).exists():
+            _warn_overlapping_seeds(output_dir, config)
+        _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
+    ranks.barrier()
     finished = _finished_models(output_dir)
-    chunks = _plan_chunks([s for s in specs if s.model_id not in finished], config.models_per_chunk)
+    # Planned over all models, so a chunk's composition (and with it every result) depends on
+    # the config alone: not on what an interrupted run finished, nor on the number of processes.
+    chunks = [
+        [spec for spec in chunk if spec.model_id not in finished]
+        for chunk in _plan_chunks(specs, config.models_per_chunk)
+    ]
+    chunks = my_share([chunk for chunk in chunks if chunk], ranks)
     data = dataset.to(device)
     total_steps = len(chunks) * config.epochs * steps_per_epoch(dataset, config.batch_size)
+    progress = progress and ranks.rank == 0
     with _population_run(device, total_steps, progress, keep_freed_memory=keep_freed_memory) as bar:
         for index, chunk in enumerate(chunks):
             bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
             trainer = ChunkTrainer(config, architecture_kwargs, chunk, data, device)
             state_path = _state_dir(output_dir) / f"chunk_{chunk[0].model_id}"
-            _finish_chunk(output_dir, state_path, trainer.run(output_dir, state_path, bar))
-    shutil.rmtree(_state_dir(output_dir))  # left: states of chunks planned differently, if any
+            records = trainer.run(output_dir, state_path, bar)
+            with zoo_metadata_lock(output_dir):  # the ranks of a run take turns
+                _finish_chunk(output_dir, state_path, records)
+    ranks.barrier()
+    if ranks.rank == 0:  # left: states of chunks planned differently, if any
+        shutil.rmtree(_state_dir(output_dir), ignore_errors=True)
 
 
 def fine_tune_population(
