@@ -161,6 +161,7 @@ def _interrupted_run(config, zoo_dir, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.filterwarnings("ignore:.*overlap it:UserWarning")  # the same zoo twice, on purpose
 def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
     config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
     reference = train_zoo(config, tmp_path / "reference", progress=False)
