@@ -278,3 +278,4 @@ def test_cli_import_prints_the_report(ray_zoo, tmp_path, capsys):
     assert json.loads((output / "zoo.json").read_text())["architecture_kwargs"] == {
         "in_channels": 1
     }
+    assert json.loads((output / "zoo.json").read_text())["num_models"] == 4

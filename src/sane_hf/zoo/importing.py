@@ -278,6 +278,9 @@ class _ZooWriter:
             )
         zoo_info = {"kind": infer_zoo_kind(records)} | zoo_info
         zoo_info["epochs"] = sorted({record["epoch"] for record in records})
+        # the models this zoo holds (a source's own count would include the skipped ones and
+        # make the dataset builder take the zoo for an unfinished one)
+        zoo_info["num_models"] = len(self.state.records)
         resumed_skips = []
         for model_id in self.report.resumed_models:
             self.report.models[model_id] = [
