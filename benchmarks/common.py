@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import save_file
 
 from sane_hf import build_model
+from sane_hf.zoo.formats import write_checkpoint, write_zoo_info, write_zoo_metadata
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -187,9 +187,8 @@ def write_synthetic_raw_zoo(
     trained one; this writes one in seconds (model ``m`` seeded with ``m``).
     """
     kwargs = architecture_kwargs or {}
-    (root / "checkpoints").mkdir(parents=True)
     zoo = {"architecture": architecture, "architecture_kwargs": kwargs, "dataset": "synthetic"}
-    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(range(num_epochs))}))
+    write_zoo_info(root, zoo | {"epochs": list(range(num_epochs))})
     lines = []
     for model in range(num_models):
         torch.manual_seed(model)
@@ -199,8 +198,7 @@ def write_synthetic_raw_zoo(
                 key: value + 0.01 * torch.randn_like(value) if value.is_floating_point() else value
                 for key, value in state_dict.items()
             }
-            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
-            save_file(state_dict, root / file)
+            file = write_checkpoint(root, f"model_{model:04d}", epoch, state_dict)
             accuracy = 0.1 + 0.8 * epoch / num_epochs
             lines.append(
                 {"file": file, "model_id": f"model_{model:04d}", "epoch": epoch, "seed": model,
@@ -208,4 +206,4 @@ def write_synthetic_raw_zoo(
                  "test_loss": 1.0, "test_acc": accuracy, "ggap": 0.0,
                  "hyperparameters": {"activation": activation, "dropout": 0.0}}
             )  # fmt: skip
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_zoo_metadata(root, lines)

@@ -5,14 +5,13 @@ the epoch, and whose recorded accuracy grows with the epoch, so properties are r
 the weights (the weight variance grows with the epoch) without training anything.
 """
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from sane_hf import build_model
 from sane_hf.zoo.dataset import build_zoo_dataset
+from sane_hf.zoo.formats import write_checkpoint, write_zoo_info, write_zoo_metadata
 
 ARCHITECTURE_KWARGS = {"in_features": 64, "hidden": [6], "num_classes": 10}  # 8x8 digits
 EPOCHS = (0, 1, 2, 3, 4)
@@ -24,7 +23,6 @@ def template(activation: str = "tanh") -> torch.nn.Module:
 
 
 def write_raw_zoo(root: Path, num_models: int = 20) -> Path:
-    (root / "checkpoints").mkdir(parents=True)
     zoo = {
         "architecture": "mlp",
         "architecture_kwargs": ARCHITECTURE_KWARGS,
@@ -34,7 +32,7 @@ def write_raw_zoo(root: Path, num_models: int = 20) -> Path:
         "kind": "hyperparameter",
         "epochs": list(EPOCHS),
     }
-    (root / "zoo.json").write_text(json.dumps(zoo))
+    write_zoo_info(root, zoo)
     lines = []
     for model in range(num_models):
         activation = ("tanh", "relu")[model % 2]
@@ -44,8 +42,7 @@ def write_raw_zoo(root: Path, num_models: int = 20) -> Path:
         for epoch in EPOCHS:
             drift = {k: torch.randn(v.shape, generator=generator) for k, v in initial.items()}
             state_dict = {k: v + 0.3 * epoch * drift[k] for k, v in initial.items()}
-            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
-            save_file(state_dict, root / file)
+            file = write_checkpoint(root, f"model_{model:04d}", epoch, state_dict)
             test_acc = 0.3 + 0.1 * epoch + 0.01 * (model % 3)
             train_acc = test_acc + 0.02 * epoch
             hyperparameters = {"activation": activation, "init": "uniform", "lr": 1e-3}
@@ -55,7 +52,7 @@ def write_raw_zoo(root: Path, num_models: int = 20) -> Path:
                  "val_acc": None, "test_loss": 2.1 - 0.3 * epoch, "test_acc": test_acc,
                  "ggap": train_acc - test_acc, "hyperparameters": hyperparameters}
             )  # fmt: skip
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_zoo_metadata(root, lines)
     return root
 
 

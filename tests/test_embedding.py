@@ -115,7 +115,7 @@ def test_pool_latents_means_over_all_tokens_and_per_layer():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
 
 
 @pytest.fixture(scope="module")

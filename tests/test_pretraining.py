@@ -112,7 +112,7 @@ def test_float16_zoos_stay_float16_in_memory(tiny_digits_zoo):
     zoo = load_zoo_dataset(tiny_digits_zoo)
     half = build_zoo_dataset(tiny_digits_zoo.parent / "raw", dtype="float16", progress=False)
     tokens = split_tokens(zoo.splits["train"], zoo.metadata.layout)
-    half_tokens = split_tokens(half["train"], zoo.metadata.layout)
+    half_tokens = split_tokens(half.splits["train"], zoo.metadata.layout)
     assert (tokens.dtype, half_tokens.dtype) == (torch.float32, torch.float16)
     assert torch.equal(half_tokens, tokens.half())
 

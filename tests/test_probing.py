@@ -221,7 +221,7 @@ def test_property_prediction_model_learns_a_property():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
 
 
 @pytest.fixture(scope="module")

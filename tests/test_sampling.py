@@ -170,7 +170,7 @@ def test_nearest_neighbor_distances_rejects_layout_mismatch():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
 
 
 @pytest.fixture(scope="module")

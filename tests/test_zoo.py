@@ -8,13 +8,9 @@ from safetensors.torch import load_file
 from sane_hf import ZooConfig, build_model, load_dataset_by_name, register_architecture, train_zoo
 from sane_hf.cli import main
 from sane_hf.zoo.architectures import ACTIVATIONS
-from sane_hf.zoo.training import (
-    _ChunkTrainer,
-    _GroupedSequential,
-    data_order,
-    initialize_zoo_model,
-    structural_kwargs,
-)
+from sane_hf.zoo.grouped import GroupedSequential
+from sane_hf.zoo.population import ChunkTrainer
+from sane_hf.zoo.training import data_order, initialize_zoo_model, structural_kwargs
 
 TINY = {"dataset_kwargs": {"num_samples": 100}, "batch_size": 10}
 
@@ -138,7 +134,7 @@ def test_vectorized_training_matches_a_plain_loop(
 
 def _interrupt_in_epoch(monkeypatch, call: int) -> list[int]:
     """Make the ``call``-th trained epoch raise KeyboardInterrupt (once); returns the epochs trained."""
-    original_epoch = _ChunkTrainer._train_epoch
+    original_epoch = ChunkTrainer._train_epoch
     calls = []
     interrupted = []
 
@@ -149,7 +145,7 @@ def _interrupt_in_epoch(monkeypatch, call: int) -> list[int]:
             raise KeyboardInterrupt
         original_epoch(self, bar)
 
-    monkeypatch.setattr(_ChunkTrainer, "_train_epoch", interrupted_epoch)
+    monkeypatch.setattr(ChunkTrainer, "_train_epoch", interrupted_epoch)
     return calls
 
 
@@ -165,6 +161,7 @@ def _interrupted_run(config, zoo_dir, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.filterwarnings("ignore:.*overlap it:UserWarning")  # the same zoo twice, on purpose
 def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
     config = ZooConfig(num_models=4, epochs=3, models_per_chunk=2, **TINY)
     reference = train_zoo(config, tmp_path / "reference", progress=False)
@@ -276,12 +273,12 @@ def _chunk_trainer(architecture, input_shape, num_models=3, **architecture_kwarg
     config = ZooConfig(architecture=architecture, num_models=num_models, **TINY)
     dataset = load_dataset_by_name("digits", input_shape, num_samples=100)
     kwargs = {**architecture_kwargs, "num_classes": 10}
-    return _ChunkTrainer(config, kwargs, config.model_specs(), dataset, torch.device("cpu"))
+    return ChunkTrainer(config, kwargs, config.model_specs(), dataset, torch.device("cpu"))
 
 
 def test_grouped_cpu_step_matches_the_vmapped_step(monkeypatch):
     grouped = _chunk_trainer("cnn_s", (1, 28, 28), in_channels=1)
-    monkeypatch.setattr(_GroupedSequential, "supports", staticmethod(lambda module: False))
+    monkeypatch.setattr(GroupedSequential, "supports", staticmethod(lambda module: False))
     vmapped = _chunk_trainer("cnn_s", (1, 28, 28), in_channels=1)
     assert grouped.grouped is not None and vmapped.grouped is None
 

@@ -22,6 +22,12 @@ from sane_hf.zoo.dataset import (
     split_models,
     zoo_metadata,
 )
+from sane_hf.zoo.formats import (
+    checkpoint_file_name,
+    write_checkpoint,
+    write_zoo_info,
+    write_zoo_metadata,
+)
 from sane_hf.zoo.statistics import zoo_statistics
 
 NUM_MODELS = 8
@@ -41,14 +47,12 @@ def checkpoint(model: int, epoch: int) -> dict[str, torch.Tensor]:
 
 
 def write_raw_zoo(root) -> None:
-    (root / "checkpoints").mkdir(parents=True)
     zoo = {"architecture": "cnn_s", "architecture_kwargs": {}, "dataset": "mnist", "kind": "seed"}
-    (root / "zoo.json").write_text(json.dumps(zoo | {"epochs": list(EPOCHS)}))
+    write_zoo_info(root, zoo | {"epochs": list(EPOCHS)})
     lines = []
     for model in range(NUM_MODELS):
         for epoch in EPOCHS:
-            file = f"checkpoints/model_{model:04d}_epoch_{epoch:03d}.safetensors"
-            save_file(checkpoint(model, epoch), root / file)
+            file = write_checkpoint(root, f"model_{model:04d}", epoch, checkpoint(model, epoch))
             train_acc, test_acc = (
                 0.3 + 0.2 * epoch + 0.01 * model,
                 0.25 + 0.2 * epoch + 0.02 * model,
@@ -59,7 +63,7 @@ def write_raw_zoo(root) -> None:
                  "val_acc": None, "test_loss": 2.1 - epoch, "test_acc": test_acc,
                  "ggap": train_acc - test_acc, "hyperparameters": HYPERPARAMETERS}
             )  # fmt: skip
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_zoo_metadata(root, lines)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +95,10 @@ def test_split_models_is_by_model_seeded_and_independent_of_order():
 
 
 def test_dataset_keeps_models_in_one_split_whatever_the_metadata_order(built, raw_zoo, tmp_path):
-    model_sets = {name: set(split["model_id"]) for name, split in built.items()}
+    model_sets = {name: set(split["model_id"]) for name, split in built.splits.items()}
     assert sum(len(ids) for ids in model_sets.values()) == NUM_MODELS
     assert set.union(*model_sets.values()) == {f"model_{i:04d}" for i in range(NUM_MODELS)}
-    for split in built.values():
+    for split in built.splits.values():
         assert len(split) == len(EPOCHS) * len(set(split["model_id"]))  # all epochs of a model
 
     shuffled = copy_zoo(raw_zoo, tmp_path / "shuffled")
@@ -102,8 +106,8 @@ def test_dataset_keeps_models_in_one_split_whatever_the_metadata_order(built, ra
     random.Random(0).shuffle(lines)
     (shuffled / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     rebuilt = build_zoo_dataset(shuffled, progress=False)
-    for name in built:
-        assert rebuilt[name].data.table.equals(built[name].data.table)
+    for name in built.splits:
+        assert rebuilt.splits[name].data.table.equals(built.splits[name].data.table)
     assert zoo_metadata(rebuilt).to_dict() == zoo_metadata(built).to_dict()
 
 
@@ -156,7 +160,7 @@ def test_rows_decode_to_aligned_weights_that_compute_the_same_function(built):
     reference = checkpoint(int(reference_id.split("_")[1]), metadata.alignment["reference_epoch"])
     inputs = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     distance_before = distance_after = 0.0
-    for split in built.values():
+    for split in built.splits.values():
         row_orders = {}
         for row in split.with_format("torch"):
             model_index = int(row["model_id"].split("_")[1])
@@ -186,18 +190,14 @@ def test_rows_decode_to_aligned_weights_that_compute_the_same_function(built):
 def test_batchnorm_residual_zoo_decodes_to_the_same_function(tmp_path):
     """BatchNorm running statistics and num_batches_tracked survive alignment and tokenization."""
     root = tmp_path / "resnet"
-    (root / "checkpoints").mkdir(parents=True)
     kwargs = {"widths": [4, 8, 8, 8]}
-    (root / "zoo.json").write_text(
-        json.dumps({"architecture": "resnet_bottleneck", "architecture_kwargs": kwargs})
-    )
+    write_zoo_info(root, {"architecture": "resnet_bottleneck", "architecture_kwargs": kwargs})
     lines, inputs = [], torch.randn(2, 3, 8, 8)
     for model in range(7):
         torch.manual_seed(model)
         network = build_model("resnet_bottleneck", **kwargs)
         network(inputs)  # training-mode forward: running statistics move away from 0 and 1
-        file = f"checkpoints/model_{model}.safetensors"
-        save_file(network.state_dict(), root / file)
+        file = write_checkpoint(root, f"model_{model}", 0, network.state_dict())
         lines.append(
             {
                 "file": file,
@@ -210,14 +210,14 @@ def test_batchnorm_residual_zoo_decodes_to_the_same_function(tmp_path):
                 "test_acc": 0.5,
             }
         )
-    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_zoo_metadata(root, lines)
 
     dataset = build_zoo_dataset(root, tokensize=64, progress=False)
     metadata = zoo_metadata(dataset)
     network = metadata.build_model().eval()
-    for split in dataset.values():
+    for split in dataset.splits.values():
         for row in split.with_format("torch"):
-            network.load_state_dict(load_file(root / f"checkpoints/{row['model_id']}.safetensors"))
+            network.load_state_dict(load_file(root / checkpoint_file_name(row["model_id"], 0)))
             expected = network(inputs)
             network.load_state_dict(metadata.decode(row["tokens"]))
             torch.testing.assert_close(network(inputs), expected, rtol=1e-5, atol=1e-5)
@@ -229,11 +229,13 @@ def test_save_and_load_round_trip_is_bit_exact(built, tmp_path):
     assert "Test accuracy per epoch" in (tmp_path / "saved" / "README.md").read_text()
 
     loaded = load_zoo_dataset(tmp_path / "saved")
-    assert loaded.metadata.to_dict() == zoo_metadata(built).to_dict()
+    assert loaded.metadata.fingerprint.startswith("sha256:")
+    fingerprint = {"fingerprint": loaded.metadata.fingerprint}
+    assert loaded.metadata.to_dict() == zoo_metadata(built).to_dict() | fingerprint
     assert zoo_metadata(loaded.splits) == loaded.metadata
-    for name in built:
-        assert loaded.splits[name].data.table.equals(built[name].data.table)
-        assert loaded.splits[name].features == built[name].features
+    for name in built.splits:
+        assert loaded.splits[name].data.table.equals(built.splits[name].data.table)
+        assert loaded.splits[name].features == built.splits[name].features
 
 
 def test_push_to_fake_hub_then_load_dataset_is_bit_exact(built, fake_hub):
@@ -245,17 +247,20 @@ def test_push_to_fake_hub_then_load_dataset_is_bit_exact(built, fake_hub):
     assert any(file.endswith(".parquet") for file in files)
 
     plain = datasets.load_dataset(repo_id)
-    for name in built:
-        assert plain[name].features == built[name].features
+    for name in built.splits:
+        assert plain[name].features == built.splits[name].features
         assert np.array_equal(
-            plain[name].with_format("numpy")["tokens"], built[name].with_format("numpy")["tokens"]
+            plain[name].with_format("numpy")["tokens"],
+            built.splits[name].with_format("numpy")["tokens"],
         )
-        assert plain[name].data.table.equals(built[name].data.table)
+        assert plain[name].data.table.equals(built.splits[name].data.table)
 
     zoo = load_zoo_dataset(repo_id)
     assert zoo.metadata.to_dict() == zoo_metadata(built).to_dict()
     card = datasets.load_dataset_builder(repo_id).info
-    assert card.features == built["train"].features  # the card kept push_to_hub's dataset_info
+    assert (
+        card.features == built.splits["train"].features
+    )  # the card kept push_to_hub's dataset_info
 
 
 def test_float16_tokens_and_an_epoch_subset(raw_zoo):
@@ -263,12 +268,15 @@ def test_float16_tokens_and_an_epoch_subset(raw_zoo):
         raw_zoo, align=False, epochs=[0, 2], dtype="float16", progress=False
     )
     metadata = zoo_metadata(dataset)
-    assert dataset["train"].features["tokens"].dtype == "float16"
-    assert set(dataset["train"]["epoch"]) == {0, 2} and metadata.statistics["epochs"] == [0, 2]
+    assert dataset.splits["train"].features["tokens"].dtype == "float16"
+    assert set(dataset.splits["train"]["epoch"]) == {0, 2} and metadata.statistics["epochs"] == [
+        0,
+        2,
+    ]
     assert metadata.zoo["epochs"] == [0, 2]  # the raw zoo.json lists [0, 1, 2]
     card = build_zoo_dataset_card(metadata).text
     assert "- epochs: `[0, 2]`" in card and "[0, 1, 2]" not in card
-    row = dataset["validation"].with_format("torch")[0]
+    row = dataset.splits["validation"].with_format("torch")[0]
     original = checkpoint(int(row["model_id"].split("_")[1]), int(row["epoch"]))
     for key, value in metadata.decode(row["tokens"]).items():
         torch.testing.assert_close(value, original[key], rtol=2e-3, atol=5e-4)

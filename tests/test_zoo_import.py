@@ -107,7 +107,7 @@ def skipped_summary(report: ImportReport) -> list[tuple]:
 EXPECTED_SKIPS = [
     ("model_0001", 2, "missing metric(s) ['test_acc'] in result.json (epoch 2)"),
     ("model_0002", 1, "unreadable checkpoint (RuntimeError"),
-    ("model_0003", 2, "non-finite values (NaN/Inf) in '12.weight'"),
+    ("model_0003", 2, "model model_0003: parameter '12.weight' has non-finite values (NaN/Inf)"),
     ("model_0004", 0, "architecture differs from cnn_s({})"),
     ("model_0004", 1, "architecture differs from cnn_s({})"),
     ("model_0004", 2, "architecture differs from cnn_s({})"),
@@ -127,6 +127,10 @@ def test_ray_trial_import_skips_broken_members_and_reports_why(ray_zoo, tmp_path
     assert [(m, e) for m, e, _ in skipped_summary(report)] == [(m, e) for m, e, _ in EXPECTED_SKIPS]
     for (_, _, reason), (_, _, expected) in zip(skipped_summary(report), EXPECTED_SKIPS):
         assert expected.startswith(reason)
+    assert report.skipped[2].message.startswith(
+        "trial_d/checkpoint_000002/checkpoints: model model_0003: parameter '12.weight' has "
+        "non-finite values (NaN/Inf)"
+    )
     assert "'0.weight' has shape [8, 3, 5, 5], expected [8, 1, 5, 5]" in report.skipped[3].reason
     assert report.skipped[0].path == "trial_b/checkpoint_000002/checkpoints"
     assert any("module_list.0.weight" in note for note in report.notes)
@@ -236,7 +240,7 @@ def test_safetensors_folder_is_validated_and_copied_to_canonical_names(tmp_path)
             "metric train_acc in metadata.jsonl line 5 is 60.0, expected a fraction in [0, 1]",
         ),
         ("broken.safetensors", "unreadable checkpoint"),
-        ("nan.safetensors", "non-finite values"),
+        ("nan.safetensors", "model m3: parameter '15.bias' has non-finite values"),
     ]
     records = load_zoo_metadata(output)
     assert [record["file"] for record in records] == [
@@ -270,7 +274,8 @@ def test_cli_import_prints_the_report(ray_zoo, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "imported 4 models, 9 checkpoints" in printed
-    assert "trial_d/checkpoint_000002/checkpoints: non-finite values" in printed
+    assert "trial_d/checkpoint_000002/checkpoints: model model_0003: parameter" in printed
     assert json.loads((output / "zoo.json").read_text())["architecture_kwargs"] == {
         "in_channels": 1
     }
+    assert json.loads((output / "zoo.json").read_text())["num_models"] == 4

@@ -37,6 +37,7 @@ _PUBLIC_API: dict[str, list[str]] = {
     ],
     "zoo.tasks": ["ImageDataset", "dataset_from_tensors", "load_dataset_by_name"],
     "zoo.config": ["ZooConfig"],
+    "zoo.formats": ["ZooBusyError"],
     "zoo.training": ["fine_tune_population", "train_zoo"],
     "zoo.importing": ["ImportReport", "ZooImportError", "import_zoo"],
     "zoo.dataset": [
@@ -56,7 +57,7 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SaneModelOutput",
         "SanePreTrainedModel",
     ],
-    "hub": ["push_zoo_dataset"],
+    "hub": ["HubError", "push_zoo_dataset"],
     "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
     "pretraining.config": ["PretrainingConfig"],
     "pretraining.loop": ["pretrain"],
@@ -127,7 +128,7 @@ if TYPE_CHECKING:
         novelty_report,
         select_prompts,
     )
-    from sane_hf.hub import push_zoo_dataset
+    from sane_hf.hub import HubError, push_zoo_dataset
     from sane_hf.models.sane.configuration_sane import SaneConfig
     from sane_hf.models.sane.modeling_sane import (
         SaneDecoderModel,
@@ -171,6 +172,7 @@ if TYPE_CHECKING:
         load_zoo_dataset,
         save_zoo_dataset,
     )
+    from sane_hf.zoo.formats import ZooBusyError
     from sane_hf.zoo.importing import ImportReport, ZooImportError, import_zoo
     from sane_hf.zoo.tasks import ImageDataset, dataset_from_tensors, load_dataset_by_name
     from sane_hf.zoo.training import fine_tune_population, train_zoo

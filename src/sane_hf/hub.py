@@ -8,6 +8,7 @@ transformers' own `push_to_hub` keeps an existing card or writes one with
 `library_name: transformers`; `push_model_to_hub` uploads our card instead, every time.
 """
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -15,22 +16,26 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from datasets import DatasetDict
+from datasets import DatasetDict, SplitDict, SplitInfo
+from datasets.info import DatasetInfo, DatasetInfosDict
 from huggingface_hub import (
     CommitInfo,
     CommitOperationAdd,
-    DatasetCard,
+    CommitOperationDelete,
+    DatasetCardData,
     EvalResult,
     HfApi,
     ModelCard,
     ModelCardData,
 )
+from huggingface_hub.errors import HfHubHTTPError
 
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SanePreTrainedModel
 from sane_hf.zoo.card import build_zoo_dataset_card
-from sane_hf.zoo.dataset import ZooDataset, as_splits, load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
+from sane_hf.zoo.storage import as_splits, load_zoo_dataset, save_zoo_dataset
 
 if TYPE_CHECKING:
     pass
@@ -213,6 +218,15 @@ def push_folder(
     )
 
 
+class HubError(RuntimeError):
+    """A Hub request failed: one line naming the repo and the HTTP status (no chained traceback)."""
+
+
+# Parquet shards of a pushed zoo dataset stay below about this size (the Hub's viewer and
+# datasets' own push use a few hundred MB).
+PARQUET_SHARD_BYTES = 500 * 2**20
+
+
 def push_zoo_dataset(
     dataset: DatasetDict | ZooDataset,
     repo_id: str,
@@ -220,28 +234,107 @@ def push_zoo_dataset(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload zoo dataset with sane-hf",
+    keep_on_failure: str | os.PathLike | None = None,
 ) -> CommitInfo:
-    """Push the splits (parquet), then ``sane_zoo.json`` and the dataset card in one commit.
+    """Push the splits (parquet), ``sane_zoo.json`` and the dataset card in ONE commit.
 
-    The card keeps the ``configs``/``dataset_info`` metadata that ``push_to_hub`` wrote, so
-    ``datasets.load_dataset(repo_id)`` and `load_zoo_dataset` both work on the repo.
+    The parquet shards are written here (``data/<split>-XXXXX-of-YYYYY.parquet``, the layout of
+    datasets' own ``push_to_hub``) and committed together with ``sane_zoo.json`` and the card,
+    whose ``configs`` point ``datasets.load_dataset(repo_id)`` at them; data files of an earlier
+    push that this one does not overwrite are deleted in the same commit. A failure anywhere
+    leaves the repo as it was: never splits without their ``sane_zoo.json``.
+
+    Raises `HubError` (repo and HTTP status in one line) when the Hub refuses or fails; with
+    ``keep_on_failure`` the dataset is first saved there (`save_zoo_dataset`) so a build is not
+    lost, and the message says where.
     """
     splits, metadata = as_splits(dataset)
-    splits.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
-    existing = DatasetCard.load(repo_id, repo_type="dataset", token=token).data
-    card = build_zoo_dataset_card(metadata, repo_id=repo_id, card_data=existing)
-    operations = [
-        CommitOperationAdd("README.md", str(card).encode()),
-        CommitOperationAdd(DATASET_METADATA_FILE, (metadata.to_json() + "\n").encode()),
-    ]
-    return HfApi(token=token).create_commit(
-        repo_id, operations, commit_message=commit_message, repo_type="dataset"
+    api = HfApi(token=token)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            data_files = _write_parquet_shards(splits, Path(folder))
+            repo_id = api.create_repo(
+                repo_id, repo_type="dataset", private=private, exist_ok=True
+            ).repo_id
+            card = build_zoo_dataset_card(metadata, repo_id=repo_id, card_data=_card_data(splits))
+            operations = [
+                CommitOperationAdd(path_in_repo, str(Path(folder) / path_in_repo))
+                for path_in_repo in data_files
+            ]
+            operations += [
+                CommitOperationAdd("README.md", str(card).encode()),
+                # the fingerprint describes local Arrow files, not the pushed parquet
+                CommitOperationAdd(DATASET_METADATA_FILE, _metadata_bytes(metadata)),
+            ]
+            stale = [
+                path
+                for path in api.list_repo_files(repo_id, repo_type="dataset")
+                if path.startswith("data/") and path not in data_files
+            ]
+            operations += [CommitOperationDelete(path) for path in stale]
+            return api.create_commit(
+                repo_id, operations, commit_message=commit_message, repo_type="dataset"
+            )
+    except (HfHubHTTPError, OSError) as error:
+        kept = ""
+        if keep_on_failure is not None:
+            save_zoo_dataset(ZooDataset(splits, metadata), keep_on_failure)
+            kept = f"; the built dataset is kept in {keep_on_failure}"
+        raise HubError(f"push of zoo dataset {repo_id} failed: {_describe(error)}{kept}") from None
+
+
+def _metadata_bytes(metadata: ZooMetadata) -> bytes:
+    return (dataclasses.replace(metadata, fingerprint=None).to_json() + "\n").encode()
+
+
+def _card_data(splits: DatasetDict) -> DatasetCardData:
+    """The card metadata datasets' own ``push_to_hub`` writes: ``configs`` pointing at the parquet
+    shards, and ``dataset_info`` with the features (Array2D tokens) and split sizes."""
+    card_data = DatasetCardData(
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits],
+            }
+        ]
     )
+    split_dict = SplitDict()
+    for name, split in splits.items():
+        split_dict.add(SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
+    first = next(iter(splits.values()))
+    info = DatasetInfo(features=first.features, splits=split_dict)
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    return card_data
+
+
+def _write_parquet_shards(splits: DatasetDict, folder: Path) -> list[str]:
+    """Write every split as parquet shards under ``folder/data``; return their repo paths."""
+    paths = []
+    for name, split in splits.items():
+        num_shards = max(1, math.ceil(split.data.nbytes / PARQUET_SHARD_BYTES))
+        for index in range(num_shards):
+            path = f"data/{name}-{index:05d}-of-{num_shards:05d}.parquet"
+            (folder / "data").mkdir(exist_ok=True)
+            split.shard(num_shards, index, contiguous=True).to_parquet(str(folder / path))
+            paths.append(path)
+    return paths
+
+
+def _describe(error: Exception) -> str:
+    """``HTTP <status> (<first line of the server's message>)`` or the error's first line."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if status is None:
+        return f"{type(error).__name__}: {first_line}"
+    reason = getattr(error, "server_message", None) or first_line
+    return f"HTTP {status} ({reason.splitlines()[0] if reason else 'no message'})"
 
 
 __all__ = [
     "LIBRARY_NAME",
     "MODEL_TAGS",
+    "HubError",
     "build_model_card",
     "push_folder",
     "push_model_to_hub",

@@ -33,7 +33,12 @@ def _add_zoo_train_command(zoo_subparsers) -> None:
     parser.add_argument("--num-samples", type=int, help="train on a stratified subsample")
     parser.add_argument("--kind", choices=("seed", "hyperparameter"), help="default seed")
     parser.add_argument("--num-models", type=int, help="seeds, or grid sub-sample (default 100)")
-    parser.add_argument("--seed", type=int, help="first seed (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="first seed (default 0): a seed zoo of N models uses seeds SEED..SEED+N-1, so zoos "
+        "meant to be independent need ranges that do not overlap",
+    )
     parser.add_argument("--epochs", type=int, help="training epochs (default 50)")
     parser.add_argument(
         "--checkpoint-epochs", type=int, nargs="+", help="default: every epoch (0 and last always)"
@@ -139,16 +144,25 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
     parser.add_argument("--no-norm-layers", action="store_true", help="leave BatchNorm out")
     parser.add_argument("--no-align", action="store_true", help="skip weight-matching alignment")
     parser.add_argument("--reference", help="model id of the alignment reference")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the by-model split")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the by-model split (not a training seed)"
+    )
     parser.add_argument("--epochs", type=int, nargs="+", help="keep only these epochs")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="build from the finished models of a zoo whose training or import stopped half-way",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_run_zoo_build)
 
 
 def _run_zoo_build(args) -> int:
+    from pathlib import Path
+
     from sane_hf.hub import push_zoo_dataset
-    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset
     from sane_hf.zoo.statistics import format_zoo_statistics
 
     if args.output is None and args.push_to_hub is None:
@@ -164,15 +178,19 @@ def _run_zoo_build(args) -> int:
         epochs=args.epochs,
         dtype=args.dtype,
         progress=not args.no_progress,
+        allow_incomplete=args.allow_incomplete,
     )
     if args.output is not None:
         save_zoo_dataset(dataset, args.output)
         print(f"saved to {args.output}")
     if args.push_to_hub is not None:
-        commit = push_zoo_dataset(dataset, args.push_to_hub, private=args.private or None)
+        # Without --output the build lives in a temporary folder: keep it if the push fails.
+        fallback = None if args.output else Path(args.push_to_hub.split("/")[-1] + "-zoo-dataset")
+        commit = push_zoo_dataset(
+            dataset, args.push_to_hub, private=args.private or None, keep_on_failure=fallback
+        )
         print(f"pushed to {commit.commit_url}")
-    metadata = zoo_metadata(dataset)
-    print(format_zoo_statistics(metadata.statistics, metadata.zoo))
+    print(format_zoo_statistics(dataset.metadata.statistics, dataset.metadata.zoo))
     return 0
 
 

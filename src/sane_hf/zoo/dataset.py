@@ -14,8 +14,15 @@ checkpoint, so training SANE reads memory-mapped Arrow instead of re-doing the p
 
 The layout, the normalization statistics, the zoo description and the preprocessing settings
 travel with the data: as JSON in every split's ``info.description`` and as ``sane_zoo.json``
-beside the Arrow files on disk and in the Hub repo. `load_zoo_dataset` returns them as a
-`ZooMetadata`, whose ``decode`` turns a row's tokens back into a state_dict.
+beside the Arrow files on disk and in the Hub repo. `build_zoo_dataset` and `load_zoo_dataset`
+both return a `ZooDataset` (``.splits``, ``.metadata``); the metadata's ``decode`` turns a row's
+tokens back into a state_dict. Saving and loading (atomic swaps, fingerprints, checks) are in
+`sane_hf.zoo.storage`.
+
+The raw zoo is read as untrusted input: every ``file`` must stay inside the zoo folder, weights
+must be floating point where the architecture's are and finite (errors name file, model and
+parameter), and a zoo whose training or import has not finished is refused unless
+``allow_incomplete=True``.
 
 Row schema (``T`` = token size, ``N`` = tokens per model)::
 
@@ -51,13 +58,9 @@ from datasets import (
     are_progress_bars_disabled,
     disable_progress_bars,
     enable_progress_bars,
-    load_dataset,
-    load_from_disk,
 )
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
-from huggingface_hub import (
-    hf_hub_download,
-)
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -69,15 +72,17 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.card import build_zoo_dataset_card
 from sane_hf.zoo.formats import (
-    DATASET_METADATA_FILE,
-    atomic_write_text,
+    RAW_METADATA_FILE,
+    check_checkpoint_tensors,
+    check_model_id,
     load_zoo_info,
     load_zoo_metadata,
+    resolve_in_zoo,
 )
-from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, zoo_metadata
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, attach_metadata, zoo_metadata
 from sane_hf.zoo.statistics import zoo_statistics
+from sane_hf.zoo.storage import as_splits, load_zoo_dataset, load_zoo_records, save_zoo_dataset
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -95,6 +100,8 @@ FIXED_KEYS = ("file", "model_id", "epoch", "seed", *PROPERTY_COLUMNS)
 TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Rows are buffered in memory before Arrow writes them; keep a batch around this size.
 WRITER_BATCH_BYTES = 64 * 2**20
+# Folders that only exist while a raw zoo is being written (train_zoo's and import_zoo's state).
+UNFINISHED_MARKERS = ("train_state", ".import_progress")
 
 
 def split_models(
@@ -198,6 +205,9 @@ class _ZooEncoder:
         self.tokenizer = tokenizer
         self.layout = tokenizer.layout(self.model)
         self.dtype = TOKEN_DTYPES[dtype]
+        self.float_keys = [
+            key for key, value in self.model.state_dict().items() if value.is_floating_point()
+        ]
         self.positions = self.layout.positions().to(torch.int32).numpy()
         self.counts = self.layout.row_counts().numpy()
         self.spec: PermutationSpec | None = None
@@ -206,12 +216,18 @@ class _ZooEncoder:
         self.mean = self.std = None  # per-value maps [N, T] of the normalization
 
     def load(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        path = self.root / record["file"]
+        """The checkpoint of ``record``, read only from inside the zoo folder, checked against
+        the architecture: keys and shapes, float dtypes (never cast) and finite values."""
+        where = f"{self.root / RAW_METADATA_FILE}, model {record['model_id']!r}"
+        path = resolve_in_zoo(self.root, record["file"], where)
         try:
             state_dict = load_file(path)
             self.layout.check_compatible(state_dict)
         except Exception as error:  # missing/corrupt file or another architecture
-            raise ValueError(f"checkpoint {path}: {error}") from None
+            raise ValueError(f"checkpoint {path} (model {record['model_id']!r}): {error}") from None
+        check_checkpoint_tensors(
+            state_dict, self.float_keys, f"checkpoint {path} (model {record['model_id']!r})"
+        )
         return state_dict
 
     def fit_normalization(self, records: Sequence[Mapping[str, Any]], progress: bool) -> None:
@@ -350,7 +366,8 @@ def build_zoo_dataset(
     writer_batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-) -> DatasetDict:
+    allow_incomplete: bool = False,
+) -> ZooDataset:
     """Split, align, normalize and tokenize a raw zoo into a ``DatasetDict`` (one row per checkpoint).
 
     Args:
@@ -371,17 +388,29 @@ def build_zoo_dataset(
         cache_dir: where the Arrow files are written; default: a temporary directory that
             datasets deletes at exit (save the result with `save_zoo_dataset`).
         progress: show progress bars.
+        allow_incomplete: build from the finished models of a zoo whose training or import
+            stopped half-way (by default such a zoo is refused: its splits would silently
+            change once the rest is finished).
 
     Returns:
-        ``DatasetDict`` with ``train``/``validation``/``test``; `zoo_metadata(result)` gives the
-        layout, normalization statistics and settings (stored in ``info.description``).
+        `ZooDataset` (like `load_zoo_dataset`): ``.splits`` the ``DatasetDict`` with
+        ``train``/``validation``/``test``, ``.metadata`` the layout, normalization statistics and
+        settings (also stored in every split's ``info.description``).
     """
     root = Path(raw_zoo_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     if dtype_name not in TOKEN_DTYPES:
         raise ValueError(f"dtype must be one of {list(TOKEN_DTYPES)}, got {dtype!r}")
     zoo = load_zoo_info(root)
-    records_by_model = _group_records(load_zoo_metadata(root), epochs)
+    all_metadata = load_zoo_metadata(root)
+    if not allow_incomplete:
+        _check_complete(root, zoo, all_metadata)
+    for record in all_metadata:  # every file is confined before any is read
+        check_model_id(record.get("model_id"), str(root / RAW_METADATA_FILE))
+        resolve_in_zoo(
+            root, record.get("file"), f"{root / RAW_METADATA_FILE}, model {record['model_id']!r}"
+        )
+    records_by_model = _group_records(all_metadata, epochs)
     splits = _split_zoo(records_by_model, seed, split_fractions)
 
     encoder = _ZooEncoder(root, zoo, WeightTokenizer(tokensize, include_norm), dtype_name)
@@ -418,88 +447,46 @@ def build_zoo_dataset(
             generate = partial(
                 _generate_rows, model_ids, records_by_model, encoder, columns, alignment_epoch, bar
             )
-            dataset[split] = Dataset.from_generator(
-                generate,
-                features=features,
-                cache_dir=str(cache_dir),
-                split=split,
-                fingerprint=generate_random_fingerprint(),
-                writer_batch_size=writer_batch_size,
-            )
-    _attach_metadata(dataset, metadata)
-    return dataset
+            try:
+                dataset[split] = Dataset.from_generator(
+                    generate,
+                    features=features,
+                    cache_dir=str(cache_dir),
+                    split=split,
+                    fingerprint=generate_random_fingerprint(),
+                    writer_batch_size=writer_batch_size,
+                )
+            except DatasetGenerationError as error:  # our one-line message, not datasets' wrapper
+                if isinstance(error.__cause__, ValueError):
+                    raise error.__cause__ from None
+                raise
+    attach_metadata(dataset, metadata)
+    return ZooDataset(dataset, metadata)
 
 
-def _attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
-    description = metadata.to_json()
-    for split in dataset.values():
-        split.info.description = description
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving, loading, pushing
-
-
-def as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetadata]:
-    if isinstance(dataset, ZooDataset):
-        return dataset.splits, dataset.metadata
-    return dataset, zoo_metadata(dataset)
-
-
-def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike) -> None:
-    """``save_to_disk`` plus ``sane_zoo.json`` and a dataset card (``README.md``) beside it."""
-    splits, metadata = as_splits(dataset)
-    path = Path(path)
-    splits.save_to_disk(str(path))
-    atomic_write_text(path / DATASET_METADATA_FILE, metadata.to_json() + "\n")
-    build_zoo_dataset_card(metadata).save(path / "README.md")
-
-
-def load_zoo_dataset(
-    path_or_repo_id: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | None = None,
-) -> ZooDataset:
-    """Load a zoo dataset from a `save_zoo_dataset` directory (memory-mapped) or a Hub repo."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        if not (path / DATASET_METADATA_FILE).is_file():
-            raise FileNotFoundError(
-                f"{path} has no {DATASET_METADATA_FILE}: not a zoo dataset saved by save_zoo_dataset"
-            )
-        splits = load_from_disk(str(path))
-        metadata_text = (path / DATASET_METADATA_FILE).read_text()
-    else:
-        repo_id = str(path_or_repo_id)
-        splits = load_dataset(repo_id, revision=revision, token=token)
-        metadata_file = hf_hub_download(
-            repo_id, DATASET_METADATA_FILE, repo_type="dataset", revision=revision, token=token
+def _check_complete(root: Path, zoo: Mapping[str, Any], records: Sequence[Mapping]) -> None:
+    """Refuse a raw zoo whose training or import is unfinished (see ``allow_incomplete``)."""
+    problems = [f"{name}/ is present" for name in UNFINISHED_MARKERS if (root / name).exists()]
+    expected = zoo.get("num_models")
+    found = len({record.get("model_id") for record in records})
+    if isinstance(expected, int) and found < expected:
+        problems.append(f"{found} of the {expected} models in {root / 'zoo.json'} are finished")
+    if problems:
+        raise ValueError(
+            f"{root} is an unfinished zoo ({'; '.join(problems)}): rerun the training or import "
+            "to finish it, or pass allow_incomplete=True (--allow-incomplete) to build from the "
+            "finished models"
         )
-        metadata_text = Path(metadata_file).read_text()
-    metadata = ZooMetadata.from_json(metadata_text)
-    _attach_metadata(splits, metadata)
-    return ZooDataset(splits, metadata)
 
 
-ACCURACY_COLUMNS = ["model_id", "epoch", "train_acc", "test_acc"]
-
-
-def load_zoo_records(
-    path: str | os.PathLike,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[str]] | None]:
-    """``(zoo info, records, splits)`` of a saved zoo dataset or a raw zoo directory.
-
-    Only the metadata columns of a dataset are read (not the tokens); a raw zoo has no splits
-    (``None``).
-    """
-    path = Path(path)
-    if (path / DATASET_METADATA_FILE).is_file():
-        zoo = load_zoo_dataset(path)
-        records, splits = [], {}
-        for split, dataset in zoo.splits.items():
-            columns = dataset.select_columns(ACCURACY_COLUMNS).to_dict()
-            records += [dict(zip(columns, row)) for row in zip(*columns.values())]
-            splits[split] = sorted(set(columns["model_id"]))
-        return zoo.metadata.zoo, records, splits
-    return load_zoo_info(path), load_zoo_metadata(path), None
+__all__ = [
+    "ZooDataset",
+    "ZooMetadata",
+    "as_splits",
+    "build_zoo_dataset",
+    "load_zoo_dataset",
+    "load_zoo_records",
+    "save_zoo_dataset",
+    "split_models",
+    "zoo_metadata",
+]

@@ -10,24 +10,119 @@ A **zoo dataset** (`save_zoo_dataset`) is a `datasets.DatasetDict` folder plus
 ``sane_zoo.json`` (`ZooMetadata`: layout, normalization, splits, zoo description).
 
 Every file is written through a temporary file in the same folder and `os.replace`d, so a reader
-(or a process killed half-way) never sees half a file.
+(or a process killed half-way) never sees half a file; files get the permissions of the user's
+umask, like any file the user writes.
+
+Paths that come from zoo metadata (``model_id``, ``file``) are untrusted input: model ids must
+match `MODEL_ID_PATTERN` and every ``file`` must resolve inside its zoo folder
+(`resolve_in_zoo`), so a crafted ``metadata.jsonl`` can neither read nor write outside it.
+A raw zoo folder has one writer at a time: `zoo_writer_lock` (a `filelock` lock file,
+released by the OS when its process dies) refuses a second `train_zoo`/`import_zoo` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DATASET_METADATA_FILE = "sane_zoo.json"
+LOCK_FILE = ".sane_zoo.lock"
+METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
+# Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ZooBusyError(RuntimeError):
+    """Another process is writing the same zoo folder."""
+
+
+@contextlib.contextmanager
+def zoo_writer_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold the writer lock of ``folder`` (created if needed); refuse at once if another holds it.
+
+    Refusing rather than waiting: a second writer of the same zoo is almost always a mistake (two
+    terminals, a restarted job while the old one still runs), and waiting for a multi-hour
+    training would look like a hang. The lock is an OS file lock, so a killed owner releases it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ZooBusyError(
+            f"{folder} is being written by another process (it holds {folder / LOCK_FILE}): "
+            "wait until it finishes, or write to another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def zoo_metadata_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Wait for and hold the short lock around one read-modify-write of ``metadata.jsonl``: the
+    processes of one multi-process run (which share the writer lock) take turns with it."""
+    with FileLock(Path(folder) / METADATA_LOCK_FILE):
+        yield
+
+
+def check_model_id(model_id: Any, where: str) -> str:
+    """``model_id`` if it is safe as a file name (`MODEL_ID_PATTERN`), else ``ValueError``."""
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.fullmatch(model_id):
+        raise ValueError(
+            f"{where}: model_id {model_id!r} is not allowed (use letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit)"
+        )
+    return model_id
+
+
+def resolve_in_zoo(root: str | os.PathLike, file: Any, where: str) -> Path:
+    """The path of ``file`` (relative, from zoo metadata) inside ``root``; ``ValueError`` if it is
+    not a relative path that stays inside ``root`` after resolving ``..`` and symlinks."""
+    root = Path(root).resolve()
+    if not isinstance(file, str) or not file or Path(file).is_absolute():
+        raise ValueError(f"{where}: file {file!r} must be a path relative to the zoo folder {root}")
+    path = (root / file).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{where}: file {file!r} points outside the zoo folder {root}")
+    return path
+
+
+def check_checkpoint_tensors(
+    state_dict: Mapping[str, torch.Tensor], float_keys: Iterable[str], where: str
+) -> None:
+    """``ValueError`` naming ``where`` (file, model id) and the parameter if a tensor the
+    architecture holds as floating point is not floating point, or holds NaN/Inf.
+
+    Integer weights would otherwise be cast to float tokens silently (and decoded as floats).
+    """
+    for key in float_keys:
+        value = state_dict.get(key)
+        if value is None:
+            continue
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: parameter {key!r} has dtype {value.dtype}, expected float")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(
+                f"{where}: parameter {key!r} has non-finite values (NaN/Inf) in {bad} of "
+                f"{value.numel()} entries"
+            )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -36,7 +131,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
         file.write(text)
         temporary = Path(file.name)
+    apply_umask(temporary)  # NamedTemporaryFile creates 0600 files
     os.replace(temporary, path)
+
+
+def apply_umask(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the permissions the user's umask gives a new file (or folder): temporary
+    files and folders are created private (0600/0700), the zoos and datasets made from them
+    should not be."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (threads may be writing)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -48,7 +162,31 @@ def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> 
 
 def checkpoint_file_name(model_id: str, epoch: int) -> str:
     """Path of a checkpoint inside a raw zoo directory, as written in ``metadata.jsonl``."""
+    check_model_id(model_id, "checkpoint name")
     return f"{CHECKPOINT_DIR}/{model_id}_epoch_{epoch:03d}.safetensors"
+
+
+def write_checkpoint(
+    root: str | os.PathLike, model_id: str, epoch: int, state_dict: Mapping[str, torch.Tensor]
+) -> str:
+    """Save one checkpoint of a raw zoo atomically under its canonical name; return that name
+    (the ``file`` of its ``metadata.jsonl`` record)."""
+    file = checkpoint_file_name(model_id, epoch)
+    path = Path(root) / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(dict(state_dict), path)
+    return file
+
+
+def write_zoo_metadata(root: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
+    """Rewrite ``metadata.jsonl`` atomically with ``records`` (one JSON line each, in order)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write_text(Path(root) / RAW_METADATA_FILE, text)
+
+
+def write_zoo_info(root: str | os.PathLike, info: Mapping[str, Any]) -> None:
+    """Write ``zoo.json`` atomically."""
+    atomic_write_text(Path(root) / ZOO_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def load_zoo_info(raw_zoo_dir: str | os.PathLike) -> dict[str, Any]:

@@ -17,71 +17,61 @@ another architecture, epochs without metrics. Each problem skips the smallest un
 in an `ImportReport`; ``strict=True`` raises `ZooImportError` with the same message instead.
 Work is saved model by model (checkpoints and a per-model progress file are written atomically),
 so an interrupted import continues where it stopped when run again.
+
+Source metadata is untrusted: a model id that is not a safe file name, or a ``file`` that leaves
+the source folder (also in the output's own progress files and ``metadata.jsonl`` when resuming),
+refuses the whole import with `ZooImportError` naming the id and file, before anything is read
+from or written outside the folders. Weights must be floating point where the architecture's
+are and finite; each problem names the file, the model and the parameter. The output folder is
+locked for the import (`sane_hf.zoo.formats.zoo_writer_lock`): a second import or training into
+it is refused with `ZooBusyError`. The readers of the foreign formats are in
+`sane_hf.zoo.import_readers`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sane_hf.zoo.architectures import build_model
 from sane_hf.zoo.formats import (
     RAW_METADATA_FILE,
     ZOO_FILE,
-    atomic_save_safetensors,
     atomic_write_text,
-    checkpoint_file_name,
+    check_checkpoint_tensors,
+    check_model_id,
     load_zoo_info,
     load_zoo_metadata,
-    read_json_lines,
+    resolve_in_zoo,
+    write_checkpoint,
+    write_zoo_info,
+    write_zoo_metadata,
+    zoo_writer_lock,
+)
+from sane_hf.zoo.import_readers import (
+    HYPERPARAMETER_ALIASES,
+    CheckpointProblem,
+    hyperparameters_from_config,
+    load_safetensors_checkpoint,
+    load_torch_checkpoint,
+    properties_from_metrics,
+    read_result_lines,
+    trial_checkpoints,
 )
 
 REPORT_FILE = "import_report.json"
 PROGRESS_DIR = ".import_progress"
 
-# Metric names used by common trainers, mapped to the names of the raw zoo format.
-METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    "train_loss": ("train_loss", "loss_train"),
-    "train_acc": ("train_acc", "acc_train", "train_accuracy", "accuracy_train"),
-    "val_loss": ("val_loss", "loss_val", "validation_loss", "loss_validation"),
-    "val_acc": ("val_acc", "acc_val", "val_accuracy", "validation_acc", "acc_validation"),
-    "test_loss": ("test_loss", "loss_test"),
-    "test_acc": ("test_acc", "acc_test", "test_accuracy", "accuracy_test"),
-    "ggap": ("ggap",),
-}
-# Every checkpoint needs these; zoos without a validation split leave val_loss/val_acc empty.
-REQUIRED_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-ACCURACY_METRICS = ("train_acc", "val_acc", "test_acc")
-# Keys that number the epoch of a result line, in order of preference.
-EPOCH_KEYS = ("epoch", "training_iteration")
-# Hyperparameter names of trial configs (last part of a "group::name" key) mapped to ours.
-HYPERPARAMETER_ALIASES: dict[str, tuple[str, ...]] = {
-    "activation": ("activation", "nlin", "act"),
-    "dropout": ("dropout",),
-    "init": ("init", "init_type", "initialization"),
-    "optimizer": ("optimizer",),
-    "lr": ("lr", "learning_rate"),
-    "weight_decay": ("weight_decay", "wd"),
-    "batch_size": ("batch_size", "batchsize"),
-}
-
 
 class ZooImportError(ValueError):
     """A problem with a zoo member, raised by ``import_zoo(..., strict=True)``."""
-
-
-class CheckpointProblem(Exception):
-    """Internal signal: the current checkpoint or model cannot be imported (message = reason)."""
 
 
 @dataclass
@@ -149,6 +139,12 @@ def architecture_signature(architecture: str, architecture_kwargs: dict) -> dict
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
+def floating_point_keys(architecture: str, architecture_kwargs: dict) -> list[str]:
+    """Keys the architecture holds as floating point: a checkpoint must not hold integers there."""
+    model = build_model(architecture, **architecture_kwargs)
+    return [key for key, value in model.state_dict().items() if value.is_floating_point()]
+
+
 def match_architecture(
     state_dict: dict[str, torch.Tensor], expected: dict[str, tuple], description: str
 ) -> dict[str, torch.Tensor]:
@@ -177,150 +173,6 @@ def match_architecture(
     )
 
 
-def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
-    for key, value in state_dict.items():
-        if value.is_floating_point():
-            bad = int((~torch.isfinite(value)).sum())
-            if bad:
-                raise CheckpointProblem(
-                    f"non-finite values (NaN/Inf) in {key!r}: {bad} of {value.numel()} entries"
-                )
-
-
-def load_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Load a pickled state_dict safely (``weights_only=True``): the Ray-trial layout forces it."""
-    if not path.is_file():
-        raise CheckpointProblem("checkpoint file not found")
-    try:
-        state_dict = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # any unreadable or truncated pickle/zip: report and go on
-        raise CheckpointProblem(
-            f"unreadable checkpoint ({type(error).__name__}: {error})"
-        ) from None
-    return as_state_dict(state_dict)
-
-
-def load_safetensors_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointProblem("checkpoint file not found")
-    try:
-        return load_file(path)
-    except Exception as error:  # truncated or corrupt safetensors header/data
-        raise CheckpointProblem(
-            f"unreadable checkpoint ({type(error).__name__}: {error})"
-        ) from None
-
-
-def as_state_dict(loaded: Any) -> dict[str, torch.Tensor]:
-    if not isinstance(loaded, dict) or not all(
-        isinstance(value, torch.Tensor) for value in loaded.values()
-    ):
-        raise CheckpointProblem(
-            f"expected a state_dict (a dict of tensors), got {type(loaded).__name__}"
-        )
-    return loaded
-
-
-def properties_from_metrics(metrics: dict[str, Any], where: str) -> dict[str, Any]:
-    """Map a metrics dict to the raw zoo properties; raise `CheckpointProblem` if one is missing.
-
-    Returns our named metrics (train/val/test loss and acc, ggap) plus, if there are any,
-    ``metrics``: the other entries of the line under their own names (all but a nested trial
-    ``config``, which repeats ``params.json``).
-    """
-    properties: dict[str, Any] = {}
-    used = set()
-    for name, aliases in METRIC_ALIASES.items():
-        alias = next((alias for alias in aliases if metrics.get(alias) is not None), None)
-        properties[name] = None if alias is None else metrics[alias]
-        used.add(alias)
-    missing = [name for name in REQUIRED_METRICS if properties[name] is None]
-    if missing:
-        raise CheckpointProblem(f"missing metric(s) {missing} in {where}")
-    for name, value in properties.items():
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise CheckpointProblem(f"metric {name} in {where} is not a finite number: {value!r}")
-        if name in ACCURACY_METRICS and not 0.0 <= value <= 1.0:
-            raise CheckpointProblem(
-                f"metric {name} in {where} is {value}, expected a fraction in [0, 1]"
-            )
-    if properties["ggap"] is None:
-        properties["ggap"] = properties["train_acc"] - properties["test_acc"]
-    aliases = {alias for names in METRIC_ALIASES.values() for alias in names}
-    extra = {
-        key: value
-        for key, value in metrics.items()
-        if key not in used
-        and key not in EPOCH_KEYS
-        and key != "config"
-        and not (key in aliases and value is None)  # an empty val_acc is no extra metric
-    }
-    return properties | ({"metrics": extra} if extra else {})
-
-
-def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested config dicts into ``group::name`` keys (the Ray Tune convention)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten_config(value, prefix=f"{name}::")
-        else:
-            flat[name] = value
-    return flat
-
-
-def hyperparameters_from_config(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """Split a trial config into ``(seed, hyperparameters)`` with our names for the common ones.
-
-    Keys are matched on their last ``::`` part (``optim::lr`` is ``lr``); keys we have no name for
-    are kept under their full flattened name.
-    """
-    flat = flatten_config(config)
-    by_short_name = {key.split("::")[-1]: key for key in flat}
-    if "seed" not in by_short_name:
-        raise CheckpointProblem("params.json has no seed")
-    seed = flat[by_short_name["seed"]]
-    if not isinstance(seed, int):
-        raise CheckpointProblem(f"params.json: seed must be an integer, got {seed!r}")
-    hyperparameters = {}
-    used = {by_short_name["seed"]}
-    for name, aliases in HYPERPARAMETER_ALIASES.items():
-        key = next((by_short_name[alias] for alias in aliases if alias in by_short_name), None)
-        if key is not None:
-            hyperparameters[name] = flat[key]
-            used.add(key)
-    hyperparameters |= {key: value for key, value in flat.items() if key not in used}
-    return seed, hyperparameters
-
-
-def read_result_lines(trial_dir: Path) -> dict[int, dict[str, Any]]:
-    """``{epoch: metrics}`` from a trial's ``result.json`` (lines without an epoch are ignored
-    because they cannot be matched to a checkpoint; Ray writes none of those)."""
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        raise CheckpointProblem("result.json not found")
-    try:
-        lines = read_json_lines(path)
-    except (OSError, ValueError) as error:
-        raise CheckpointProblem(f"unreadable result.json ({error})") from None
-    results = {}
-    for line in lines:
-        key = next((key for key in EPOCH_KEYS if isinstance(line.get(key), int)), None)
-        if key is not None:
-            results[line[key]] = line
-    return results
-
-
-def trial_checkpoints(trial_dir: Path) -> Iterator[tuple[int | None, Path]]:
-    """``(epoch, checkpoint_dir)`` of ``checkpoint_<epoch>`` folders (epoch None: unparsable)."""
-    for checkpoint_dir in sorted(trial_dir.glob("checkpoint_*")):
-        suffix = checkpoint_dir.name.removeprefix("checkpoint_")
-        yield (int(suffix) if suffix.isdigit() else None), checkpoint_dir
-
-
 @dataclass
 class _ImportState:
     """Work done so far, keyed by model: records written and items skipped."""
@@ -344,6 +196,9 @@ class _ZooWriter:
             zoo_info["architecture"], zoo_info["architecture_kwargs"]
         )
         self.description = f"{zoo_info['architecture']}({zoo_info['architecture_kwargs']})"
+        self.float_keys = floating_point_keys(
+            zoo_info["architecture"], zoo_info["architecture_kwargs"]
+        )
         self.progress_dir = output / PROGRESS_DIR
         self.state = self._load_state()
         self.report.resumed_models = sorted(self.state.records)
@@ -351,7 +206,9 @@ class _ZooWriter:
     def _load_state(self) -> _ImportState:
         state = _ImportState()
         if (self.output / RAW_METADATA_FILE).is_file():
-            for record in load_zoo_metadata(self.output):
+            records = load_zoo_metadata(self.output)
+            _check_record_paths(self.output, records, str(self.output / RAW_METADATA_FILE))
+            for record in records:
                 state.records.setdefault(record["model_id"], []).append(record)
             if (self.output / REPORT_FILE).is_file():
                 previous = ImportReport.from_dict(
@@ -362,6 +219,7 @@ class _ZooWriter:
                         state.skipped.setdefault(item.model_id, []).append(item)
         for path in sorted(self.progress_dir.glob("*.json")):
             progress = json.loads(path.read_text())
+            _check_record_paths(self.output, progress["records"], str(path))
             state.records[progress["model_id"]] = progress["records"]
             state.skipped[progress["model_id"]] = [SkippedItem(**s) for s in progress["skipped"]]
         return state
@@ -374,10 +232,15 @@ class _ZooWriter:
             raise ZooImportError(item.message)
         self.report.skipped.append(item)
 
-    def validate(self, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The checkpoint under our key names; `CheckpointProblem` if it does not fit or is not finite."""
+    def validate(self, loaded: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """The checkpoint under our key names; `CheckpointProblem` if it does not fit, holds
+        integers where the architecture has floats, or is not finite. The skipped item names the file;
+        the reason names the model (``where``) and the parameter."""
         state_dict = match_architecture(loaded, self.expected, self.description)
-        check_finite(state_dict)
+        try:
+            check_checkpoint_tensors(state_dict, self.float_keys, where)
+        except ValueError as error:
+            raise CheckpointProblem(str(error)) from None
         if state_dict.keys() != loaded.keys():
             note = f"renamed keys by position, e.g. {next(iter(loaded))!r} -> {next(iter(state_dict))!r}"
             if note not in self.report.notes:
@@ -385,11 +248,8 @@ class _ZooWriter:
         return state_dict
 
     def write_checkpoint(self, state_dict: dict[str, torch.Tensor], record: dict) -> dict:
-        record = {"file": checkpoint_file_name(record["model_id"], record["epoch"])} | record
-        path = self.output / record["file"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(state_dict, path)
-        return record
+        file = write_checkpoint(self.output, record["model_id"], record["epoch"], state_dict)
+        return {"file": file} | record
 
     def finish_model(self, model_id: str, records: list[dict], skipped: list[SkippedItem]) -> None:
         """Mark a model done; one without any good checkpoint is not, so a rerun retries it."""
@@ -418,6 +278,9 @@ class _ZooWriter:
             )
         zoo_info = {"kind": infer_zoo_kind(records)} | zoo_info
         zoo_info["epochs"] = sorted({record["epoch"] for record in records})
+        # the models this zoo holds (a source's own count would include the skipped ones and
+        # make the dataset builder take the zoo for an unfinished one)
+        zoo_info["num_models"] = len(self.state.records)
         resumed_skips = []
         for model_id in self.report.resumed_models:
             self.report.models[model_id] = [
@@ -426,10 +289,8 @@ class _ZooWriter:
             resumed_skips += self.state.skipped.get(model_id, [])
         self.report.models = dict(sorted(self.report.models.items()))
         self.report.skipped = resumed_skips + self.report.skipped
-        atomic_write_text(
-            self.output / RAW_METADATA_FILE, "".join(json.dumps(r) + "\n" for r in records)
-        )
-        atomic_write_text(self.output / ZOO_FILE, json.dumps(zoo_info, indent=2) + "\n")
+        write_zoo_metadata(self.output, records)
+        write_zoo_info(self.output, zoo_info)
         self.report.save(self.output / REPORT_FILE)
         shutil.rmtree(self.progress_dir, ignore_errors=True)
 
@@ -467,7 +328,7 @@ class _ModelImport:
         **extra: Any,
     ) -> None:
         """Validate one checkpoint and write it with its ``metadata.jsonl`` record."""
-        state_dict = self.writer.validate(loaded)
+        state_dict = self.writer.validate(loaded, f"model {self.model_id}")
         record = {"model_id": self.model_id, "epoch": epoch, "seed": seed} | properties
         record |= {"hyperparameters": hyperparameters} | extra
         self.records.append(self.writer.write_checkpoint(state_dict, record))
@@ -503,6 +364,7 @@ def _check_same_source(writer: _ZooWriter, model_id: str, trial_name: str) -> No
 
 def _import_trial(trial_dir: Path, model: _ModelImport) -> None:
     params = trial_dir / "params.json"
+    _check_inside(trial_dir.parent, [params, trial_dir / "result.json"], model.model_id)
     if not params.is_file():
         model.skip(trial_dir.name, "not a trial folder: no params.json")
         return
@@ -518,6 +380,7 @@ def _import_trial(trial_dir: Path, model: _ModelImport) -> None:
     checkpoints = list(trial_checkpoints(trial_dir))
     if not checkpoints:
         model.skip(trial_dir.name, "no checkpoint_<epoch> folders")
+    _check_inside(trial_dir.parent, [d / "checkpoints" for _, d in checkpoints], model.model_id)
     for epoch, checkpoint_dir in checkpoints:
         path = checkpoint_dir / "checkpoints"
         try:
@@ -551,6 +414,7 @@ def _import_safetensors_folder(source: Path, writer: _ZooWriter, progress: bool)
         if not isinstance(line.get("model_id"), str):
             writer.skip(SkippedItem(f"{RAW_METADATA_FILE} line {number}", "no model_id"))
             continue
+        _check_record_paths(source, [line], f"{source / RAW_METADATA_FILE} line {number}")
         lines_by_model.setdefault(line["model_id"], []).append((number, line))
     for model_id in tqdm(sorted(lines_by_model), desc="importing models", disable=not progress):
         if writer.is_done(model_id):
@@ -574,10 +438,32 @@ def _import_safetensors_line(source: Path, number: int, line: dict, model: _Mode
         properties = properties_from_metrics(metrics, where)
         if extra := line.get("metrics", {}) | properties.get("metrics", {}):
             properties["metrics"] = extra
-        loaded = load_safetensors_checkpoint(source / file)
+        path = resolve_in_zoo(source, file, where)
+        loaded = load_safetensors_checkpoint(path)
         model.add(loaded, epoch, seed, properties, line.get("hyperparameters", {}))
     except CheckpointProblem as problem:
         model.skip(file if isinstance(file, str) else where, str(problem), epoch)
+
+
+def _check_record_paths(root: Path, records: list[dict], where: str) -> None:
+    """Refuse (`ZooImportError`) a record whose model id is not a safe file name or whose
+    ``file`` leaves ``root``: such metadata is crafted or corrupt, never a zoo member to skip."""
+    for record in records:
+        try:
+            check_model_id(record.get("model_id"), where)
+            if "file" in record:
+                resolve_in_zoo(root, record["file"], f"{where} (model_id {record['model_id']!r})")
+        except ValueError as error:
+            raise ZooImportError(str(error)) from None
+
+
+def _check_inside(source: Path, paths: list[Path], model_id: str) -> None:
+    """Refuse (`ZooImportError`) trial files that are symlinks leading out of ``source``."""
+    for path in paths:
+        try:
+            resolve_in_zoo(source, str(path.relative_to(source)), f"model {model_id}")
+        except ValueError as error:
+            raise ZooImportError(str(error)) from None
 
 
 def _resolve_zoo_info(
@@ -628,6 +514,11 @@ def import_zoo(
 
     Returns:
         The `ImportReport`, also saved as ``import_report.json`` in ``output``.
+
+    Raises:
+        ZooImportError: with ``strict=True`` at the first problem; always for a model id or
+            file path that would leave the source or output folder.
+        ZooBusyError: another process is writing ``output``.
     """
     source, output = Path(source), Path(output)
     if not source.is_dir():
@@ -637,8 +528,18 @@ def import_zoo(
     source_layout = "safetensors" if (source / RAW_METADATA_FILE).is_file() else "ray_tune"
     info = _resolve_zoo_info(source, source_layout, architecture, architecture_kwargs, zoo_info)
     report = ImportReport(source=str(source), output=str(output), source_layout=source_layout)
-    writer = _ZooWriter(output, report, info, strict)
-    importer = _import_ray_trials if source_layout == "ray_tune" else _import_safetensors_folder
-    importer(source, writer, progress)
-    writer.finish(info)
+    with zoo_writer_lock(output):
+        writer = _ZooWriter(output, report, info, strict)
+        importer = _import_ray_trials if source_layout == "ray_tune" else _import_safetensors_folder
+        importer(source, writer, progress)
+        writer.finish(info)
     return report
+
+
+__all__ = [
+    "CheckpointProblem",
+    "ImportReport",
+    "SkippedItem",
+    "ZooImportError",
+    "import_zoo",
+]

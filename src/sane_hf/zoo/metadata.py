@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -41,6 +42,8 @@ class ZooMetadata:
             ``"reference_epoch"`` when aligned.
         split: ``{"seed", "fractions", "models": {split: [model ids]}}``.
         statistics: counts and accuracy per epoch (see `zoo_statistics`).
+        fingerprint: of the Arrow files of a saved dataset (`sane_hf.zoo.storage.save_zoo_dataset`
+            records it, loading checks it); ``None`` for a dataset not saved yet or on the Hub.
     """
 
     zoo: dict[str, Any]
@@ -50,9 +53,11 @@ class ZooMetadata:
     alignment: dict[str, Any]
     split: dict[str, Any]
     statistics: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = field(default=None, compare=False)  # not the content
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        fingerprint = {} if self.fingerprint is None else {"fingerprint": self.fingerprint}
+        return fingerprint | {
             "format": METADATA_FORMAT,
             "version": METADATA_VERSION,
             "zoo": self.zoo,
@@ -79,6 +84,7 @@ class ZooMetadata:
             alignment=data["alignment"],
             split=data["split"],
             statistics=data.get("statistics", {}),
+            fingerprint=data.get("fingerprint"),
         )
 
     def to_json(self) -> str:
@@ -126,8 +132,10 @@ class ZooDataset(NamedTuple):
     metadata: ZooMetadata
 
 
-def zoo_metadata(dataset: DatasetDict | Dataset) -> ZooMetadata:
-    """The `ZooMetadata` stored in a zoo dataset's ``info.description``."""
+def zoo_metadata(dataset: ZooDataset | DatasetDict | Dataset) -> ZooMetadata:
+    """The `ZooMetadata` of a `ZooDataset`, or the one stored in a dataset's ``info.description``."""
+    if isinstance(dataset, ZooDataset):
+        return dataset.metadata
     split = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
     try:
         return ZooMetadata.from_json(split.info.description or "")
@@ -140,3 +148,69 @@ def zoo_metadata(dataset: DatasetDict | Dataset) -> ZooMetadata:
 
 # ----------------------------------------------------------------------------------------------
 # Columns: fixed ones, and inferred ones for free-form metadata (hyperparameters, metrics, ...)
+
+
+def attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
+    """Store ``metadata`` as JSON in every split's ``info.description`` (what `zoo_metadata` reads)."""
+    description = metadata.to_json()
+    for split in dataset.values():
+        split.info.description = description
+
+
+def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) -> None:
+    """Refuse (``ValueError``, one line naming ``where`` and the problem) a description that does
+    not fit its rows: non-finite or non-positive normalization statistics, statistics for other
+    parameters than the layout's, overlapping split lists or lists that differ from the rows'
+    model ids, or a layout whose token count or size differs from the stored tokens.
+
+    Decoding with a wrong description yields silently wrong (or NaN) weights; these checks cost
+    one pass over the ``model_id`` column and one row.
+    """
+    stats = metadata.normalization
+    for name, values in (("mean", stats.mean), ("std", stats.std)):
+        for key, value in values.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(
+                    f"{where}: normalization {name} of {key!r} is {value!r}, not finite"
+                )
+            if name == "std" and value <= 0:
+                raise ValueError(f"{where}: normalization std of {key!r} is {value!r}, must be > 0")
+    tokenized = {spec.key for layer in metadata.layout.layers for spec in layer.parameters}
+    if set(stats.mean) != tokenized or set(stats.std) != tokenized:
+        raise ValueError(
+            f"{where}: normalization statistics cover {sorted(stats.mean)[:3]}..., the layout "
+            f"tokenizes {sorted(tokenized)[:3]}... ({len(stats.mean)} vs {len(tokenized)} keys)"
+        )
+    listed = metadata.split.get("models", {})
+    if set(listed) != set(splits):
+        raise ValueError(
+            f"{where}: split lists {sorted(listed)} but the dataset has {sorted(splits)}"
+        )
+    owner: dict[str, str] = {}
+    for split, model_ids in listed.items():
+        for model_id in model_ids:
+            if model_id in owner:
+                raise ValueError(
+                    f"{where}: model {model_id!r} is listed in {owner[model_id]!r} and {split!r}"
+                )
+            owner[model_id] = split
+    for split, rows in splits.items():
+        found = set(rows.unique("model_id"))
+        if found != set(listed[split]):
+            extra, missing = sorted(found - set(listed[split])), sorted(set(listed[split]) - found)
+            raise ValueError(
+                f"{where}: split {split!r} lists other models than its rows (rows only: "
+                f"{extra[:3]}, list only: {missing[:3]})"
+            )
+        tokens = rows.features.get("tokens")
+        size = getattr(tokens, "shape", (None, None))[-1]
+        if size != metadata.layout.tokensize or metadata.tokenizer.get("tokensize") != size:
+            raise ValueError(
+                f"{where}: layout tokensize {metadata.layout.tokensize} (tokenizer "
+                f"{metadata.tokenizer.get('tokensize')}) does not match the {split!r} tokens of size {size}"
+            )
+        if len(rows) and len(rows[0]["counts"]) != metadata.layout.num_tokens:
+            raise ValueError(
+                f"{where}: the layout has {metadata.layout.num_tokens} tokens per model, the "
+                f"{split!r} rows have {len(rows[0]['counts'])}"
+            )

@@ -1,0 +1,193 @@
+"""Zoo datasets on disk and on the Hub: save (atomically, with a fingerprint) and load (checked).
+
+A saved zoo dataset is a ``datasets`` ``save_to_disk`` folder plus ``sane_zoo.json`` (the
+`ZooMetadata` and a fingerprint of the Arrow files) and a dataset card. Saving writes into a
+temporary sibling folder and swaps it in only when complete; loading refuses Arrow files that do
+not match the recorded fingerprint and a description that does not fit its rows
+(`sane_hf.zoo.metadata.check_zoo_dataset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import hf_hub_download
+
+from sane_hf.zoo.card import build_zoo_dataset_card
+from sane_hf.zoo.formats import (
+    DATASET_METADATA_FILE,
+    apply_umask,
+    atomic_write_text,
+    load_zoo_info,
+    load_zoo_metadata,
+)
+from sane_hf.zoo.metadata import (
+    ZooDataset,
+    ZooMetadata,
+    attach_metadata,
+    check_zoo_dataset,
+    zoo_metadata,
+)
+
+
+def as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetadata]:
+    """``(splits, metadata)`` of a `ZooDataset` or of a ``DatasetDict`` carrying its description."""
+    if isinstance(dataset, ZooDataset):
+        return dataset.splits, dataset.metadata
+    return dataset, zoo_metadata(dataset)
+
+
+def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike) -> None:
+    """``save_to_disk`` plus ``sane_zoo.json`` and a dataset card (``README.md``) beside it.
+
+    Atomic: the dataset is written into a temporary sibling folder and swapped in only when
+    complete, so a process killed half-way leaves the previous dataset at ``path`` (or, killed
+    between the two renames of the swap, in ``.<name>.old-*`` beside it, which
+    `load_zoo_dataset` points to). ``sane_zoo.json`` is written last and records a fingerprint
+    of the Arrow files that `load_zoo_dataset` checks. An existing folder that is not a zoo
+    dataset is never replaced.
+    """
+    splits, metadata = as_splits(dataset)
+    path = Path(path)
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    try:
+        apply_umask(staging, directory=True)  # mkdtemp makes 0700 folders
+        splits.save_to_disk(str(staging))
+        build_zoo_dataset_card(metadata).save(staging / "README.md")
+        recorded = dataclasses.replace(metadata, fingerprint=dataset_fingerprint(staging))
+        atomic_write_text(staging / DATASET_METADATA_FILE, recorded.to_json() + "\n")
+        _swap_in(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _check_replaceable(path: Path) -> None:
+    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not (path / DATASET_METADATA_FILE).is_file():
+        raise FileExistsError(
+            f"{path} exists and is not a zoo dataset (no {DATASET_METADATA_FILE}): refusing "
+            "to replace it; choose another output folder"
+        )
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Move the complete ``staging`` folder to ``path``, then delete the dataset it replaces."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(staging, path)
+    shutil.rmtree(old)
+
+
+def dataset_fingerprint(folder: str | os.PathLike) -> str:
+    """A cheap but real fingerprint of a ``save_to_disk`` folder: sha256 over each split's
+    datasets fingerprint and the names and sizes of its Arrow files.
+
+    Every build gets a fresh random datasets fingerprint, so Arrow files of another build (or a
+    truncated copy) do not match the ``sane_zoo.json`` written with them.
+    """
+    folder = Path(folder)
+    splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    parts = []
+    for split in splits:
+        state = json.loads((folder / split / "state.json").read_text())
+        files = [entry["filename"] for entry in state["_data_files"]]
+        sizes = [(folder / split / name).stat().st_size for name in files]
+        parts.append([split, state["_fingerprint"], list(zip(files, sizes))])
+    return "sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def load_zoo_dataset(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+) -> ZooDataset:
+    """Load a zoo dataset from a `save_zoo_dataset` directory (memory-mapped) or a Hub repo."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        if not (path / DATASET_METADATA_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} has no {DATASET_METADATA_FILE}: not a zoo dataset saved by save_zoo_dataset"
+            )
+        metadata_text = (path / DATASET_METADATA_FILE).read_text()
+        _check_fingerprint(path, metadata_text)
+        splits = load_from_disk(str(path))
+    elif interrupted := sorted(path.parent.glob(f".{path.name}.old-*/{path.name}")):
+        raise FileNotFoundError(
+            f"{path} does not exist: a save over it was interrupted and the previous dataset is "
+            f"in {interrupted[-1]}; move it back to {path}"
+        )
+    else:
+        repo_id = str(path_or_repo_id)
+        splits = load_dataset(repo_id, revision=revision, token=token)
+        metadata_file = hf_hub_download(
+            repo_id, DATASET_METADATA_FILE, repo_type="dataset", revision=revision, token=token
+        )
+        metadata_text = Path(metadata_file).read_text()
+    try:
+        metadata = ZooMetadata.from_json(metadata_text)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path_or_repo_id}: {DATASET_METADATA_FILE} is invalid ({error})"
+        ) from None
+    check_zoo_dataset(splits, metadata, f"{path_or_repo_id}/{DATASET_METADATA_FILE}")
+    attach_metadata(splits, metadata)
+    return ZooDataset(splits, metadata)
+
+
+def _check_fingerprint(path: Path, metadata_text: str) -> None:
+    """Refuse Arrow files that are not the ones ``sane_zoo.json`` was written with (datasets
+    saved before fingerprints were recorded carry none and are not checked)."""
+    try:
+        recorded = json.loads(metadata_text).get("fingerprint")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path / DATASET_METADATA_FILE} is not a JSON object") from None
+    if recorded is None:
+        return
+    try:
+        found = dataset_fingerprint(path)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        found = f"unreadable ({type(error).__name__}: {error})"
+    if found != recorded:
+        raise ValueError(
+            f"{path}: the Arrow files do not match the fingerprint in {DATASET_METADATA_FILE} "
+            f"(recorded {recorded}, found {found}): the folder mixes two builds or was copied "
+            "partly; rebuild or re-copy the dataset"
+        )
+
+
+ACCURACY_COLUMNS = ["model_id", "epoch", "train_acc", "test_acc"]
+
+
+def load_zoo_records(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[str]] | None]:
+    """``(zoo info, records, splits)`` of a saved zoo dataset or a raw zoo directory.
+
+    Only the metadata columns of a dataset are read (not the tokens); a raw zoo has no splits
+    (``None``).
+    """
+    path = Path(path)
+    if (path / DATASET_METADATA_FILE).is_file():
+        zoo = load_zoo_dataset(path)
+        records, splits = [], {}
+        for split, dataset in zoo.splits.items():
+            columns = dataset.select_columns(ACCURACY_COLUMNS).to_dict()
+            records += [dict(zip(columns, row)) for row in zip(*columns.values())]
+            splits[split] = sorted(set(columns["model_id"]))
+        return zoo.metadata.zoo, records, splits
+    return load_zoo_info(path), load_zoo_metadata(path), None
