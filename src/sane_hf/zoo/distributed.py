@@ -10,18 +10,30 @@ N processes is byte-identical to one trained by one process.
 The zoo folder's writer lock (`sane_hf.zoo.formats.zoo_writer_lock`) is held by rank 0 for the
 whole run, so a second run on the folder is refused on every rank; the ranks of one run update
 ``metadata.jsonl`` one at a time under a short metadata lock.
+
+Progress: one bar, on rank 0, with the total of all ranks (`RunProgress`), and the same for the
+worker processes of a parallel dataset build (`shared_progress`). A rank that fails posts its
+error, so the other ranks stop with it instead of waiting for work that will never come; what
+every rank committed before stays committed (a rerun resumes from it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import multiprocess
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from sane_hf.zoo.formats import ZooBusyError, zoo_writer_lock
 
@@ -96,3 +108,135 @@ def run_lock(folder: Path, ranks: Ranks) -> Iterator[None]:
 def my_share(items: list, ranks: Ranks) -> list:
     """The items of this rank: round-robin, so the assignment depends only on the plan."""
     return items[ranks.rank :: ranks.world]
+
+
+class WorkerReports(Protocol):
+    """What the workers of a run report to: progress (``update``) and their first error
+    (``fail``), which `shared_progress`'s caller reads from ``errors``."""
+
+    errors: list[str]
+
+    def update(self, n: int = 1) -> object: ...
+
+    def fail(self, message: str) -> None: ...
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the run failed; the message is its error."""
+
+
+# Every rank calls train_zoo equally often, so the n-th run of each rank shares one counter.
+_RUN_NUMBERS = itertools.count()
+
+
+class RunProgress:
+    """Rank 0's ``bar`` showing the steps of all ranks of a run.
+
+    Every rank adds its steps to a counter in the process group's key-value store (not a
+    collective: the ranks are at different points of their work), at most every ``interval``
+    seconds; rank 0 shows the sum. With one process it is the bar itself.
+    """
+
+    def __init__(self, bar: tqdm, ranks: Ranks, interval: float = 0.5):
+        self.bar, self.ranks, self.interval = bar, ranks, interval
+        self.store = None
+        if ranks.world > 1:
+            # The store torchrun/accelerate launch set up for the group: no extra port needed.
+            self.store = dist.distributed_c10d._get_default_store()
+            self.key = f"sane_hf/run_{next(_RUN_NUMBERS)}"
+        self.pending, self.flushed_at = 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        if self.store is None:
+            self.bar.update(n)
+            return
+        self.pending += n
+        if time.monotonic() - self.flushed_at >= self.interval:
+            self._flush()
+
+    def set_description(self, description: str) -> None:
+        self.bar.set_description(description)
+
+    def _flush(self) -> int:
+        done = self.store.add(f"{self.key}/steps", self.pending)
+        self.pending, self.flushed_at = 0, time.monotonic()
+        if self.ranks.rank == 0:
+            self.bar.n = done
+            self.bar.refresh()
+        return done
+
+    @contextlib.contextmanager
+    def failures_shared(self) -> Iterator[None]:
+        """Post this rank's error for the others (`wait_for_all` raises it there)."""
+        try:
+            yield
+        except BaseException as error:
+            if self.store is not None:
+                message = f"rank {self.ranks.rank} failed: {type(error).__name__}: {error}"
+                self.store.set(f"{self.key}/failed", message.splitlines()[0])
+            raise
+
+    def wait_for_all(self) -> None:
+        """Wait until every rank has done its steps (rank 0's bar keeps moving meanwhile);
+        `RankFailedError` with its message if a rank failed instead."""
+        if self.store is None:
+            return
+        failed = f"{self.key}/failed"
+        while self._flush() < self.bar.total:
+            if self.store.check([failed]):
+                raise RankFailedError(self.store.get(failed).decode())
+            time.sleep(self.interval)
+
+
+class _LocalReports:
+    """Reports of work done in this process: straight to the bar."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.errors = bar, []
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+
+
+class _ManagedReports:
+    """Picklable reports for worker processes: counts go to the parent's bar through a queue,
+    errors into a list (an exception loses its cause on its way back from a pool worker)."""
+
+    def __init__(self, counts: queue.Queue, errors: list[str]):
+        self.counts, self.errors = counts, errors
+
+    def update(self, n: int = 1) -> None:
+        self.counts.put(n)
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)  # synchronous: in the list before the worker raises
+
+
+@contextlib.contextmanager
+def shared_progress(
+    total: int, description: str, show: bool, num_proc: int | None
+) -> Iterator[WorkerReports]:
+    """One bar in this process with the ``total``; with ``num_proc`` worker processes (a pool
+    started later, e.g. by ``datasets``) the reports handed out are picklable and reach this
+    process through a manager."""
+    with tqdm(total=total, desc=description, disable=not show) as bar:
+        if num_proc is None:
+            yield _LocalReports(bar)
+            return
+        with multiprocess.Manager() as manager:
+            counts = manager.Queue()
+            relay = threading.Thread(target=_relay, args=(counts, bar), daemon=True)
+            relay.start()
+            try:
+                yield _ManagedReports(counts, manager.list())
+            finally:
+                counts.put(None)
+                relay.join()
+
+
+def _relay(counts: queue.Queue, bar: tqdm) -> None:
+    while (n := counts.get()) is not None:
+        bar.update(n)

@@ -1,0 +1,118 @@
+"""Scaling out (issue 15): parallel dataset builds equal serial ones, one progress bar with the
+total, and a failing rank stops a multi-process zoo run while the work done stays committed."""
+
+from pathlib import Path
+
+import pytest
+
+from sane_hf.zoo.dataset import (
+    build_zoo_dataset,
+    load_zoo_dataset,
+    save_zoo_dataset,
+    split_models,
+)
+from sane_hf.zoo.distributed import shared_progress
+from sane_hf.zoo.formats import load_zoo_metadata
+from synthetic_zoo import TOKENSIZE, write_raw_zoo
+
+
+def build(raw: Path, **kwargs):
+    return build_zoo_dataset(raw, tokensize=TOKENSIZE, progress=False, **kwargs)
+
+
+def saved_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a saved dataset but datasets' ``dataset_info.json``, which records how the
+    rows were generated (``shard_lengths`` of the workers, their summed writer byte counts)."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != "dataset_info.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def raw_zoo(tmp_path_factory) -> Path:
+    return write_raw_zoo(tmp_path_factory.mktemp("raw") / "raw", num_models=12)
+
+
+@pytest.fixture(scope="module")
+def serial(raw_zoo, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serial") / "dataset"
+    save_zoo_dataset(build(raw_zoo), folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_parallel_build_equals_a_serial_build(raw_zoo, serial, tmp_path):
+    parallel = build(raw_zoo, num_proc=2)
+    reference = load_zoo_dataset(serial)
+    assert parallel.metadata == reference.metadata
+    for split, rows in reference.splits.items():
+        assert parallel.splits[split].num_rows == rows.num_rows
+        assert parallel.splits[split].to_dict() == rows.to_dict(), split
+    save_zoo_dataset(parallel, tmp_path / "dataset")
+    # same rows, same sane_zoo.json (fingerprint included), same Arrow files, byte for byte
+    files = saved_files(tmp_path / "dataset")
+    assert sorted(files) == sorted(saved_files(serial))
+    assert [name for name, data in saved_files(serial).items() if files[name] != data] == []
+    assert any(name.endswith(".arrow") for name in files)
+
+
+def test_the_fingerprint_follows_the_inputs(raw_zoo, serial, tmp_path):
+    """Derived from the inputs, not random: a rebuild matches, other inputs do not."""
+    recorded = load_zoo_dataset(serial).metadata.fingerprint
+    save_zoo_dataset(build(raw_zoo), tmp_path / "again")
+    assert load_zoo_dataset(tmp_path / "again").metadata.fingerprint == recorded
+    save_zoo_dataset(build(raw_zoo, seed=1), tmp_path / "other_split")
+    assert load_zoo_dataset(tmp_path / "other_split").metadata.fingerprint != recorded
+    other = tmp_path / "raw"
+    write_raw_zoo(other, num_models=12)
+    records = load_zoo_metadata(other)
+    checkpoint = other / records[-1]["file"]
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-4] + b"\0\0\0\0")  # one weight changed
+    save_zoo_dataset(build(other), tmp_path / "other_weights")
+    assert load_zoo_dataset(tmp_path / "other_weights").metadata.fingerprint != recorded
+
+
+def test_a_parallel_build_reports_a_bad_checkpoint_in_one_line(raw_zoo, tmp_path):
+    broken = tmp_path / "raw"
+    write_raw_zoo(broken, num_models=10)
+    records = load_zoo_metadata(broken)
+    model_id = split_models([record["model_id"] for record in records])["test"][-1]
+    bad = next(record for record in records if record["model_id"] == model_id)
+    (broken / bad["file"]).write_bytes(b"not safetensors")  # read by a worker, not the parent
+    with pytest.raises(ValueError, match=rf"checkpoint .*{model_id}.* \(model '{model_id}'\)"):
+        build(broken, num_proc=2)
+
+
+@pytest.mark.parametrize("num_proc", [0, -1, 1.5, True])
+def test_num_proc_must_be_a_positive_whole_number(raw_zoo, num_proc):
+    with pytest.raises(ValueError, match="num_proc must be a whole number >= 1"):
+        build(raw_zoo, num_proc=num_proc)
+
+
+def _count_in_worker(counter, n):
+    for _ in range(n):
+        counter.update(1)
+
+
+def test_worker_processes_advance_one_bar_with_the_total(capsys):
+    import multiprocess
+
+    with (
+        shared_progress(30, "counting", show=True, num_proc=3) as counter,
+        multiprocess.Pool(3) as pool,
+    ):
+        pool.starmap(_count_in_worker, [(counter, 10)] * 3)
+    err = capsys.readouterr().err
+    assert "counting" in err and "30/30" in err
+
+
+@pytest.mark.slow
+def test_cli_build_with_num_proc_saves_the_serial_dataset(raw_zoo, serial, tmp_path):
+    from sane_hf.cli import main
+
+    output = tmp_path / "dataset"
+    args = ["zoo", "build", str(raw_zoo), "--output", str(output), "--num-proc", "2"]
+    assert main([*args, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 0
+    assert (output / "sane_zoo.json").read_bytes() == (serial / "sane_zoo.json").read_bytes()
