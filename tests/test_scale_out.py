@@ -1,6 +1,10 @@
 """Scaling out (issue 15): parallel dataset builds equal serial ones, one progress bar with the
 total, and a failing rank stops a multi-process zoo run while the work done stays committed."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,12 @@ from sane_hf.zoo.dataset import (
 )
 from sane_hf.zoo.distributed import shared_progress
 from sane_hf.zoo.formats import load_zoo_metadata
+from sane_hf.zoo.population import steps_per_epoch
+from sane_hf.zoo.tasks import load_dataset_by_name
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
+
+SRC = str(Path(__file__).parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
 
 
 def build(raw: Path, **kwargs):
@@ -116,3 +125,55 @@ def test_cli_build_with_num_proc_saves_the_serial_dataset(raw_zoo, serial, tmp_p
     args = ["zoo", "build", str(raw_zoo), "--output", str(output), "--num-proc", "2"]
     assert main([*args, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 0
     assert (output / "sane_zoo.json").read_bytes() == (serial / "sane_zoo.json").read_bytes()
+
+
+# A zoo run whose rank 1 fails on its second chunk (models 6 and 7), after committing its first.
+FAILING_RUN = """
+import os, sys
+from sane_hf.cli import main
+from sane_hf.zoo.population import ChunkTrainer
+
+train = ChunkTrainer.run
+
+def run(self, output_dir, state_path, bar):
+    if os.environ["RANK"] == "1" and self.specs[0].model_id.endswith("6"):
+        raise ValueError(f"injected failure in {self.specs[0].model_id}")
+    return train(self, output_dir, state_path, bar)
+
+ChunkTrainer.run = run
+sys.exit(main(sys.argv[1:]))
+"""
+ZOO_ARGS = ["--num-models", "8", "--models-per-chunk", "2", "--epochs", "3"]
+ZOO_ARGS += ["--num-samples", "100"]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_run_with_its_error_and_the_work_done_stays(tmp_path):
+    script = tmp_path / "failing_run.py"
+    script.write_text(FAILING_RUN)
+    zoo = tmp_path / "zoo"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launcher, str(script), "zoo", "train", "--output", str(zoo), *ZOO_ARGS]
+    run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "injected failure in model_0006" in run.stderr
+    # one bar, rank 0's, with the steps of both ranks (4 chunks of 3 epochs)
+    digits = load_dataset_by_name("digits", (1, 28, 28), num_samples=100)
+    total = 4 * 3 * steps_per_epoch(digits, 10)
+    assert f"/{total} " in run.stderr and f"/{total // 2} " not in run.stderr
+    # rank 1's first chunk (models 2 and 3) was committed before the failure, and stays
+    records = [json.loads(line) for line in (zoo / "metadata.jsonl").read_text().splitlines()]
+    finished = {record["model_id"] for record in records}
+    assert {"model_0002", "model_0003"} <= finished
+    assert not {"model_0006", "model_0007"} & finished
+    # and a rerun (one process) finishes the zoo from there, retraining none of them
+    subprocess.run(
+        [sys.executable, "-m", "sane_hf", "zoo", "train", "--output", str(zoo), *ZOO_ARGS],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    records = [json.loads(line) for line in (zoo / "metadata.jsonl").read_text().splitlines()]
+    assert len({record["model_id"] for record in records}) == 8
+    assert len(records) == 8 * 4  # epochs 0-3, each checkpoint once

@@ -130,21 +130,33 @@ _RUN_NUMBERS = itertools.count()
 
 
 class RunProgress:
-    """Rank 0's ``bar`` showing the steps of all ranks of a run.
+    """Rank 0's ``bar`` showing the steps of all ranks of a run, and a failed rank stopping the
+    others (use as a context manager around the rank's work).
 
     Every rank adds its steps to a counter in the process group's key-value store (not a
     collective: the ranks are at different points of their work), at most every ``interval``
-    seconds; rank 0 shows the sum. With one process it is the bar itself.
+    seconds; rank 0 shows the sum. A rank that raises posts its error there, and the other ranks
+    raise `RankFailedError` with it at their next report instead of waiting at a barrier for
+    work that will never come. With one process it is the bar itself.
     """
 
     def __init__(self, bar: tqdm, ranks: Ranks, interval: float = 0.5):
         self.bar, self.ranks, self.interval = bar, ranks, interval
         self.store = None
         if ranks.world > 1:
-            # The store torchrun/accelerate launch set up for the group: no extra port needed.
+            # The store the launcher set up for the group: no extra port or file needed.
             self.store = dist.distributed_c10d._get_default_store()
-            self.key = f"sane_hf/run_{next(_RUN_NUMBERS)}"
+            key = f"sane_hf/run_{next(_RUN_NUMBERS)}"
+            self.steps_key, self.failed_key = f"{key}/steps", f"{key}/failed"
         self.pending, self.flushed_at = 0, time.monotonic()
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.store is not None and error is not None and kind is not RankFailedError:
+            message = f"rank {self.ranks.rank} failed: {kind.__name__}: {error}"
+            self.store.set(self.failed_key, message.splitlines()[0])
 
     def update(self, n: int = 1) -> None:
         if self.store is None:
@@ -158,33 +170,20 @@ class RunProgress:
         self.bar.set_description(description)
 
     def _flush(self) -> int:
-        done = self.store.add(f"{self.key}/steps", self.pending)
+        if self.store.check([self.failed_key]):
+            raise RankFailedError(self.store.get(self.failed_key).decode())
+        done = self.store.add(self.steps_key, self.pending)
         self.pending, self.flushed_at = 0, time.monotonic()
         if self.ranks.rank == 0:
             self.bar.n = done
             self.bar.refresh()
         return done
 
-    @contextlib.contextmanager
-    def failures_shared(self) -> Iterator[None]:
-        """Post this rank's error for the others (`wait_for_all` raises it there)."""
-        try:
-            yield
-        except BaseException as error:
-            if self.store is not None:
-                message = f"rank {self.ranks.rank} failed: {type(error).__name__}: {error}"
-                self.store.set(f"{self.key}/failed", message.splitlines()[0])
-            raise
-
     def wait_for_all(self) -> None:
-        """Wait until every rank has done its steps (rank 0's bar keeps moving meanwhile);
-        `RankFailedError` with its message if a rank failed instead."""
+        """Wait until every rank has done its steps (rank 0's bar keeps moving meanwhile)."""
         if self.store is None:
             return
-        failed = f"{self.key}/failed"
         while self._flush() < self.bar.total:
-            if self.store.check([failed]):
-                raise RankFailedError(self.store.get(failed).decode())
             time.sleep(self.interval)
 
 
