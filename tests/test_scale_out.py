@@ -103,6 +103,7 @@ def test_num_proc_must_be_a_positive_whole_number(raw_zoo, num_proc):
 def _count_in_worker(counter, n):
     for _ in range(n):
         counter.update(1)
+    counter.flush()
 
 
 def test_worker_processes_advance_one_bar_with_the_total(capsys):

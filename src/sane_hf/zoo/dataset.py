@@ -282,6 +282,7 @@ def _generate_rows(
     except ValueError as error:  # bad input: its one-line message goes back to the caller
         reports.fail(str(error))
         raise
+    reports.flush()
 
 
 def _rows(

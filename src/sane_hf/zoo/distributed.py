@@ -111,12 +111,15 @@ def my_share(items: list, ranks: Ranks) -> list:
 
 
 class WorkerReports(Protocol):
-    """What the workers of a run report to: progress (``update``) and their first error
-    (``fail``), which `shared_progress`'s caller reads from ``errors``."""
+    """What the workers of a run report to: progress (``update``, sent on by ``flush`` at the
+    latest) and their first error (``fail``), which `shared_progress`'s caller reads from
+    ``errors``."""
 
     errors: list[str]
 
     def update(self, n: int = 1) -> object: ...
+
+    def flush(self) -> None: ...
 
     def fail(self, message: str) -> None: ...
 
@@ -196,19 +199,31 @@ class _LocalReports:
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
 
+    def flush(self) -> None:
+        pass
+
     def fail(self, message: str) -> None:
         self.errors.append(message)
 
 
 class _ManagedReports:
-    """Picklable reports for worker processes: counts go to the parent's bar through a queue,
-    errors into a list (an exception loses its cause on its way back from a pool worker)."""
+    """Picklable reports for worker processes: counts go to the parent's bar through a queue
+    (batched: every put is a round trip to the manager process), errors into a list (an
+    exception loses its cause on its way back from a pool worker)."""
 
-    def __init__(self, counts: queue.Queue, errors: list[str]):
-        self.counts, self.errors = counts, errors
+    def __init__(self, counts: queue.Queue | None, errors: list[str], interval: float = 0.2):
+        self.counts, self.errors, self.interval = counts, errors, interval
+        self.pending, self.sent_at = 0, 0.0
 
     def update(self, n: int = 1) -> None:
-        self.counts.put(n)
+        self.pending += n
+        if time.monotonic() - self.sent_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.counts is not None and self.pending:
+            self.counts.put(self.pending)
+        self.pending, self.sent_at = 0, time.monotonic()
 
     def fail(self, message: str) -> None:
         self.errors.append(message)  # synchronous: in the list before the worker raises
@@ -226,6 +241,9 @@ def shared_progress(
             yield _LocalReports(bar)
             return
         with multiprocess.Manager() as manager:
+            if not show:
+                yield _ManagedReports(None, manager.list())
+                return
             counts = manager.Queue()
             relay = threading.Thread(target=_relay, args=(counts, bar), daemon=True)
             relay.start()
