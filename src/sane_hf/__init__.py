@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 # module (below sane_hf) -> the public names it defines
 _PUBLIC_API: dict[str, list[str]] = {
-    "weights.tokenization": ["TokenizedWeights", "WeightLayout", "WeightTokenizer"],
+    "weights.layout": ["WeightLayout"],
+    "weights.tokenization": ["TokenizedWeights", "WeightTokenizer"],
     "weights.normalization": ["NormalizationStats"],
     "weights.alignment": [
         "AlignmentResult",
@@ -155,8 +156,9 @@ if TYPE_CHECKING:
         apply_permutation,
         random_permutation,
     )
+    from sane_hf.weights.layout import WeightLayout
     from sane_hf.weights.normalization import NormalizationStats
-    from sane_hf.weights.tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
+    from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
     from sane_hf.zoo.architectures import (
         build_model,
         initialize,
