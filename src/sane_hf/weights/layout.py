@@ -145,6 +145,11 @@ class WeightLayout:
         if problems:
             raise ValueError("weights do not match the layout: " + "; ".join(problems))
 
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(key, shape)`` of every tensor of the source state_dict, in its order."""
+        shapes = {spec.key: tuple(spec.shape) for spec in self._tensor_specs()}
+        return [(key, shapes[key]) for key in self.keys]
+
     def _tensor_specs(self) -> list[TensorSpec]:
         tokenized = [spec for layer in self.layers for spec in layer.parameters]
         return [*tokenized, *self.kept, *self.skipped]
