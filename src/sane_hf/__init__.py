@@ -57,7 +57,8 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SaneModelOutput",
         "SanePreTrainedModel",
     ],
-    "hub": ["push_zoo_dataset"],
+    "models.sane.processing_sane": ["SaneProcessor"],
+    "hub": ["push_folder", "push_model_to_hub", "push_zoo_dataset"],
     "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
     "pretraining.config": ["PretrainingConfig"],
     "pretraining.loop": ["pretrain"],
@@ -69,6 +70,18 @@ _PUBLIC_API: dict[str, list[str]] = {
         "probe_features",
         "probe_zoo",
         "weight_statistics",
+    ],
+    "downstream.property_prediction": [
+        "LabelStandardization",
+        "SaneForPropertyPrediction",
+        "with_labels",
+    ],
+    "downstream.probe_heads": ["ProbeHeads", "fit_probe_heads"],
+    "downstream.pretrained": [
+        "PretrainedSane",
+        "PropertyPredictions",
+        "embed_networks",
+        "predict_networks",
     ],
     "downstream.sampling": [
         "NoveltyReport",
@@ -109,6 +122,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from sane_hf.downstream.embedding import Embeddings, decode_latents, embed, encode_tokens
     from sane_hf.downstream.evaluation import SampleEvaluation, evaluate_samples, scratch_models
+    from sane_hf.downstream.pretrained import (
+        PretrainedSane,
+        PropertyPredictions,
+        embed_networks,
+        predict_networks,
+    )
+    from sane_hf.downstream.probe_heads import ProbeHeads, fit_probe_heads
     from sane_hf.downstream.probing import (
         LogisticProbe,
         ProbeReport,
@@ -116,6 +136,11 @@ if TYPE_CHECKING:
         probe_features,
         probe_zoo,
         weight_statistics,
+    )
+    from sane_hf.downstream.property_prediction import (
+        LabelStandardization,
+        SaneForPropertyPrediction,
+        with_labels,
     )
     from sane_hf.downstream.sampling import (
         NoveltyReport,
@@ -126,7 +151,7 @@ if TYPE_CHECKING:
         novelty_report,
         select_prompts,
     )
-    from sane_hf.hub import push_zoo_dataset
+    from sane_hf.hub import push_folder, push_model_to_hub, push_zoo_dataset
     from sane_hf.models.sane.configuration_sane import SaneConfig
     from sane_hf.models.sane.modeling_sane import (
         SaneDecoderModel,
@@ -137,6 +162,7 @@ if TYPE_CHECKING:
         SaneModelOutput,
         SanePreTrainedModel,
     )
+    from sane_hf.models.sane.processing_sane import SaneProcessor
     from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.pretraining.loop import pretrain

@@ -46,8 +46,8 @@ METRIC_LABELS = {"r2": "R^2", "accuracy": "accuracy"}
 
 
 def probe_metric_name(metric: str, property_name: str) -> str:
-    """Model-card name of a shipped probe head's test score, e.g. ``R^2 test_acc (...)``."""
-    return f"{METRIC_LABELS.get(metric, metric)} {property_name} (linear probe, test split)"
+    """Model-card name of a shipped probe head's test score, e.g. ``R^2 test_acc (shipped ...)``."""
+    return f"{METRIC_LABELS.get(metric, metric)} {property_name} (shipped probe head, test split)"
 
 
 def probe_head_metrics(folder: str | os.PathLike) -> dict[str, float]:

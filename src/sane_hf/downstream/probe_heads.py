@@ -27,6 +27,7 @@ from torch import nn
 from transformers.utils import cached_file
 
 from sane_hf.downstream.probing import LogisticProbe, ProbeReport, probe_zoo
+from sane_hf.hub import probe_metric_name
 from sane_hf.zoo.formats import (
     PROBE_HEADS_CONFIG_FILE,
     PROBE_HEADS_FILE,
@@ -111,12 +112,8 @@ class ProbeHeads:
         return {head.name: head.predict(embeddings) for head in self.heads}
 
     def test_scores(self) -> dict[str, float]:
-        """Model-card metrics: ``"R^2 test_acc (linear probe, test split)" -> score``."""
-        label = {"r2": "R^2", "accuracy": "accuracy"}
-        return {
-            f"{label[head.metric]} {head.name} (linear probe, test split)": head.test_score
-            for head in self.heads
-        }
+        """Model-card metrics: ``"R^2 test_acc (shipped probe head, test split)" -> score``."""
+        return {probe_metric_name(head.metric, head.name): head.test_score for head in self.heads}
 
     # -- saving and loading ----------------------------------------------------------------
 
