@@ -191,7 +191,7 @@ class SaneProcessor(FeatureExtractionMixin):
 
     def set_reference(self, reference: Mapping[str, torch.Tensor]) -> None:
         """Use ``reference`` (a state_dict of the zoo architecture) as the alignment target."""
-        _check_layout(self.layout, reference, "alignment reference", "the processor's")
+        reference = _check_layout(self.layout, reference, "alignment reference", "the processor's")
         if self.permutation_spec is None:
             raise ValueError("an alignment reference needs a permutation_spec")
         self.reference = {key: value.detach().float() for key, value in reference.items()}
@@ -312,7 +312,7 @@ class SaneProcessor(FeatureExtractionMixin):
         self.check_model_limits()
         ids, tokens = [], []
         for network_id, state_dict in iter_networks(networks):
-            _check_layout(self.layout, state_dict, network_id, "the processor's")
+            state_dict = _check_layout(self.layout, state_dict, network_id, "the processor's")
             if align_networks:
                 state_dict = align(
                     state_dict, self.reference, spec=self.permutation_spec
@@ -420,27 +420,37 @@ class SaneProcessor(FeatureExtractionMixin):
 
 def _check_layout(
     layout: WeightLayout, state_dict: Mapping[str, torch.Tensor], network_id: str, whose: str
-) -> None:
-    """Refuse ``state_dict`` unless its parameters are the layout's (names, order, shapes).
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` in the layout's order; refused unless its tensors are the layout's.
 
-    The message names the first differing parameter, expected vs got, so a network of another
-    architecture can never be normalized with statistics matched by name alone.
+    Names and shapes must match exactly (files may list them in another order: safetensors
+    sorts keys). The one-line message names the first differing parameter in the layout's order,
+    expected vs got, so a network of another architecture is never normalized with statistics
+    matched by name alone.
     """
     expected = layout.tensor_shapes()
     got = [(key, tuple(value.shape)) for key, value in state_dict.items()]
-    for index, (want, have) in enumerate(zip(expected, got)):
-        if want != have:
+    shapes = dict(got)
+    for index, (key, shape) in enumerate(expected):
+        if key not in shapes:
+            other = got[index] if index < len(got) else None
+            found = "nothing" if other is None else f"{other[0]!r} {list(other[1])}"
             raise ValueError(
-                f"network {network_id!r} does not match {whose} layout: parameter {index} expected "
-                f"{want[0]!r} {list(want[1])}, got {have[0]!r} {list(have[1])}"
+                f"network {network_id!r} does not match {whose} layout: parameter {index} "
+                f"expected {key!r} {list(shape)}, got {found} ({key!r} is missing)"
             )
-    if len(got) != len(expected):
-        which = "missing" if len(got) < len(expected) else "unexpected"
-        first = (expected if len(got) < len(expected) else got)[min(len(got), len(expected))]
+        if shapes[key] != shape:
+            raise ValueError(
+                f"network {network_id!r} does not match {whose} layout: parameter {index} "
+                f"{key!r} expected shape {list(shape)}, got {list(shapes[key])}"
+            )
+    extra = [key for key, _ in got if key not in dict(expected)]
+    if extra:
         raise ValueError(
-            f"network {network_id!r} does not match {whose} layout: {which} parameter "
-            f"{first[0]!r} {list(first[1])} ({len(got)} tensors, expected {len(expected)})"
+            f"network {network_id!r} does not match {whose} layout: unexpected parameter "
+            f"{extra[0]!r} {list(shapes[extra[0]])} ({len(extra)} tensors the layout lacks)"
         )
+    return {key: state_dict[key] for key, _ in expected}
 
 
 def _reference_row(splits: Any, metadata: ZooMetadata) -> dict[str, torch.Tensor] | None:
