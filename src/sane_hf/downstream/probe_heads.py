@@ -80,7 +80,10 @@ class PropertyHead:
 
     def predict(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """Predictions for mean embeddings ``[M, D]``: values in ``unit``, or class labels."""
-        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
+        if isinstance(embeddings, torch.Tensor):  # bfloat16 models give bfloat16 embeddings
+            x = embeddings.detach().cpu().double()
+        else:
+            x = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
         if x.dim() != 2 or x.shape[1] != self.feature_mean.numel():
             raise ValueError(
                 f"probe head {self.name!r} reads embeddings [M, {self.feature_mean.numel()}], "
