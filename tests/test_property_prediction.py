@@ -11,23 +11,21 @@ from sane_hf import (
     ProbeHeads,
     SaneConfig,
     SaneForPropertyPrediction,
-    SaneModel,
     embed,
     fit_probe_heads,
     with_labels,
 )
-from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+from synthetic_zoo import TOKENSIZE
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo"))
+@pytest.fixture
+def zoo(synthetic_zoo):
+    return synthetic_zoo
 
 
-@pytest.fixture(scope="module")
-def sane():
-    torch.manual_seed(0)
-    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+@pytest.fixture
+def sane(synthetic_sane):
+    return synthetic_sane
 
 
 def test_probe_heads_round_trip_and_predict_like_the_fitted_probes(zoo, sane, tmp_path):

@@ -323,21 +323,11 @@ def embed(
             many networks and zoo splits.
         progress: progress bar over the chunks of networks.
     """
-    if isinstance(weights, Dataset):
-        return _embed_zoo_split(
-            model,
-            weights,
-            window,
-            halo,
-            batch_size,
-            models_per_chunk,
-            bool(return_token_latents),
-            progress,
-        )
-    if processor is not None and not isinstance(weights, BatchFeature):
+    if processor is not None and not isinstance(weights, Dataset | BatchFeature):
         weights = processor(weights)
-    if isinstance(weights, BatchFeature):
-        return _embed_features(
+    if isinstance(weights, Dataset | BatchFeature):
+        embed_many = _embed_zoo_split if isinstance(weights, Dataset) else _embed_features
+        return embed_many(
             model,
             weights,
             window,
