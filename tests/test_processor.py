@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from transformers import AutoFeatureExtractor, AutoProcessor
 
@@ -22,6 +23,7 @@ from sane_hf import (
 from sane_hf.cli import main
 from sane_hf.models.sane.processing_sane import _check_layout
 from sane_hf.weights.alignment import apply_permutation, random_permutation
+from synthetic_zoo import write_raw_zoo
 
 RELEASED = Path(__file__).parents[1] / "checkpoints" / "sane-cnn-mnist"
 
@@ -254,3 +256,29 @@ def test_cli_embed_and_predict(tmp_path, capsys):
 def test_cli_embed_refuses_an_unknown_output_format(tmp_path):
     with pytest.raises(ValueError, match=r"unsupported output format '\.txt'"):
         main(["embed", str(RELEASED), str(tmp_path), "--output", str(tmp_path / "e.txt")])
+
+
+def test_networks_from_a_zoo_split_a_raw_zoo_and_a_hub_repo(
+    released, synthetic_zoo, tmp_path, fake_hub
+):
+    _, processor = released
+    # the synthetic zoo is an MLP zoo: out of distribution for the CNN-s model, on purpose
+    ood = processor.for_networks(synthetic_zoo["test"])
+    from_split = ood(synthetic_zoo["test"])
+    first = synthetic_zoo["test"][0]
+    assert from_split["network_ids"][0] == f"{first['model_id']}_epoch_{first['epoch']:03d}"
+    assert len(from_split["network_ids"]) == len(synthetic_zoo["test"])
+    # zoo rows decode back into the checkpoints: the raw zoo (same seeds) gives the same tokens
+    from_raw = ood(write_raw_zoo(tmp_path / "raw"))
+    assert len(from_raw["network_ids"]) == 100
+    rows = [from_raw["network_ids"].index(i) for i in from_split["network_ids"]]
+    torch.testing.assert_close(from_raw["tokens"][rows], from_split["tokens"], atol=1e-5, rtol=1e-5)
+
+    HfApi().create_repo("fake-user/my-cnns")
+    folder = tmp_path / "hub_nets"
+    folder.mkdir()
+    save_file(_cnns(1)[0].state_dict(), folder / "trained.safetensors")
+    HfApi().upload_folder(repo_id="fake-user/my-cnns", folder_path=folder)
+    from_hub = processor("fake-user/my-cnns")
+    assert from_hub["network_ids"] == ["trained"]
+    torch.testing.assert_close(from_hub["tokens"], processor(_cnns(1))["tokens"])

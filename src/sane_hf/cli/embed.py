@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sane_hf.cli.common import device_argument
+
 NETWORKS_HELP = (
     "networks: .safetensors files, folders of them, raw zoo folders, zoo dataset folders or Hub "
     "ids (all must have the model's zoo architecture)"
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
 
 def _add_run_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
-    parser.add_argument("--device", default="cpu", help="where SANE runs (cpu, cuda, ...)")
+    parser.add_argument("--device", help="where SANE runs (default: cuda when available, else cpu)")
 
 
 def _run_embed(args) -> int:
@@ -51,7 +53,7 @@ def _run_embed(args) -> int:
         output=args.output,
         layer_means=args.layer_means,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device_argument(args),
     )
     count, dim = embeddings.mean.reshape(-1, embeddings.mean.shape[-1]).shape
     print(f"embedded {count} networks ({dim}-dim) into {args.output}")
@@ -67,7 +69,7 @@ def _run_predict(args) -> int:
         output=args.output,
         properties=args.property,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device_argument(args),
     )
     print(predictions.table())
     return 0
