@@ -282,3 +282,24 @@ def test_networks_from_a_zoo_split_a_raw_zoo_and_a_hub_repo(
     from_hub = processor("fake-user/my-cnns")
     assert from_hub["network_ids"] == ["trained"]
     torch.testing.assert_close(from_hub["tokens"], processor(_cnns(1))["tokens"])
+
+
+def test_cli_push_of_the_released_folder_keeps_processor_heads_and_card_sections(fake_hub, capsys):
+    assert main(["push", str(RELEASED), "fake-user/sane-cnn-mnist"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    assert fake_hub.commit_titles("fake-user/sane-cnn-mnist")[0] == "Upload SANE model with sane-hf"
+    files = fake_hub.repo_files("fake-user/sane-cnn-mnist")
+    for name in (
+        "preprocessor_config.json",
+        "alignment_reference.safetensors",
+        "probe_heads.json",
+        "probe_heads.safetensors",
+    ):
+        assert files[name] == (RELEASED / name).read_bytes(), name
+    card = files["README.md"].decode()
+    assert 'SaneProcessor.from_pretrained("fake-user/sane-cnn-mnist")' in card
+    assert "## Zoo and protocol" in card and "## Limitations" in card
+    assert "R^2 test_acc (shipped probe head, test split)" in card
+    heads = ProbeHeads.from_pretrained("fake-user/sane-cnn-mnist")
+    assert heads.names == ProbeHeads.from_pretrained(RELEASED).names
+    assert SaneProcessor.from_pretrained("fake-user/sane-cnn-mnist").reference is not None

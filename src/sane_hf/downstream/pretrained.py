@@ -48,7 +48,11 @@ class PretrainedSane:
     def from_pretrained(
         cls, path_or_repo_id: str | os.PathLike, *, device: str | None = None, heads: bool = False
     ) -> PretrainedSane:
-        """Load model and processor (and probe heads with ``heads=True``) from one place."""
+        """Load model and processor (and probe heads with ``heads=True``) from one place.
+
+        The model runs in float32 on ``device`` (default cpu): a bfloat16 release is upcast,
+        as bfloat16 matrix products are slow on CPUs.
+        """
         source = str(path_or_repo_id)
         model = SaneModel.from_pretrained(source).eval()
         model = model.to(device or "cpu", torch.float32)
