@@ -200,6 +200,8 @@ def test_model_and_processor_push_in_one_commit_and_load_offline(
     assert fake_hub.commit_titles("fake-user/sane-cnn")[0] == "Upload SANE model"
     assert fake_hub.commit_titles("fake-user/sane-cnn").count("Upload SANE model") == 1
     SaneProcessor.from_pretrained("fake-user/sane-cnn")  # fills the cache
+    processor.push_to_hub("fake-user/processor-only")  # transformers' own push works too
+    assert "alignment_reference.safetensors" in fake_hub.repo_files("fake-user/processor-only")
     hf_offline()
     cached = SaneProcessor.from_pretrained("fake-user/sane-cnn")
     torch.testing.assert_close(cached(_cnns(1))["tokens"], processor(_cnns(1))["tokens"])
