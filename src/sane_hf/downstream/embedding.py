@@ -15,9 +15,9 @@ all models and all positions are built with one gather and encoded in batches of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +27,6 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature
 
 from sane_hf.models.sane.modeling_sane import check_positions, set_position_checks
-from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
-
-if TYPE_CHECKING:
-    from sane_hf.weights.normalization import NormalizationStats
 
 TOKEN_COLUMNS = ("tokens", "positions", "counts")
 
@@ -282,92 +278,57 @@ class Embeddings:
 
 def embed(
     model: nn.Module,
-    weights: nn.Module
-    | Mapping[str, torch.Tensor]
-    | TokenizedWeights
-    | Dataset
-    | BatchFeature
-    | Any,
+    weights: Dataset | BatchFeature | Any,
     *,
     processor: Callable[[Any], BatchFeature] | None = None,
-    normalization: NormalizationStats | None = None,
-    tokenizer: WeightTokenizer | None = None,
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 256,
     models_per_chunk: int = 256,
-    return_token_latents: bool | None = None,
+    return_token_latents: bool = False,
     progress: bool = True,
 ) -> Embeddings:
-    """Embed one network, many networks or every model of a zoo dataset split with halo windows.
+    """Embed networks, or every model of a zoo dataset split, with halo windows.
 
     Many networks are embedded in one call: the windows of all networks of a chunk are stacked
-    and encoded ``batch_size`` windows at a time (`apply_in_halo_windows`).
+    and encoded ``batch_size`` windows at a time (`apply_in_halo_windows`). Results always have
+    the network axis ``M``, also for one network.
 
     Args:
         model: a ``SaneModel`` or ``SaneEncoderModel``.
         weights: the output of a ``SaneProcessor`` (``BatchFeature`` of normalized tokens and
-            ``network_ids``); or anything the processor accepts (modules, state_dicts, files,
-            folders, zoos) when ``processor`` is given; or a zoo dataset split (``datasets.Dataset``
-            with ``tokens``/``positions`` columns, already normalized); or one network (module,
-            state_dict or ``TokenizedWeights`` of raw weights) with ``normalization``.
-        processor: the model's ``SaneProcessor``: aligns, normalizes and tokenizes ``weights``.
-        normalization: the zoo's training statistics, for one raw network without a processor.
-        tokenizer: tokenizes one module or state_dict without a processor; default
-            ``WeightTokenizer(config.tokensize)``.
+            ``network_ids``); anything the processor reads (modules, state_dicts, files, folders,
+            zoos, Hub ids) when ``processor`` is given; or a zoo dataset split
+            (``datasets.Dataset`` with ``tokens``/``positions`` columns, already normalized).
+        processor: the model's ``SaneProcessor``: checks each network's layout, aligns,
+            normalizes and tokenizes it. Raw weights are never embedded without it: statistics
+            matched to parameters by name alone would silently normalize another architecture.
         window, halo: content window and context per side; default: halo windows as long as the
             model's training window (``default_window_and_halo``).
         batch_size: windows encoded at once (across networks and positions).
         models_per_chunk: networks (or zoo rows) encoded at once.
-        return_token_latents: keep all token latents; default True for one network, False for
-            many networks and zoo splits.
+        return_token_latents: keep all token latents ``[M, N, D]`` (``N`` times the memory).
         progress: progress bar over the chunks of networks.
     """
     if processor is not None and not isinstance(weights, Dataset | BatchFeature):
         weights = processor(weights)
-    if isinstance(weights, Dataset | BatchFeature):
-        embed_many = _embed_zoo_split if isinstance(weights, Dataset) else _embed_features
-        return embed_many(
-            model,
-            weights,
-            window,
-            halo,
-            batch_size,
-            models_per_chunk,
-            bool(return_token_latents),
-            progress,
+    if not isinstance(weights, Dataset | BatchFeature):
+        raise TypeError(
+            f"embed() got {type(weights).__name__}: pass processor=SaneProcessor.from_pretrained"
+            "(<model>) to embed networks (it checks their layout, aligns and normalizes them "
+            "like the zoo), its output, or a zoo dataset split"
         )
-    tokens, positions = _normalized_tokens(model, weights, normalization, tokenizer)
-    latents = encode_tokens(model, tokens, positions, window, halo, batch_size)
-    mean, layer_means = pool_latents(latents, positions)
-    keep = return_token_latents is None or return_token_latents
-    return Embeddings(mean, layer_means, latents if keep else None)
-
-
-def _normalized_tokens(
-    model: nn.Module,
-    weights: nn.Module | Mapping[str, torch.Tensor] | TokenizedWeights,
-    normalization: NormalizationStats | None,
-    tokenizer: WeightTokenizer | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens of one network standardized with the zoo's statistics, and their positions."""
-    if normalization is None:
-        raise ValueError(
-            "embedding a network needs processor=SaneProcessor.from_pretrained(<model>) (or "
-            "normalization=<the zoo's NormalizationStats>): SANE was trained on aligned, "
-            "standardized weights"
-        )
-    if not isinstance(weights, TokenizedWeights):
-        if not isinstance(weights, nn.Module | Mapping):
-            raise TypeError(
-                "weights must be an nn.Module, a state_dict, TokenizedWeights, a zoo dataset "
-                f"split or a SaneProcessor output, got {type(weights).__name__} (pass "
-                "processor= to embed files, folders or lists of networks)"
-            )
-        tokenizer = tokenizer or WeightTokenizer(model.config.tokensize)
-        weights = tokenizer(weights)
-    tokens = normalization.normalize_tokens(weights.tokens, weights.layout)
-    return tokens, weights.positions
+    embed_many = _embed_zoo_split if isinstance(weights, Dataset) else _embed_features
+    return embed_many(
+        model,
+        weights,
+        window,
+        halo,
+        batch_size,
+        models_per_chunk,
+        return_token_latents,
+        progress,
+    )
 
 
 def _embed_chunks(
