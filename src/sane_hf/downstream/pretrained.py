@@ -62,7 +62,8 @@ class PretrainedSane:
     def embed(
         self, networks: NetworkInput | Iterable[NetworkInput], *, batch_size: int = 256
     ) -> Embeddings:
-        return embed(self.model, self.processor(networks), batch_size=batch_size)
+        features = self.processor(networks, progress=True)
+        return embed(self.model, features, batch_size=batch_size)
 
 
 def embed_networks(

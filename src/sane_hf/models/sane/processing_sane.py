@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoProcessor, BatchFeature
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.utils import cached_file
@@ -288,6 +289,7 @@ class SaneProcessor(FeatureExtractionMixin):
         *,
         align_networks: bool | None = None,
         return_raw: bool = False,
+        progress: bool = False,
     ) -> BatchFeature:
         """Align, normalize and tokenize one network or many (see `network_inputs`).
 
@@ -298,6 +300,7 @@ class SaneProcessor(FeatureExtractionMixin):
         Args:
             align_networks: permute hidden units onto the reference network, as the zoo was;
                 default: whenever the processor has a reference.
+            progress: a progress bar over the networks (weight matching takes a while for many).
         """
         if self._reference_file is not None and align_networks is not False:
             raise ValueError(
@@ -311,7 +314,10 @@ class SaneProcessor(FeatureExtractionMixin):
             raise ValueError("align_networks=True needs a processor with an alignment reference")
         self.check_model_limits()
         ids, tokens = [], []
-        for network_id, state_dict in iter_networks(networks):
+        named = tqdm(
+            iter_networks(networks), desc="preparing networks", unit="network", disable=not progress
+        )
+        for network_id, state_dict in named:
             state_dict = _check_layout(self.layout, state_dict, network_id, "the processor's")
             if align_networks:
                 state_dict = align(
