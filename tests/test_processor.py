@@ -177,6 +177,8 @@ def test_processor_save_load_and_auto_classes(released, tmp_path):
         assert loaded.normalization == processor.normalization
         assert loaded.layout == processor.layout
         torch.testing.assert_close(loaded(_cnns(1))["tokens"], processor(_cnns(1))["tokens"])
+    with pytest.raises(ValueError, match=r"unknown SaneProcessor settings \['tokensise'\]"):
+        SaneProcessor.from_dict({**processor.to_dict(), "tokensise": 288})
     # AutoFeatureExtractor reads the JSON only: it says so instead of skipping the alignment
     json_only = AutoFeatureExtractor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="was not loaded"):

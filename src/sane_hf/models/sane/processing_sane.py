@@ -89,7 +89,10 @@ class SaneProcessor(FeatureExtractionMixin):
     ):
         for name in ("feature_extractor_type", "processor_class", "trust_remote_code"):
             kwargs.pop(name, None)
-        super().__init__(**kwargs)
+        unknown = sorted(name for name in kwargs if not name.startswith("_"))
+        if unknown:  # a typo in preprocessor_config.json or a call must not be ignored
+            raise ValueError(f"unknown SaneProcessor settings {unknown}")
+        super().__init__()
         self.tokensize = int(tokensize)
         self.layout = layout if isinstance(layout, WeightLayout) else WeightLayout.from_dict(layout)
         self.normalization = (
