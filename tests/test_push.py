@@ -15,7 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from sane_hf import SaneConfig, SaneModel
 from sane_hf.cli import main
-from sane_hf.hub import build_model_card, push_folder, save_model_card
+from sane_hf.hub import HubError, build_model_card, push_folder, save_model_card
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
 from synthetic_zoo import write_raw_zoo
 
@@ -101,10 +101,10 @@ def test_push_http_errors_are_one_line_with_repo_and_status(tmp_path, monkeypatc
         raise HfHubHTTPError("403 Forbidden: no write access\nmore details", response=response)
 
     monkeypatch.setattr(HfApi, "create_repo", forbidden)
-    with pytest.raises(ConnectionError) as error:
+    with pytest.raises(HubError) as error:
         push_folder(tmp_path, "someone/else")
     assert str(error.value) == (
-        "push to someone/else failed: HTTP 403 (403 Forbidden: no write access)"
+        "push of model someone/else failed: HTTP 403 (403 Forbidden: no write access)"
     )
 
 

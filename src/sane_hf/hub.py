@@ -324,15 +324,28 @@ def _probe_properties(folder: str | os.PathLike) -> list[str]:
     return [head["name"] for head in json.loads(path.read_text())["heads"]]
 
 
+class HubError(RuntimeError):
+    """A Hub request failed: one line naming the repo and the HTTP status (no chained traceback)."""
+
+
 @contextlib.contextmanager
 def _http_errors(repo_id: str) -> Iterator[None]:
-    """Turn the Hub client's HTTP errors into one line naming the repo and the status."""
+    """Turn the Hub client's HTTP errors into a one-line `HubError` naming repo and status."""
     try:
         yield
     except HfHubHTTPError as error:
-        status = getattr(getattr(error, "response", None), "status_code", "?")
-        reason = str(error).splitlines()[0]
-        raise ConnectionError(f"push to {repo_id} failed: HTTP {status} ({reason})") from None
+        raise HubError(f"push of model {repo_id} failed: {_describe(error)}") from None
+
+
+def _describe(error: Exception) -> str:
+    """``HTTP <status> (<first line of the server's message>)`` or the error's first line."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if status is None:
+        return f"{type(error).__name__}: {first_line}"
+    reason = getattr(error, "server_message", None) or first_line
+    return f"HTTP {status} ({reason.splitlines()[0] if reason else 'no message'})"
 
 
 def push_zoo_dataset(
@@ -364,6 +377,7 @@ def push_zoo_dataset(
 __all__ = [
     "LIBRARY_NAME",
     "MODEL_TAGS",
+    "HubError",
     "build_model_card",
     "push_folder",
     "push_model_to_hub",

@@ -1,6 +1,6 @@
 """`sane-hf push`: upload a saved SANE model (with processor, probe heads and a card for the
 target repo, in one commit) or zoo dataset to the Hub. Errors are raised (one line, with the repo
-and HTTP status for Hub failures) and reported by the CLI's main."""
+and HTTP status for Hub failures: `sane_hf.hub.HubError`) and reported by the CLI's main."""
 
 from __future__ import annotations
 
