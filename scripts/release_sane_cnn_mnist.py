@@ -6,9 +6,17 @@
     sane-hf push outputs/reproduce/mnist-cpu/dataset YOUR-NAME/cnn-s-mnist-zoo
 
 Writes ``checkpoints/sane-cnn-mnist/`` (``save_pretrained`` in bfloat16, with ``sane_zoo.json``:
-layout, normalization and alignment of the zoo, needed to embed and sample) and the model and
-zoo dataset cards in ``model_cards/``, rendered by `sane_hf.hub` from the results JSON, so
-rerunning this script after a new reproduction updates every number in them.
+layout, normalization and alignment of the zoo, needed to sample), its `SaneProcessor`
+(``preprocessor_config.json`` + ``alignment_reference.safetensors``: how to prepare a user's
+networks), the probe heads fitted on the zoo with the released weights (``probe_heads.*``) and the
+model and zoo dataset cards in ``model_cards/``, rendered by `sane_hf.hub` from the results JSON,
+so rerunning this script after a new reproduction updates every number in them.
+
+    python scripts/release_sane_cnn_mnist.py --scale cpu --attach-only
+
+keeps the released weights as they are and (re)writes processor, probe heads and cards only; it
+needs the zoo dataset of the run (stages 1-2 of ``benchmarks.reproduce.mnist`` rebuild it
+deterministically; the script checks that its statistics are the released ones).
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ from benchmarks.reproduce_common import (
     sampling_markdown,
 )
 
-from sane_hf import SaneModel
-from sane_hf.downstream.probing import probe_zoo
+from sane_hf import SaneModel, SaneProcessor
+from sane_hf.downstream.probe_heads import ProbeHeads, fit_probe_heads
 from sane_hf.hub import build_model_card, build_zoo_dataset_card
 from sane_hf.zoo.dataset import ZooDataset, load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.metadata import ZooMetadata
 
 ROOT = Path(__file__).parent.parent
 MAX_BYTES = 15 * 2**20
@@ -53,12 +62,47 @@ def card_metrics(results: dict) -> dict[str, float]:
     return metrics
 
 
-def check_release(folder: Path, zoo: ZooDataset, results: dict) -> dict[str, float]:
-    """Probe the released bfloat16 checkpoint again: the card states how far it is from the run."""
-    model = SaneModel.from_pretrained(folder).eval()
-    properties = list(results["table1_r2"])
-    report = probe_zoo(model, zoo.splits, properties=properties, baselines=(), progress=False)
-    return {name: report.score(name, "SANE") for name in results["table1_r2"]}
+def check_same_zoo(released: ZooMetadata, rebuilt: ZooMetadata) -> float:
+    """Refuse a rebuilt zoo that is not the released model's; return the statistics' deviation.
+
+    Retraining the zoo reproduces it up to floating-point summation order (thread counts), so
+    the normalization statistics agree to a small fraction of a standard deviation, not bit for
+    bit; layout, tokenizer, alignment reference and split must be identical.
+    """
+    for part in ("layout", "tokenizer", "alignment", "split"):
+        if released.to_dict()[part] != rebuilt.to_dict()[part]:
+            raise SystemExit(f"the rebuilt zoo's {part} differs from the released model's")
+    deviation = max(
+        max(
+            abs(released.normalization.mean[key] - rebuilt.normalization.mean[key]),
+            abs(released.normalization.std[key] - rebuilt.normalization.std[key]),
+        )
+        / released.normalization.std[key]
+        for key in released.normalization.mean
+    )
+    if deviation > 1e-2:
+        raise SystemExit(f"the rebuilt zoo's statistics differ by {deviation:.2g} std")
+    return deviation
+
+
+def attach_processor_and_probes(folder: Path, zoo: ZooDataset, properties: list[str]) -> ProbeHeads:
+    """Save the processor and the probe heads (fitted with the released weights) beside them.
+
+    The processor keeps the statistics the model was trained with (the released
+    ``sane_zoo.json``) and takes the alignment reference from the zoo dataset's own row.
+    """
+    released = ZooMetadata.from_json((folder / DATASET_METADATA_FILE).read_text())
+    deviation = check_same_zoo(released, zoo.metadata)
+    print(f"rebuilt zoo: statistics within {deviation:.1e} std of the released ones")
+    model = SaneModel.from_pretrained(folder).float().eval()
+    reference = SaneProcessor.from_zoo(zoo).reference
+    processor = SaneProcessor.from_zoo_metadata(released, reference=reference, config=model.config)
+    processor.save_pretrained(folder)
+    heads = fit_probe_heads(
+        model, zoo.splits, properties=properties, zoo_dataset=model.config.zoo_dataset
+    )
+    heads.save_pretrained(folder)
+    return heads
 
 
 def card_sections(results: dict, scale: str, release_r2: dict[str, float]) -> dict[str, str]:
@@ -91,7 +135,7 @@ def card_sections(results: dict, scale: str, release_r2: dict[str, float]) -> di
     probe = json.loads(result_path("mnist", scale, "_probe.json").read_text())
     evaluation_text = "\n\n".join(
         [
-            f"Produced by `{results['command']}` ({scale} scale; "
+            f"Produced by `python -m benchmarks.reproduce.mnist --scale {scale}` ({scale} scale; "
             f"`benchmarks/results/reproduce_mnist_{scale}.json`).",
             "**Property prediction** (test R², linear probes on the same splits):",
             probe_markdown(probe),
@@ -118,7 +162,7 @@ def card_sections(results: dict, scale: str, release_r2: dict[str, float]) -> di
         f"{novelty['sample_to_nearest_training_model']:.1f}, against "
         f"{novelty['prompt_to_nearest_prompt']:.1f} between two prompts (normalized weights).",
         f"Weights stored in bfloat16: re-probed, this checkpoint gives R² {release} "
-        "(the float32 run: the table above).",
+        "(the float32 run: the table above); these are the probe heads shipped with it.",
     ]
     return {
         "Zoo and protocol": zoo_text,
@@ -134,31 +178,43 @@ def main() -> None:
     parser.add_argument("--model-repo", default="sane-hf/sane-cnn-mnist")
     parser.add_argument("--zoo-repo", default="sane-hf/cnn-s-mnist-zoo")
     parser.add_argument("--output", default=str(ROOT / "checkpoints" / "sane-cnn-mnist"))
+    parser.add_argument(
+        "--attach-only",
+        action="store_true",
+        help="keep the released weights; write processor, probe heads and cards only",
+    )
     args = parser.parse_args()
 
     results = json.loads(result_path("mnist", args.scale, ".json").read_text())
     work = WORK_ROOT / f"mnist-{args.scale}"
     zoo = load_zoo_dataset(work / "dataset")
-    model = SaneModel.from_pretrained(work / "sane").to(torch.bfloat16)
-    model.config.zoo_dataset = args.zoo_repo
-
     output = Path(args.output)
-    shutil.rmtree(output, ignore_errors=True)
-    model.save_pretrained(output)
-    shutil.copy(work / "sane" / DATASET_METADATA_FILE, output / DATASET_METADATA_FILE)
+    if not args.attach_only:
+        model = SaneModel.from_pretrained(work / "sane").to(torch.bfloat16)
+        model.config.zoo_dataset = args.zoo_repo
+        shutil.rmtree(output, ignore_errors=True)
+        model.save_pretrained(output)
+        shutil.copy(work / "sane" / DATASET_METADATA_FILE, output / DATASET_METADATA_FILE)
+    model = SaneModel.from_pretrained(output)
+    heads = attach_processor_and_probes(output, zoo, list(results["table1_r2"]))
+    release_r2 = {head.name: head.test_score for head in heads.heads}
     card = build_model_card(
         model.config,
         num_parameters=model.num_parameters(),
         model_id=args.model_repo,
-        metrics=card_metrics(results),
+        metrics={**card_metrics(results), **heads.test_scores()},
         tags=["cnn-s", "mnist"],
-        sections=card_sections(results, args.scale, check_release(output, zoo, results)),
+        sections=card_sections(results, args.scale, release_r2),
+        probe_properties=heads.names,
     )
     card.save(output / "README.md")
     cards = ROOT / "model_cards"
     cards.mkdir(exist_ok=True)
     card.save(cards / "sane-cnn-mnist.md")
-    build_zoo_dataset_card(zoo.metadata, repo_id=args.zoo_repo).save(cards / "cnn-s-mnist-zoo.md")
+    if not args.attach_only:  # a rebuilt zoo is the released one up to float rounding only
+        build_zoo_dataset_card(zoo.metadata, repo_id=args.zoo_repo).save(
+            cards / "cnn-s-mnist-zoo.md"
+        )
 
     weights = (output / "model.safetensors").stat().st_size
     if weights > MAX_BYTES:

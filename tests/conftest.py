@@ -159,3 +159,23 @@ def tiny_digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_zoo(config, root / "raw", progress=False)
     save_zoo_dataset(build_zoo_dataset(root / "raw", progress=False), root / "dataset")
     return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def synthetic_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The splits of the synthetic MLP zoo dataset of `synthetic_zoo.py` (20 models x 5 epochs), built once."""
+    from synthetic_zoo import build_synthetic_zoo
+
+    return build_synthetic_zoo(tmp_path_factory.mktemp("synthetic_zoo")).splits
+
+
+@pytest.fixture(scope="session")
+def synthetic_sane():
+    """An untrained tiny SANE (seed 0, eval mode) for the synthetic zoo's token size."""
+    import torch
+
+    from sane_hf import SaneConfig, SaneModel
+    from synthetic_zoo import TOKENSIZE
+
+    torch.manual_seed(0)
+    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()

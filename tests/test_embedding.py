@@ -12,6 +12,7 @@ from sane_hf.downstream.embedding import (
 )
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.dataset import zoo_metadata
 from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 from synthetic_zoo import template as synthetic_template
@@ -135,17 +136,24 @@ def test_zoo_split_embeddings_match_embedding_each_network(zoo, zoo_sane):
     ]
     assert np.isnan(embeddings.properties["val_acc"]).all()  # missing values stay visible
 
-    # a network given as raw weights is normalized with the zoo's statistics first
+    # a network given as raw weights goes through the zoo's processor (layout, statistics)
     metadata = zoo_metadata(zoo)
+    processor = SaneProcessor.from_zoo_metadata(metadata, config=zoo_sane.config)
     row = 5
     state_dict = metadata.decode(split[row]["tokens"])
     single = embed(
-        zoo_sane, state_dict, normalization=metadata.normalization, window=8, halo=4, progress=False
+        zoo_sane,
+        state_dict,
+        processor=processor,
+        window=8,
+        halo=4,
+        return_token_latents=True,
+        progress=False,
     )
-    torch.testing.assert_close(single.mean, embeddings.mean[row], rtol=1e-4, atol=1e-5)
-    assert single.token_latents.shape == (len(split[row]["tokens"]), zoo_sane.config.latent_dim)
+    torch.testing.assert_close(single.mean[0], embeddings.mean[row], rtol=1e-4, atol=1e-5)
+    assert single.token_latents.shape == (1, len(split[row]["tokens"]), zoo_sane.config.latent_dim)
 
 
-def test_embedding_raw_weights_without_statistics_is_an_error(zoo_sane):
-    with pytest.raises(ValueError, match="normalization="):
+def test_embedding_raw_weights_without_a_processor_is_an_error(zoo_sane):
+    with pytest.raises(TypeError, match=r"pass processor=SaneProcessor\.from_pretrained"):
         embed(zoo_sane, synthetic_template())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sane_hf import SaneModel, cli
+from sane_hf import SaneModel, SaneProcessor, cli
 from sane_hf.pretraining.loop import (
     PretrainingConfig,
     build_argument_parser,
@@ -141,10 +141,16 @@ def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_pat
     assert "library_name: sane-hf" in (output_dir / "README.md").read_text()
     model = SaneModel.from_pretrained(output_dir)
     assert (model.config.d_model, model.config.latent_dim, model.config.tokensize) == (64, 32, 289)
+    # the run writes its processor: the zoo's statistics and its alignment reference
+    processor = SaneProcessor.from_pretrained(output_dir)
+    assert processor.normalization.to_dict() == zoo_metadata["normalization"]
+    assert processor.reference is not None and processor.architecture == "cnn_s"
+    assert processor.max_positions == list(model.config.max_positions)
 
     # The fake Hub checks our use of the client, not the real upload path.
     pushed = fake_hub.repo_files("user/sane")
     assert {"config.json", "model.safetensors", "sane_zoo.json", "README.md"} <= set(pushed)
+    assert {"preprocessor_config.json", "alignment_reference.safetensors"} <= set(pushed)
     assert pushed["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "pretraining_config.yaml" in pushed
     assert (output_dir / "checkpoint-30").is_dir()

@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 # module (below sane_hf) -> the public names it defines
 _PUBLIC_API: dict[str, list[str]] = {
-    "weights.tokenization": ["TokenizedWeights", "WeightLayout", "WeightTokenizer"],
+    "weights.layout": ["WeightLayout"],
+    "weights.tokenization": ["TokenizedWeights", "WeightTokenizer"],
     "weights.normalization": ["NormalizationStats"],
     "weights.alignment": [
         "AlignmentResult",
@@ -57,7 +58,8 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SaneModelOutput",
         "SanePreTrainedModel",
     ],
-    "hub": ["HubError", "push_zoo_dataset"],
+    "models.sane.processing_sane": ["SaneProcessor"],
+    "hub": ["HubError", "push_folder", "push_model_to_hub", "push_zoo_dataset"],
     "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
     "pretraining.config": ["PretrainingConfig"],
     "pretraining.loop": ["pretrain"],
@@ -66,10 +68,21 @@ _PUBLIC_API: dict[str, list[str]] = {
         "LogisticProbe",
         "ProbeReport",
         "RidgeProbe",
-        "SaneForPropertyPrediction",
         "probe_features",
         "probe_zoo",
         "weight_statistics",
+    ],
+    "downstream.property_prediction": [
+        "LabelStandardization",
+        "SaneForPropertyPrediction",
+        "with_labels",
+    ],
+    "downstream.probe_heads": ["ProbeHeads", "fit_probe_heads"],
+    "downstream.pretrained": [
+        "PretrainedSane",
+        "PropertyPredictions",
+        "embed_networks",
+        "predict_networks",
     ],
     "downstream.sampling": [
         "NoveltyReport",
@@ -110,14 +123,25 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from sane_hf.downstream.embedding import Embeddings, decode_latents, embed, encode_tokens
     from sane_hf.downstream.evaluation import SampleEvaluation, evaluate_samples, scratch_models
+    from sane_hf.downstream.pretrained import (
+        PretrainedSane,
+        PropertyPredictions,
+        embed_networks,
+        predict_networks,
+    )
+    from sane_hf.downstream.probe_heads import ProbeHeads, fit_probe_heads
     from sane_hf.downstream.probing import (
         LogisticProbe,
         ProbeReport,
         RidgeProbe,
-        SaneForPropertyPrediction,
         probe_features,
         probe_zoo,
         weight_statistics,
+    )
+    from sane_hf.downstream.property_prediction import (
+        LabelStandardization,
+        SaneForPropertyPrediction,
+        with_labels,
     )
     from sane_hf.downstream.sampling import (
         NoveltyReport,
@@ -128,7 +152,7 @@ if TYPE_CHECKING:
         novelty_report,
         select_prompts,
     )
-    from sane_hf.hub import HubError, push_zoo_dataset
+    from sane_hf.hub import HubError, push_folder, push_model_to_hub, push_zoo_dataset
     from sane_hf.models.sane.configuration_sane import SaneConfig
     from sane_hf.models.sane.modeling_sane import (
         SaneDecoderModel,
@@ -139,6 +163,7 @@ if TYPE_CHECKING:
         SaneModelOutput,
         SanePreTrainedModel,
     )
+    from sane_hf.models.sane.processing_sane import SaneProcessor
     from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.pretraining.loop import pretrain
@@ -156,8 +181,9 @@ if TYPE_CHECKING:
         apply_permutation,
         random_permutation,
     )
+    from sane_hf.weights.layout import WeightLayout
     from sane_hf.weights.normalization import NormalizationStats
-    from sane_hf.weights.tokenization import TokenizedWeights, WeightLayout, WeightTokenizer
+    from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
     from sane_hf.zoo.architectures import (
         build_model,
         initialize,

@@ -8,13 +8,15 @@ transformers' own `push_to_hub` keeps an existing card or writes one with
 `library_name: transformers`; `push_model_to_hub` uploads our card instead, every time.
 """
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from datasets import DatasetDict, SplitDict, SplitInfo
 from datasets.info import DatasetInfo, DatasetInfosDict
@@ -32,19 +34,33 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SanePreTrainedModel
+from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.card import build_zoo_dataset_card
-from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.formats import DATASET_METADATA_FILE, PROBE_HEADS_CONFIG_FILE
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
 from sane_hf.zoo.storage import as_splits, load_zoo_dataset, save_zoo_dataset
-
-if TYPE_CHECKING:
-    pass
 
 LIBRARY_NAME = "sane-hf"
 MODEL_TAGS = ("sane", "weight-space-learning", "hyper-representations", "model-zoo")
 MODEL_CARD_TEMPLATE = files("sane_hf") / "templates" / "model_card.md"
 # The model-index task of every SANE result: representations of networks from their weights.
 EVAL_TASK = {"task_type": "feature-extraction", "task_name": "Weight-space representation learning"}
+CHECKPOINT_PREFIX = "checkpoint-"  # pretraining's resumable states: never pushed
+METRIC_LABELS = {"r2": "R^2", "accuracy": "accuracy"}
+
+
+def probe_metric_name(metric: str, property_name: str) -> str:
+    """Model-card name of a shipped probe head's test score, e.g. ``R^2 test_acc (shipped ...)``."""
+    return f"{METRIC_LABELS.get(metric, metric)} {property_name} (shipped probe head, test split)"
+
+
+def probe_head_metrics(folder: str | os.PathLike) -> dict[str, float]:
+    """Test scores of the probe heads saved in a model folder (none: ``{}``)."""
+    path = Path(folder) / PROBE_HEADS_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    heads = json.loads(path.read_text())["heads"]
+    return {probe_metric_name(h["metric"], h["name"]): h["test_score"] for h in heads}
 
 
 def build_model_card(
@@ -55,6 +71,7 @@ def build_model_card(
     metrics: dict[str, float] | None = None,
     tags: list[str] | None = None,
     sections: dict[str, str] | None = None,
+    probe_properties: list[str] | None = None,
 ) -> ModelCard:
     """Render the SANE model card of a model with `config`.
 
@@ -68,6 +85,8 @@ def build_model_card(
         sections: further markdown sections, title -> body, rendered after the evaluation
             (for example the zoo's protocol, the training configuration, full result tables
             and the limitations of a released checkpoint).
+        probe_properties: properties of the probe heads saved with the model; the usage
+            example then shows how to predict them.
     """
     metrics = _check_metrics(metrics, config.zoo_dataset)
     model_name = model_id.rstrip("/").split("/")[-1]
@@ -92,6 +111,7 @@ def build_model_card(
         num_parameters=num_parameters,
         metrics=metrics,
         sections=sections or {},
+        probe_properties=probe_properties or [],
     )
 
 
@@ -112,6 +132,7 @@ def save_model_card(
         model_id=repo_id or os.fspath(save_directory),
         metrics=metrics,
         tags=model.model_tags,
+        probe_properties=_probe_properties(save_directory),
     )
     path = Path(save_directory) / "README.md"
     card.save(path)
@@ -122,6 +143,7 @@ def push_model_to_hub(
     model: SanePreTrainedModel,
     repo_id: str,
     *,
+    processor: SaneProcessor | None = None,
     metrics: dict[str, float] | None = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
@@ -132,28 +154,33 @@ def push_model_to_hub(
     max_shard_size: int | str | None = "50GB",
     tags: list[str] | None = None,
 ) -> CommitInfo:
-    """Upload `model` (weights, config, remote code and SANE model card) to the Hub repo `repo_id`.
+    """Upload `model` (weights, config, remote code, SANE model card) and its `processor` to the
+    Hub repo `repo_id`, in one commit: a failed push publishes nothing half.
 
-    Arguments as transformers' `push_to_hub`, plus `metrics` for the card. The repo is created if
-    needed; a `revision` branch too. Returns the commit.
+    Arguments as transformers' `push_to_hub`, plus `processor` (written beside the weights, so
+    ``SaneProcessor.from_pretrained(repo_id)`` works) and `metrics` for the card. The repo is
+    created if needed; a `revision` branch too. Returns the commit.
     """
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    if tags:
-        model.add_model_tags(tags)
-    with tempfile.TemporaryDirectory() as work_dir:
-        model.save_pretrained(work_dir, max_shard_size=max_shard_size)
-        save_model_card(model, work_dir, metrics=metrics, repo_id=repo_id)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=work_dir,
-            commit_message=commit_message or "Upload SANE model",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
+    with _http_errors(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if tags:
+            model.add_model_tags(tags)
+        with tempfile.TemporaryDirectory() as work_dir:
+            model.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            if processor is not None:
+                processor.save_pretrained(work_dir)
+            save_model_card(model, work_dir, metrics=metrics, repo_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=work_dir,
+                commit_message=commit_message or "Upload SANE model",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 def _check_metrics(metrics: dict[str, float] | None, zoo_dataset: str | None) -> dict[str, float]:
@@ -191,9 +218,11 @@ def push_folder(
 ) -> CommitInfo:
     """Upload a saved SANE model (a ``save_pretrained`` folder) or zoo dataset to the Hub.
 
-    A model folder is uploaded as it is (weights, config, remote code, card, ``sane_zoo.json``).
-    A zoo dataset folder (``save_zoo_dataset``) is converted to the Hub's parquet layout by
-    `sane_hf.zoo.dataset.push_zoo_dataset`, so ``load_zoo_dataset(repo_id)`` works on the repo.
+    A model folder is uploaded in one commit, as pretraining's own push does: weights, config,
+    remote code, processor, probe heads, ``sane_zoo.json`` and logs, without the resumable
+    ``checkpoint-*`` states; its card is written anew for ``repo_id``, with the folder card's
+    results and the probe heads' test scores. A zoo dataset folder (``save_zoo_dataset``) goes
+    through `push_zoo_dataset`, so ``load_zoo_dataset(repo_id)`` works on the repo.
     """
     folder = Path(folder)
     if (folder / DATASET_METADATA_FILE).is_file() and (folder / "dataset_dict.json").is_file():
@@ -209,13 +238,94 @@ def push_folder(
             f"{folder} is neither a SANE model folder (config.json from save_pretrained) nor a "
             f"zoo dataset folder ({DATASET_METADATA_FILE} and dataset_dict.json from save_zoo_dataset)"
         )
+    card = _card_for_repo(folder, repo_id)
+    operations = [
+        CommitOperationAdd(file.relative_to(folder).as_posix(), str(file))
+        for file in sorted(folder.rglob("*"))
+        if file.is_file() and _pushed(file.relative_to(folder))
+    ]
+    operations.append(CommitOperationAdd("README.md", str(card).encode()))
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message or "Upload SANE model with sane-hf",
+    with _http_errors(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.create_commit(
+            repo_id, operations, commit_message=commit_message or "Upload SANE model with sane-hf"
+        )
+
+
+def _pushed(relative: Path) -> bool:
+    """Files of a model folder that go to the Hub: not checkpoints, hidden files or the card."""
+    first = relative.parts[0]
+    return not (
+        first.startswith((CHECKPOINT_PREFIX, "."))
+        or relative.as_posix() == "README.md"
+        or relative.name.endswith(".tmp")
     )
+
+
+def _card_for_repo(folder: Path, repo_id: str) -> ModelCard:
+    """The folder's card re-rendered for ``repo_id``: its results plus the probe heads' scores."""
+    config = SaneConfig.from_pretrained(folder)
+    metrics, sections = {}, {}
+    if (folder / "README.md").is_file():
+        existing = ModelCard.load(folder / "README.md")
+        for result in existing.data.eval_results or []:
+            metrics[result.metric_name or result.metric_type] = result.metric_value
+        sections = _extra_sections(existing.text)
+    metrics.update(probe_head_metrics(folder))
+    return build_model_card(
+        config,
+        num_parameters=_num_parameters(folder),
+        model_id=repo_id,
+        metrics=metrics if config.zoo_dataset else None,
+        sections=sections,
+        probe_properties=_probe_properties(folder),
+    )
+
+
+# The sections the template renders itself; every other "## " section of a card is extra.
+TEMPLATE_SECTIONS = (
+    "Intended use",
+    "Model details",
+    "Training data",
+    "Evaluation",
+    "Usage",
+    "Citation",
+)
+
+
+def _extra_sections(text: str) -> dict[str, str]:
+    """``{title: body}`` of a card's sections that the template does not render itself."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            current = None if title in TEMPLATE_SECTIONS else title
+            if current is not None:
+                sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {title: "\n".join(lines).strip() for title, lines in sections.items()}
+
+
+def _num_parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        if file.name.startswith("model"):
+            with safe_open(file, "pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    total += math.prod(weights.get_slice(key).get_shape())
+    return total
+
+
+def _probe_properties(folder: str | os.PathLike) -> list[str]:
+    path = Path(folder) / PROBE_HEADS_CONFIG_FILE
+    if not path.is_file():
+        return []
+    return [head["name"] for head in json.loads(path.read_text())["heads"]]
 
 
 class HubError(RuntimeError):
@@ -225,6 +335,26 @@ class HubError(RuntimeError):
 # Parquet shards of a pushed zoo dataset stay below about this size (the Hub's viewer and
 # datasets' own push use a few hundred MB).
 PARQUET_SHARD_BYTES = 500 * 2**20
+
+
+@contextlib.contextmanager
+def _http_errors(repo_id: str) -> Iterator[None]:
+    """Turn the Hub client's HTTP errors into a one-line `HubError` naming repo and status."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        raise HubError(f"push of model {repo_id} failed: {_describe(error)}") from None
+
+
+def _describe(error: Exception) -> str:
+    """``HTTP <status> (<first line of the server's message>)`` or the error's first line."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if status is None:
+        return f"{type(error).__name__}: {first_line}"
+    reason = getattr(error, "server_message", None) or first_line
+    return f"HTTP {status} ({reason.splitlines()[0] if reason else 'no message'})"
 
 
 def push_zoo_dataset(
@@ -318,17 +448,6 @@ def _write_parquet_shards(splits: DatasetDict, folder: Path) -> list[str]:
             split.shard(num_shards, index, contiguous=True).to_parquet(str(folder / path))
             paths.append(path)
     return paths
-
-
-def _describe(error: Exception) -> str:
-    """``HTTP <status> (<first line of the server's message>)`` or the error's first line."""
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if status is None:
-        return f"{type(error).__name__}: {first_line}"
-    reason = getattr(error, "server_message", None) or first_line
-    return f"HTTP {status} ({reason.splitlines()[0] if reason else 'no message'})"
 
 
 __all__ = [

@@ -11,7 +11,7 @@ import argparse
 import importlib
 
 # The command groups, in the order they appear in --help.
-COMMAND_MODULES = ["zoo", "pretrain", "probe", "sample", "demo", "push"]
+COMMAND_MODULES = ["zoo", "pretrain", "probe", "embed", "sample", "demo", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:

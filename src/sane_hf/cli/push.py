@@ -1,8 +1,8 @@
-"""`sane-hf push`: upload a saved SANE model or zoo dataset to the Hub."""
+"""`sane-hf push`: upload a saved SANE model (with processor, probe heads and a card for the
+target repo, in one commit) or zoo dataset to the Hub. Errors are raised (one line, with the repo
+and HTTP status for Hub failures: `sane_hf.hub.HubError`) and reported by the CLI's main."""
 
 from __future__ import annotations
-
-import sys
 
 _COMMANDS: list = []
 
@@ -22,16 +22,9 @@ def _add_push_command(subparsers) -> None:
 def _run_push(args) -> int:
     from sane_hf.hub import push_folder
 
-    try:
-        commit = push_folder(
-            args.path,
-            args.repo_id,
-            private=args.private or None,
-            commit_message=args.commit_message,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    commit = push_folder(
+        args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message
+    )
     print(f"pushed {args.path} to {commit.commit_url}")
     return 0
 

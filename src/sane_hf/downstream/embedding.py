@@ -15,21 +15,18 @@ all models and all positions are built with one gather and encoded in batches of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import BatchFeature
 
 from sane_hf.models.sane.modeling_sane import check_positions, set_position_checks
-from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
-
-if TYPE_CHECKING:
-    from sane_hf.weights.normalization import NormalizationStats
 
 TOKEN_COLUMNS = ("tokens", "positions", "counts")
 
@@ -259,97 +256,132 @@ def pool_latents(
 
 @dataclass
 class Embeddings:
-    """Embeddings of one network (no model axis) or of the models of a zoo split (axis ``M``).
+    """Embeddings of one network (no model axis) or of many networks (axis ``M``).
 
     Attributes:
         mean: ``[D]`` / ``[M, D]`` mean of the token latents: SANE's model embedding.
         layer_means: ``[L, D]`` / ``[M, L, D]`` mean latent of every layer (by layer index).
-        token_latents: ``[N, D]`` / ``[M, N, D]`` all token latents; for a zoo only when asked
-            for (``return_token_latents=True``), as they take ``N`` times the memory.
+        token_latents: ``[N, D]`` / ``[M, N, D]`` all token latents; for many networks only when
+            asked for (``return_token_latents=True``), as they take ``N`` times the memory.
         properties: for a zoo, every non-token column as an array of length ``M`` (struct
             columns such as ``hyperparameters`` are flattened into their fields).
+        ids: which network each row is (``network_ids`` of the processor, or
+            ``<model_id>_epoch_<epoch>`` for a zoo split); empty for one network.
     """
 
     mean: torch.Tensor
     layer_means: torch.Tensor
     token_latents: torch.Tensor | None = None
     properties: dict[str, np.ndarray] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
 
 
 def embed(
     model: nn.Module,
-    weights: nn.Module | Mapping[str, torch.Tensor] | TokenizedWeights | Dataset,
+    weights: Dataset | BatchFeature | Any,
     *,
-    normalization: NormalizationStats | None = None,
-    tokenizer: WeightTokenizer | None = None,
+    processor: Callable[[Any], BatchFeature] | None = None,
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 256,
     models_per_chunk: int = 256,
-    return_token_latents: bool | None = None,
+    return_token_latents: bool = False,
     progress: bool = True,
 ) -> Embeddings:
-    """Embed one network or every model of a zoo dataset split with halo windows.
+    """Embed networks, or every model of a zoo dataset split, with halo windows.
+
+    Many networks are embedded in one call: the windows of all networks of a chunk are stacked
+    and encoded ``batch_size`` windows at a time (`apply_in_halo_windows`). Results always have
+    the network axis ``M``, also for one network.
 
     Args:
         model: a ``SaneModel`` or ``SaneEncoderModel``.
-        weights: an ``nn.Module``, a state_dict or ``TokenizedWeights`` of raw weights; or a zoo
-            dataset split (``datasets.Dataset`` with ``tokens``/``positions`` columns, already
-            normalized). Zoo models are aligned to a reference; align a network to the same
-            reference (``sane_hf.weights.alignment.align``) to embed it the way the zoo was.
-        normalization: the zoo's training statistics (``metadata.normalization``); required for
-            raw weights, which are standardized with them before they are tokenized.
-        tokenizer: tokenizes modules and state_dicts; default ``WeightTokenizer(config.tokensize)``
-            (use ``metadata.build_tokenizer()`` to match a zoo built without normalization layers).
+        weights: the output of a ``SaneProcessor`` (``BatchFeature`` of normalized tokens and
+            ``network_ids``); anything the processor reads (modules, state_dicts, files, folders,
+            zoos, Hub ids) when ``processor`` is given; or a zoo dataset split
+            (``datasets.Dataset`` with ``tokens``/``positions`` columns, already normalized).
+        processor: the model's ``SaneProcessor``: checks each network's layout, aligns,
+            normalizes and tokenizes it. Raw weights are never embedded without it: statistics
+            matched to parameters by name alone would silently normalize another architecture.
         window, halo: content window and context per side; default: halo windows as long as the
             model's training window (``default_window_and_halo``).
-        batch_size: windows encoded at once (across models and positions).
-        models_per_chunk: zoo rows read and encoded at once.
-        return_token_latents: keep all token latents; default True for one network, False for a
-            zoo split.
-        progress: progress bar over a zoo split.
+        batch_size: windows encoded at once (across networks and positions).
+        models_per_chunk: networks (or zoo rows) encoded at once.
+        return_token_latents: keep all token latents ``[M, N, D]`` (``N`` times the memory).
+        progress: progress bar over the chunks of networks.
     """
-    if isinstance(weights, Dataset):
-        return _embed_zoo_split(
-            model,
-            weights,
-            window,
-            halo,
-            batch_size,
-            models_per_chunk,
-            bool(return_token_latents),
-            progress,
+    if processor is not None and not isinstance(weights, Dataset | BatchFeature):
+        weights = processor(weights)
+    if not isinstance(weights, Dataset | BatchFeature):
+        raise TypeError(
+            f"embed() got {type(weights).__name__}: pass processor=SaneProcessor.from_pretrained"
+            "(<model>) to embed networks (it checks their layout, aligns and normalizes them "
+            "like the zoo), its output, or a zoo dataset split"
         )
-    tokens, positions = _normalized_tokens(model, weights, normalization, tokenizer)
-    latents = encode_tokens(model, tokens, positions, window, halo, batch_size)
-    mean, layer_means = pool_latents(latents, positions)
-    keep = return_token_latents is None or return_token_latents
-    return Embeddings(mean, layer_means, latents if keep else None)
+    embed_many = _embed_zoo_split if isinstance(weights, Dataset) else _embed_features
+    return embed_many(
+        model,
+        weights,
+        window,
+        halo,
+        batch_size,
+        models_per_chunk,
+        return_token_latents,
+        progress,
+    )
 
 
-def _normalized_tokens(
+def _embed_chunks(
     model: nn.Module,
-    weights: nn.Module | Mapping[str, torch.Tensor] | TokenizedWeights,
-    normalization: NormalizationStats | None,
-    tokenizer: WeightTokenizer | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens of one network standardized with the zoo's statistics, and their positions."""
-    if normalization is None:
-        raise ValueError(
-            "embedding a network needs normalization=<the zoo's NormalizationStats> "
-            "(e.g. load_zoo_dataset(path).metadata.normalization): SANE was trained on "
-            "standardized weights"
-        )
-    if not isinstance(weights, TokenizedWeights):
-        if not isinstance(weights, nn.Module | Mapping):
-            raise TypeError(
-                "weights must be an nn.Module, a state_dict, TokenizedWeights or a zoo dataset "
-                f"split, got {type(weights).__name__}"
-            )
-        tokenizer = tokenizer or WeightTokenizer(model.config.tokensize)
-        weights = tokenizer(weights)
-    tokens = normalization.normalize_tokens(weights.tokens, weights.layout)
-    return tokens, weights.positions
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    window: int | None,
+    halo: int | None,
+    batch_size: int,
+    return_token_latents: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Encode chunks of ``(tokens [M, N, T], positions [M, N, 3])`` and pool every network."""
+    means, layer_means, token_latents = [], [], []
+    for tokens, positions in chunks:
+        positions = positions.long()
+        latents = encode_tokens(model, tokens, positions, window, halo, batch_size)
+        mean, per_layer = pool_latents(latents, positions[0])
+        means.append(mean.cpu())
+        layer_means.append(per_layer.cpu())
+        if return_token_latents:
+            token_latents.append(latents.cpu())
+    return (
+        torch.cat(means),
+        torch.cat(layer_means),
+        torch.cat(token_latents) if return_token_latents else None,
+    )
+
+
+def _embed_features(
+    model: nn.Module,
+    features: BatchFeature,
+    window: int | None,
+    halo: int | None,
+    batch_size: int,
+    models_per_chunk: int,
+    return_token_latents: bool,
+    progress: bool,
+) -> Embeddings:
+    """Embed the networks of a ``SaneProcessor`` output, ``models_per_chunk`` at a time."""
+    tokens, positions = features["tokens"], features["positions"]
+    if tokens.dim() == 2:
+        tokens, positions = tokens[None], positions.reshape(1, *positions.shape[-2:])
+    if positions.dim() == 2:
+        positions = positions.expand(len(tokens), -1, -1)
+    starts = range(0, len(tokens), models_per_chunk)
+    chunks = (
+        (tokens[start : start + models_per_chunk], positions[start : start + models_per_chunk])
+        for start in tqdm(starts, desc="embedding networks", unit="chunk", disable=not progress)
+    )
+    mean, layer_means, latents = _embed_chunks(
+        model, chunks, window, halo, batch_size, return_token_latents
+    )
+    ids = list(features.get("network_ids", [f"network_{i}" for i in range(len(tokens))]))
+    return Embeddings(mean, layer_means, latents, ids=ids)
 
 
 def _embed_zoo_split(
@@ -366,24 +398,23 @@ def _embed_zoo_split(
     if missing:
         raise ValueError(f"the dataset split lacks the zoo columns {missing}")
     rows = split.with_format("torch", columns=["tokens", "positions"])
-    means, layer_means, token_latents = [], [], []
-    chunks = range(0, len(split), models_per_chunk)
-    for start in tqdm(chunks, desc="embedding models", unit="chunk", disable=not progress):
-        chunk = rows[start : start + models_per_chunk]
-        latents = encode_tokens(
-            model, chunk["tokens"], chunk["positions"].long(), window, halo, batch_size
-        )
-        mean, per_layer = pool_latents(latents, chunk["positions"][0].long())
-        means.append(mean.cpu())
-        layer_means.append(per_layer.cpu())
-        if return_token_latents:
-            token_latents.append(latents.cpu())
-    return Embeddings(
-        torch.cat(means),
-        torch.cat(layer_means),
-        torch.cat(token_latents) if return_token_latents else None,
-        zoo_properties(split),
+    starts = range(0, len(split), models_per_chunk)
+    chunks = (
+        (chunk["tokens"], chunk["positions"])
+        for start in tqdm(starts, desc="embedding models", unit="chunk", disable=not progress)
+        for chunk in [rows[start : start + models_per_chunk]]
     )
+    mean, layer_means, latents = _embed_chunks(
+        model, chunks, window, halo, batch_size, return_token_latents
+    )
+    properties = zoo_properties(split)
+    ids = []
+    if "model_id" in properties and "epoch" in properties:
+        ids = [
+            f"{model_id}_epoch_{int(epoch):03d}"
+            for model_id, epoch in zip(properties["model_id"], properties["epoch"])
+        ]
+    return Embeddings(mean, layer_means, latents, properties, ids)
 
 
 def zoo_properties(split: Dataset) -> dict[str, np.ndarray]:

@@ -29,21 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import r2_score
 from torch import nn
-from transformers.utils import ModelOutput
 
 from sane_hf.downstream.embedding import embed
-from sane_hf.models.sane.configuration_sane import SaneConfig
-from sane_hf.models.sane.modeling_sane import (
-    SanePositionEmbeddings,
-    SanePreTrainedModel,
-    SaneTransformer,
-    masked_mean,
+
+# SaneForPropertyPrediction lives in property_prediction; importable from here as before.
+from sane_hf.downstream.property_prediction import (
+    PropertyPredictionOutput as PropertyPredictionOutput,
+)
+from sane_hf.downstream.property_prediction import (
+    SaneForPropertyPrediction as SaneForPropertyPrediction,
 )
 
 SPLITS = ("train", "validation", "test")
@@ -272,6 +271,7 @@ class ProbeResult:
     regularization: float  # ridge alpha or logistic C chosen on validation
     true: np.ndarray
     predicted: np.ndarray
+    probe: RidgeProbe | LogisticProbe | None = None  # the fitted probe (for shipped probe heads)
 
     def to_dict(self) -> dict:
         return {
@@ -419,6 +419,7 @@ def probe_features(
                 regularization=probe.regularization,
                 true=values["test"],
                 predicted=probe.predict(splits["test"]),
+                probe=probe,
             )
             results.append(result)
     return ProbeReport(results, skipped)
@@ -549,80 +550,3 @@ def _categorical_hyperparameters(split: Dataset) -> list[str]:
         for name, feature in fields.items()
         if getattr(feature, "dtype", None) in ("string", "large_string")
     ]
-
-
-@dataclass
-class PropertyPredictionOutput(ModelOutput):
-    """
-    Outputs of [`SaneForPropertyPrediction`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Mean squared error between `predictions` and `labels`, when labels are given.
-        predictions (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-            Predicted properties.
-        embeddings (`torch.FloatTensor` of shape `(batch_size, latent_dim)`):
-            Masked mean of the token latents: the model embedding the head reads.
-    """
-
-    loss: torch.FloatTensor | None = None
-    predictions: torch.FloatTensor | None = None
-    embeddings: torch.FloatTensor | None = None
-
-
-class SaneForPropertyPrediction(SanePreTrainedModel):
-    """SANE encoder + masked-mean pooling + a linear regression head, trained end to end.
-
-    Linear probes (``probe_features``) keep the encoder frozen; this model fine-tunes it for the
-    properties instead, with the standard ``transformers`` interface (``Trainer`` works as is:
-    the inputs are ``tokens``, ``positions``, ``attention_mask`` and ``labels``). It loads the
-    encoder of a full ``SaneModel`` checkpoint and starts the head from scratch::
-
-        model = SaneForPropertyPrediction.from_pretrained("path/to/sane", num_labels=3)
-
-    ``config.num_labels`` is the number of properties regressed at once. Standardize the labels
-    (e.g. with training-split mean and std): the MSE weighs all properties alike. Inputs are
-    whole sequences (or windows) of normalized tokens; a model longer than the position tables
-    or the memory allows should be embedded with ``sane_hf.embed`` and probed instead.
-    """
-
-    _keys_to_ignore_on_load_unexpected = (r"^decoder\.", r"^projection_head\.")
-
-    def __init__(self, config: SaneConfig):
-        super().__init__(config)
-        self.position_embeddings = SanePositionEmbeddings(config)
-        self.encoder = SaneTransformer(config, config.tokensize, config.latent_dim)
-        self.head = nn.Linear(config.latent_dim, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> PropertyPredictionOutput:
-        r"""
-        Args:
-            tokens (`torch.FloatTensor` of shape `(batch_size, sequence, tokensize)`):
-                Normalized weight tokens of one network per row.
-            positions (`torch.LongTensor` of shape `(batch_size, sequence, 3)`):
-                (global, layer, row) index of every token.
-            attention_mask (`torch.BoolTensor` of shape `(batch_size, sequence)`, *optional*):
-                True on real tokens; padding tokens are neither attended to nor pooled.
-            labels (`torch.FloatTensor` of shape `(batch_size, num_labels)` or `(batch_size,)`, *optional*):
-                Property values to regress.
-        """
-        latents = self.encode(tokens, positions, attention_mask)
-        embeddings = masked_mean(latents, attention_mask)
-        predictions = self.head(embeddings)
-        loss = None
-        if labels is not None:
-            labels = labels.to(predictions.dtype).view(len(predictions), -1)
-            if labels.shape != predictions.shape:
-                raise ValueError(
-                    f"labels must be [batch, num_labels={self.config.num_labels}], "
-                    f"got {tuple(labels.shape)}"
-                )
-            loss = F.mse_loss(predictions.float(), labels.float())
-        return PropertyPredictionOutput(loss=loss, predictions=predictions, embeddings=embeddings)

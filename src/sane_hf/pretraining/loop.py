@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from sane_hf.hub import save_model_card
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.pretraining.augmentation import TokenPermutation, WindowBatch, WindowSampler
 from sane_hf.pretraining.checkpointing import (
     full_model_state_dict,
@@ -565,10 +566,12 @@ def save_model(
     config: PretrainingConfig,
     eval_metrics: dict[str, float],
 ) -> None:
-    """``save_pretrained`` (weights, config, model card) plus ``sane_zoo.json``, which
-    embedding and sampling need to tokenize, normalize and decode for this model. The push
+    """``save_pretrained`` (weights, config, model card) plus the `SaneProcessor` (layout,
+    training-split statistics, alignment reference: ``SaneProcessor.from_pretrained(output_dir)``
+    prepares a user's networks like the zoo) and ``sane_zoo.json``, which sampling needs. The push
     uploads the output folder without checkpoints: with the config and the logs (the Hub shows
-    TensorBoard logs as training metrics)."""
+    TensorBoard logs as training metrics). Probe heads are fitted above this layer
+    (``sane_hf.downstream.probe_heads.save_probe_heads``), by the callers that have a zoo at hand."""
     unwrapped = plain_model(accelerator, model)
     card_metrics = eval_metrics if unwrapped.config.zoo_dataset and eval_metrics else None
     unwrapped.save_pretrained(
@@ -581,6 +584,9 @@ def save_model(
         return
     save_model_card(unwrapped, config.output_dir, metrics=card_metrics, repo_id=config.hub_model_id)
     (Path(config.output_dir) / ZOO_METADATA_FILE).write_text(data.metadata.to_json())
+    SaneProcessor.from_zoo(config.dataset, config=unwrapped.config).save_pretrained(
+        config.output_dir
+    )
     if config.push_to_hub:
         api = HfApi()
         repo_id = api.create_repo(config.hub_model_id, exist_ok=True).repo_id

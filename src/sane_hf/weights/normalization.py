@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sane_hf.weights.tokenization import WeightLayout
+from sane_hf.weights.layout import WeightLayout
 
 MIN_STD = 1e-8
 

@@ -39,6 +39,10 @@ ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DATASET_METADATA_FILE = "sane_zoo.json"
+# Beside a SANE model: the processor's alignment target and the fitted property probes.
+ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
+PROBE_HEADS_FILE = "probe_heads.safetensors"
+PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
 LOCK_FILE = ".sane_zoo.lock"
 METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
 # Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.

@@ -1,0 +1,133 @@
+"""Read networks from what a user has: modules, state_dicts, files, folders, zoos, Hub ids.
+
+`SaneProcessor` and the ``embed``/``predict`` commands accept any mix of these; everything is
+turned into ``(network id, state_dict)`` pairs here, in a stable order, so ids in the results
+say which input each row came from:
+
+- ``nn.Module`` / state_dict: ``network_<i>`` (``i`` counts the inputs);
+- ``.safetensors`` file: its file name without the suffix;
+- a raw zoo folder (``zoo.json``): every checkpoint of ``metadata.jsonl``, as ``<model>_epoch_<e>``;
+- a zoo dataset folder (``sane_zoo.json``) or a zoo split (``datasets.Dataset``): every row,
+  decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
+- any other folder: its ``*.safetensors`` files, sorted by name;
+- a Hub id (``owner/name``, not an existing path): a zoo dataset repo, else a model repo's
+  ``*.safetensors`` files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from huggingface_hub import HfApi, snapshot_download
+from safetensors.torch import load_file
+from torch import nn
+
+from sane_hf.zoo.dataset import load_zoo_dataset
+from sane_hf.zoo.formats import DATASET_METADATA_FILE, ZOO_FILE, load_zoo_metadata
+from sane_hf.zoo.metadata import zoo_metadata
+
+NetworkInput = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | Dataset | DatasetDict
+
+
+def iter_networks(
+    networks: NetworkInput | Iterable[NetworkInput],
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """``(network id, state_dict)`` of every network in ``networks`` (one input or many)."""
+    inputs = [networks] if _is_single(networks) else list(networks)
+    if not inputs:
+        raise ValueError("no networks given")
+    for index, item in enumerate(inputs):
+        yield from _read(item, index)
+
+
+def _is_single(item: Any) -> bool:
+    return isinstance(item, nn.Module | Mapping | str | os.PathLike | Dataset | DatasetDict)
+
+
+def _read(item: Any, index: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    if isinstance(item, nn.Module):
+        yield f"network_{index}", {k: v.detach() for k, v in item.state_dict().items()}
+    elif isinstance(item, DatasetDict):
+        for split in item.values():
+            yield from _zoo_rows(split)
+    elif isinstance(item, Dataset):
+        yield from _zoo_rows(item)
+    elif isinstance(item, Mapping):
+        _check_state_dict(item, f"input {index}")
+        yield f"network_{index}", dict(item)
+    elif isinstance(item, str | os.PathLike):
+        yield from _read_path(item)
+    else:
+        raise TypeError(
+            f"input {index}: expected an nn.Module, a state_dict, a .safetensors path, a folder, "
+            f"a zoo (dataset) or a Hub id, got {type(item).__name__}"
+        )
+
+
+def _check_state_dict(state_dict: Mapping, where: str) -> None:
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: state_dict entry {key!r} is a {type(value).__name__}")
+
+
+def _read_path(item: str | os.PathLike) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    path = Path(item)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: networks are read from .safetensors files only")
+        yield path.stem, load_file(path)
+    elif path.is_dir():
+        yield from _read_folder(path)
+    elif _looks_like_hub_id(str(item)):
+        yield from _read_hub(str(item))
+    else:
+        raise FileNotFoundError(f"{item}: no such file or folder (and not a Hub id owner/name)")
+
+
+def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    if (path / DATASET_METADATA_FILE).is_file():
+        for split in load_zoo_dataset(path).splits.values():
+            yield from _zoo_rows(split)
+    elif (path / ZOO_FILE).is_file():
+        for record in load_zoo_metadata(path):
+            file = path / record["file"]
+            yield file.stem, load_file(file)
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{path} holds no .safetensors file (nor {ZOO_FILE} or {DATASET_METADATA_FILE})"
+            )
+        for file in files:
+            yield file.stem, load_file(file)
+
+
+def _zoo_rows(split: Dataset) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Rows of a zoo split decoded into weights with the zoo's own statistics and layout."""
+    metadata = zoo_metadata(split)
+    rows = split.select_columns(["model_id", "epoch", "tokens"]).with_format("torch")
+    for row in rows:
+        yield f"{row['model_id']}_epoch_{int(row['epoch']):03d}", metadata.decode(row["tokens"])
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def _read_hub(repo_id: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """A zoo dataset repo (it has ``sane_zoo.json``), else the ``.safetensors`` of a model repo."""
+    api = HfApi()
+    if api.repo_exists(repo_id, repo_type="dataset") and api.file_exists(
+        repo_id, DATASET_METADATA_FILE, repo_type="dataset"
+    ):
+        for split in load_zoo_dataset(repo_id).splits.values():
+            yield from _zoo_rows(split)
+        return
+    folder = snapshot_download(repo_id, allow_patterns=["*.safetensors"])
+    yield from _read_folder(Path(folder))

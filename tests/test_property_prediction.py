@@ -1,0 +1,111 @@
+"""Probe heads saved with a model, and SaneForPropertyPrediction under transformers.Trainer."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import r2_score
+from transformers import Trainer, TrainingArguments
+
+from sane_hf import (
+    LabelStandardization,
+    ProbeHeads,
+    SaneConfig,
+    SaneForPropertyPrediction,
+    embed,
+    fit_probe_heads,
+    with_labels,
+)
+from synthetic_zoo import TOKENSIZE
+
+
+@pytest.fixture
+def zoo(synthetic_zoo):
+    return synthetic_zoo
+
+
+@pytest.fixture
+def sane(synthetic_sane):
+    return synthetic_sane
+
+
+def test_probe_heads_round_trip_and_predict_like_the_fitted_probes(zoo, sane, tmp_path):
+    heads = fit_probe_heads(
+        sane, zoo, properties=["test_acc", "epoch", "activation"], units={"epoch": "epochs"}
+    )
+    assert heads.names == ["test_acc", "epoch", "activation"]
+    assert [h.kind for h in heads.heads] == ["ridge", "ridge", "logistic"]
+    assert heads.heads[0].unit == "fraction correct"
+    heads.save_pretrained(tmp_path)
+    loaded = ProbeHeads.from_pretrained(tmp_path)
+    test = embed(sane, zoo["test"], progress=False)
+    predicted, reloaded = heads.predict(test.mean), loaded.predict(test.mean)
+    for name in heads.names:
+        assert np.array_equal(predicted[name], reloaded[name]), name
+    assert set(predicted["activation"]) <= {"tanh", "relu"}
+    # the shipped head gives the fitted probe's test score back
+    r2 = r2_score(test.properties["test_acc"], predicted["test_acc"])
+    assert r2 == pytest.approx(loaded.heads[0].test_score, abs=1e-9)
+    assert list(loaded.test_scores()) == [
+        "R^2 test_acc (shipped probe head, test split)",
+        "R^2 epoch (shipped probe head, test split)",
+        "accuracy activation (shipped probe head, test split)",
+    ]
+    with pytest.raises(ValueError, match=rf"reads embeddings \[M, {sane.config.latent_dim}\]"):
+        loaded.predict(np.zeros((2, 5)))
+
+
+def test_probe_heads_missing_files_say_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no probe heads"):
+        ProbeHeads.from_pretrained(tmp_path)
+
+
+def test_with_labels_standardizes_and_refuses_bad_properties(zoo):
+    train, scale = with_labels(zoo["train"], ["test_acc", "epoch"])
+    labels = np.asarray(train["labels"])
+    assert labels.shape == (len(zoo["train"]), 2)
+    np.testing.assert_allclose(labels.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(labels.std(0), 1, atol=1e-5)
+    np.testing.assert_allclose(
+        scale.to_units(labels)[:, 1], np.asarray(zoo["train"]["epoch"]), atol=1e-5
+    )
+    test, same = with_labels(zoo["test"], ["test_acc", "epoch"], standardization=scale)
+    assert same is scale and len(test) == len(zoo["test"])
+    with pytest.raises(ValueError, match="'val_acc' is missing or not finite in row 0"):
+        with_labels(zoo["train"], ["val_acc"])
+    with pytest.raises(ValueError, match="'activation' is not numeric"):
+        with_labels(zoo["train"], ["activation"])
+
+
+def test_trainer_trains_a_few_steps_and_predicts_in_units(zoo, tmp_path):
+    torch.manual_seed(0)
+    config = SaneConfig.from_preset("tiny", tokensize=TOKENSIZE, num_labels=1)
+    model = SaneForPropertyPrediction(config)
+    train, scale = with_labels(zoo["train"], ["test_acc"])
+    test, _ = with_labels(zoo["test"], ["test_acc"], standardization=scale)
+    scale.save_to(model.config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test)
+    result = trainer.train()
+    assert np.isfinite(result.training_loss)
+    prediction = trainer.predict(test)
+    assert isinstance(prediction.predictions, np.ndarray)  # not a tuple: embeddings are ignored
+    assert prediction.predictions.shape == (len(test), 1)
+    in_units = scale.to_units(prediction.predictions)
+
+    model.save_pretrained(tmp_path / "model")
+    reloaded = SaneForPropertyPrediction.from_pretrained(tmp_path / "model")
+    assert LabelStandardization.from_config(reloaded.config) == scale
+    rows = test[:]
+    direct = reloaded.predict_properties(rows["tokens"], rows["positions"])
+    np.testing.assert_allclose(direct["test_acc"], in_units[:, 0], rtol=1e-4, atol=1e-5)
