@@ -178,3 +178,50 @@ def test_a_failing_rank_stops_the_run_with_its_error_and_the_work_done_stays(tmp
     records = [json.loads(line) for line in (zoo / "metadata.jsonl").read_text().splitlines()]
     assert len({record["model_id"] for record in records}) == 8
     assert len(records) == 8 * 4  # epochs 0-3, each checkpoint once
+
+
+RELEASED = Path(__file__).parents[1] / "checkpoints" / "sane-cnn-mnist"
+
+
+def _torchrun(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "sane_hf"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, f"--nproc_per_node={processes}", "-m", "sane_hf"]
+
+
+@pytest.mark.slow
+def test_two_process_embed_and_predict_equal_one_process(tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    from sane_hf import build_model
+
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    for seed in range(5):  # odd: the ranks get 3 and 2 networks
+        torch.manual_seed(seed)
+        network = build_model("cnn_s", in_channels=1, num_classes=10)
+        save_file(network.state_dict(), folder / f"cnn_{seed}.safetensors")
+    results = {}
+    for processes in (1, 2):
+        embeddings = tmp_path / f"embeddings_{processes}.parquet"
+        predictions = tmp_path / f"predictions_{processes}.json"
+        for command in (
+            ["embed", str(RELEASED), str(folder), "--output", str(embeddings), "--layer-means"],
+            ["predict", str(RELEASED), str(folder), "--output", str(predictions)],
+        ):
+            run = subprocess.run(
+                [*_torchrun(processes), *command, "--device", "cpu"],
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.count("cnn_4") == 1  # the table printed once, by rank 0
+        results[processes] = (pq.read_table(embeddings).to_pydict(), predictions.read_text())
+    assert results[1][0]["id"] == [f"cnn_{seed}" for seed in range(5)]
+    assert results[2][0] == results[1][0]
+    assert results[2][1] == results[1][1]
