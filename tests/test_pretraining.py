@@ -12,27 +12,27 @@ import torch
 from safetensors.torch import load_file
 
 from sane_hf import SaneModel, cli
+from sane_hf.pretraining.config import PretrainingConfig, build_argument_parser, config_from_args
 from sane_hf.pretraining.loop import (
-    PretrainingConfig,
-    build_argument_parser,
     build_model_config,
-    config_from_args,
-    main,
     one_cycle_schedule,
     read_metrics,
     split_tokens,
 )
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
 
-REPO = Path(__file__).parents[1]
-TINY = REPO / "training" / "configs" / "tiny.yaml"
+
+
+def main(argv: list[str]) -> int:
+    """``sane-hf pretrain ARGV``, with errors raised (--debug) instead of printed."""
+    return cli.main(["--debug", "pretrain", *argv])
 
 
 def arguments(zoo: Path, output_dir: Path, *extra: str) -> list[str]:
     """The tiny preset, logging every step, without trackers (TensorBoard is tested once)."""
     return [
         "--config",
-        str(TINY),
+        "tiny",
         "--dataset",
         str(zoo),
         "--output-dir",
@@ -46,7 +46,9 @@ def arguments(zoo: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 def training_losses(output_dir: Path) -> dict[int, float]:
-    """Loss per step; a resumed run's entries replace those of the interrupted one."""
+    """Loss per step; every step appears once, also after a resume."""
+    steps = [m["step"] for m in read_metrics(output_dir) if "loss" in m]
+    assert len(steps) == len(set(steps)), f"repeated steps in metrics.jsonl: {steps}"
     return {m["step"]: m["loss"] for m in read_metrics(output_dir) if "loss" in m}
 
 
@@ -75,7 +77,7 @@ def test_config_sources_apply_in_order(tmp_path):
     assert config.weight_decay == 0.0 and isinstance(config.weight_decay, float)
     assert config.model == {"preset": "tiny", "d_model": 64, "n_layers": 3}
     assert config.adam_betas == [0.9, 1.0]
-    assert parse("--config", str(TINY)).model["preset"] == "tiny"
+    assert parse("--config", "tiny").model["preset"] == "tiny"  # a preset by name
 
 
 @pytest.mark.parametrize(
@@ -83,8 +85,8 @@ def test_config_sources_apply_in_order(tmp_path):
     [("cnn", 289, (1024, 8, 8, 64, 128)), ("resnet18", 288, (2048, 8, 16, 256, 128))],
 )
 def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
-    config = parse("--config", str(REPO / "training" / "configs" / f"{preset}.yaml"))
-    model = build_model_config(config.model, tokensize)
+    config = parse("--config", preset)
+    model = build_model_config(config, tokensize)
     assert (model.d_model, model.n_layers, model.n_heads, model.windowsize, model.latent_dim) == (
         model_shape
     )
@@ -105,7 +107,7 @@ def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
 )
 def test_config_errors_name_the_problem(argv, message):
     with pytest.raises(ValueError, match=message):
-        parse("--config", str(TINY), *argv)
+        parse("--config", "tiny", *argv)
 
 
 def test_float16_zoos_stay_float16_in_memory(tiny_digits_zoo):
@@ -184,9 +186,9 @@ def test_compiled_run_saves_a_model_and_checkpoints_that_load_plainly(tiny_digit
 
 
 def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
-    """``training/pretrain.py`` in two CPU processes (torchrun, gloo); returns the summary."""
+    """``python -m sane_hf pretrain`` in two CPU processes (torchrun, gloo); returns the summary."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    command += ["2", str(REPO / "training" / "pretrain.py"), *arguments(zoo, output_dir, *extra)]
+    command += ["2", "-m", "sane_hf", "pretrain", *arguments(zoo, output_dir, *extra)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,7 +258,7 @@ def test_schedule_of_a_warmup_of_one_step_or_less_starts_at_the_peak(total_steps
 
 
 def test_warmup_fraction_must_lie_in_zero_to_one():
-    assert parse("--config", str(TINY), "--warmup-fraction", "0").warmup_fraction == 0.0
+    assert parse("--config", "tiny", "--warmup-fraction", "0").warmup_fraction == 0.0
     for value in ("1", "-0.1"):
         with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\), got"):
-            parse("--config", str(TINY), "--warmup-fraction", value)
+            parse("--config", "tiny", "--warmup-fraction", value)

@@ -2,7 +2,8 @@
 
 The package follows the data: ``weights`` (tokens, normalization, alignment) -> ``zoo`` (training,
 import, datasets) -> ``models`` (SaneConfig, SaneModel) -> ``hub`` -> ``pretraining`` ->
-``downstream`` (embeddings, probes, sampling) -> ``recipes`` (experiments, demo) -> ``cli``.
+``downstream`` (embeddings, probes, sampling) -> ``recipes`` (experiments, demo) -> ``cli``,
+all on top of ``utils`` (the one config mechanism; presets ship in ``sane_hf/presets``).
 Lower layers never import higher ones (an import-linter contract in pyproject.toml checks it).
 
 The public API is re-exported here lazily, as transformers and timm do: ``import sane_hf``
@@ -86,6 +87,7 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SamplingSettings",
         "compare_sampling",
     ],
+    "recipes.sampling": ["sample_networks"],
     "recipes.demo": ["DemoConfig", "run_demo"],
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC_API.items() for name in names}
@@ -142,6 +144,7 @@ if TYPE_CHECKING:
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.pretraining.loop import pretrain
     from sane_hf.recipes.demo import DemoConfig, run_demo
+    from sane_hf.recipes.sampling import sample_networks
     from sane_hf.recipes.experiments import (
         SamplingMethod,
         SamplingResults,

@@ -314,9 +314,12 @@ def add_config_arguments(
         else:
             default = config_field.default
         text = (help_overrides or {}).get(name, f"{name} (default: {json.dumps(default)})")
+        is_flag = bool in _union_options(hints[name])  # --push-to-hub alone means true
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=f"field_{name}",
+            nargs="?" if is_flag else None,
+            const=True if is_flag else None,
             type=parse_value,
             default=argparse.SUPPRESS,  # absent flag: not in the namespace, the preset stays
             metavar="VALUE",
