@@ -22,7 +22,6 @@ from sane_hf.pretraining.loop import (
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
 
 
-
 def main(argv: list[str]) -> int:
     """``sane-hf pretrain ARGV``, with errors raised (--debug) instead of printed."""
     return cli.main(["--debug", "pretrain", *argv])
