@@ -89,9 +89,10 @@ class SamplingSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name in ("bandwidth", "prior_sigma"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.bandwidth >= 0:  # 0: the prompts' own latents
+            raise ValueError(f"bandwidth must be >= 0, got {self.bandwidth}")
+        if not self.prior_sigma > 0:
+            raise ValueError(f"prior_sigma must be > 0, got {self.prior_sigma}")
 
     @classmethod
     def load(
