@@ -53,7 +53,10 @@ def error_line(error: BaseException) -> str:
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:
-        url = str(getattr(response, "url", "") or "")
+        try:
+            url = str(response.url or "")
+        except Exception:  # httpx raises when the response has no request
+            url = ""
         repo = _repo_of_url(url)
         reason = getattr(response, "reason", "") or ""
         where = f"repo {repo}: " if repo else (f"{url}: " if url else "")

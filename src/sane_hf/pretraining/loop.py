@@ -52,7 +52,6 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object, set_seed
 from datasets import Dataset
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
 from tqdm.auto import tqdm
 
 from sane_hf.hub import save_model_card
@@ -526,7 +525,7 @@ def push_run(output_dir: str | os.PathLike, repo_id: str) -> None:
             ignore_patterns=[f"{CHECKPOINT_PREFIX}*/*", f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}/*"],
             commit_message="Upload SANE model pretrained with sane-hf",
         )
-    except (HfHubHTTPError, OSError) as error:
+    except Exception as error:  # HTTP, connection, disk: the run is saved, say so in one line
         response = getattr(error, "response", None)
         status = f"HTTP {response.status_code}" if response is not None else type(error).__name__
         reason = str(error).splitlines()[0] if str(error) else ""
