@@ -195,3 +195,15 @@ def test_sampling_settings_round_trip_through_a_file(tmp_path):
     settings = SamplingSettings(num_prompts=4, architecture_kwargs={"num_classes": 3})
     (tmp_path / "s.json").write_text(json.dumps(dataclasses.asdict(settings)))
     assert SamplingSettings.load(tmp_path / "s.json") == settings
+
+
+def test_the_default_token_size_is_written_once_and_the_model_file_agrees():
+    import inspect
+
+    from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
+    from sane_hf.zoo.dataset import build_zoo_dataset
+
+    assert SaneConfig().tokensize == DEFAULT_TOKENSIZE  # the self-contained copy
+    assert WeightTokenizer().tokensize == DEFAULT_TOKENSIZE
+    default = inspect.signature(build_zoo_dataset).parameters["tokensize"].default
+    assert default == DEFAULT_TOKENSIZE

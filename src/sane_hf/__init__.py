@@ -144,13 +144,13 @@ if TYPE_CHECKING:
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.pretraining.loop import pretrain
     from sane_hf.recipes.demo import DemoConfig, run_demo
-    from sane_hf.recipes.sampling import sample_networks
     from sane_hf.recipes.experiments import (
         SamplingMethod,
         SamplingResults,
         SamplingSettings,
         compare_sampling,
     )
+    from sane_hf.recipes.sampling import sample_networks
     from sane_hf.weights.alignment import (
         AlignmentResult,
         PermutationSpec,

@@ -51,6 +51,11 @@ import numpy
 import torch
 from torch import Tensor, nn
 
+# Values per token of the CNN zoos (32 * 9 + 1: a 3x3 kernel row of 32 channels and a bias), the
+# default of every tokenizer and zoo build. `SaneConfig` repeats it (its file is self-contained);
+# tests/test_config.py checks that the two agree.
+DEFAULT_TOKENSIZE = 289
+
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_KINDS = ("norm", "running_mean", "running_var")
 LAYOUT_FORMAT = "sane_hf.WeightLayout"
@@ -473,7 +478,7 @@ class WeightTokenizer:
 
     def __init__(
         self,
-        tokensize: int | None = 289,
+        tokensize: int | None = DEFAULT_TOKENSIZE,
         include_norm: bool = True,
         dtype: torch.dtype = torch.float32,
     ):
