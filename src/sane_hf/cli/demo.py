@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sane_hf.utils.config import add_source_arguments
+
 
 def register(subparsers) -> None:
     """Add this module's commands to the `sane-hf` parser."""
@@ -20,18 +22,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="tiny settings that run every stage in seconds (the numbers mean nothing)",
     )
-    parser.add_argument(
-        "--config",
-        help="demo preset (default, quick) or YAML/JSON file of DemoConfig sections",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value, e.g. --set zoo.num_models=16 --set pretraining.max_steps=200",
-    )
+    add_source_arguments(parser, "demo", "DemoConfig sections (zoo, pretraining, sampling)")
     parser.set_defaults(func=_run_demo)
 
 

@@ -10,13 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sane_hf.utils.config import (
-    add_config_arguments,
-    build_config,
-    load_config,
-    save_config,
-    to_dict,
-)
+from sane_hf.utils.config import LoadableConfig, add_config_arguments, build_config
 from sane_hf.utils.config import config_from_args as _config_from_args
 
 # Fields that say where a run reads and writes, not how it trains: a resume may change them.
@@ -36,7 +30,7 @@ RESUMABLE_FIELDS = (
 
 
 @dataclass
-class PretrainingConfig:
+class PretrainingConfig(LoadableConfig):
     """Everything a pretraining run needs; the presets are ``sane_hf/presets/pretraining/*.yaml``
     (``tiny``, ``cnn``, ``resnet18``), loaded by `PretrainingConfig.load`.
 
@@ -164,17 +158,6 @@ class PretrainingConfig:
             raise ValueError(f"model: {message}") from None
 
     @classmethod
-    def load(
-        cls,
-        source: str | os.PathLike | Mapping[str, Any] | None = None,
-        flags: Mapping[str, Any] | None = None,
-        overrides: Sequence[str] = (),
-    ) -> PretrainingConfig:
-        """A preset name (``tiny``, ``cnn``, ``resnet18``) or YAML/JSON file, then ``flags``
-        (field values), then ``key=value`` overrides (dotted keys for ``model``)."""
-        return load_config(cls, source, flags, overrides)
-
-    @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> PretrainingConfig:
         """Build from plain values; ints are accepted for float fields. ``source`` names where
         the values came from in error messages."""
@@ -183,13 +166,7 @@ class PretrainingConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> PretrainingConfig:
         """Read a YAML config and apply ``key=value`` overrides (dotted keys for ``model``)."""
-        return cls.load(Path(path), overrides=overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        save_config(self, path)
+        return cls.load(Path(path), overrides=overrides)  # a Path is always a file
 
     def changed_fields(self, saved: Mapping[str, Any]) -> list[str]:
         """Training settings that differ from a saved run's config (``RESUMABLE_FIELDS`` aside)."""

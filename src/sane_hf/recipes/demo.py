@@ -26,10 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -47,35 +46,25 @@ from sane_hf.recipes.experiments import (
     r2_table,
     zoo_stage,
 )
-from sane_hf.utils.config import load_config
+from sane_hf.utils.config import LoadableConfig
 from sane_hf.zoo.config import ZooConfig
 from sane_hf.zoo.statistics import format_zoo_statistics
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(LoadableConfig):
     """What the demo trains and measures: the ``default`` preset
     (``sane_hf/presets/demo/default.yaml``, about a minute with one thread on an idle 2-core
     CPU); `DemoConfig.quick()` (preset ``quick``) checks the pipeline in seconds. Any other
     demo is `DemoConfig.load(preset_or_file, overrides=["zoo.num_models=16"])`."""
 
     CONFIG_KIND: ClassVar[str] = "demo"
+    DEFAULT_PRESET: ClassVar[str | None] = "default"
 
     zoo: ZooConfig = field(default_factory=ZooConfig)
     pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     methods: tuple[SamplingMethod, ...] = tuple(SamplingMethod(kind) for kind in DEFAULT_METHODS)
-
-    @classmethod
-    def load(
-        cls,
-        source: str | Path | Mapping[str, Any] | None = "default",
-        flags: Mapping[str, Any] | None = None,
-        overrides: Sequence[str] = (),
-    ) -> DemoConfig:
-        """A preset name (``default``, ``quick``) or file, then ``flags``, then dotted
-        ``key=value`` overrides (``pretraining.max_steps=20``)."""
-        return load_config(cls, source, flags, overrides)
 
     @classmethod
     def default(cls) -> DemoConfig:

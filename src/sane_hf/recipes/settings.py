@@ -6,12 +6,10 @@ by `sane_hf.utils.config`): the CLI builds its flags from them without importing
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from sane_hf.utils.config import load_config
+from sane_hf.utils.config import LoadableConfig
 
 SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
 KDE_MODES = ("token", "joint", "shared")
@@ -44,7 +42,7 @@ class SamplingMethod:
 
 
 @dataclass
-class SamplingSettings:
+class SamplingSettings(LoadableConfig):
     """How many prompts and samples, how candidates are scored, how samples are fine-tuned.
 
     ``num_prompts`` checkpoints of the prompt zoo's ``prompt_split`` at ``prompt_epoch`` (default:
@@ -93,13 +91,3 @@ class SamplingSettings:
             raise ValueError(f"bandwidth must be >= 0, got {self.bandwidth}")
         if not self.prior_sigma > 0:
             raise ValueError(f"prior_sigma must be > 0, got {self.prior_sigma}")
-
-    @classmethod
-    def load(
-        cls,
-        source: str | Path | Mapping[str, Any] | None = "default",
-        flags: Mapping[str, Any] | None = None,
-        overrides: Sequence[str] = (),
-    ) -> SamplingSettings:
-        """A preset name or file, then ``flags`` (field values), then ``key=value`` overrides."""
-        return load_config(cls, source, flags, overrides)

@@ -32,7 +32,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -40,6 +40,32 @@ C = TypeVar("C")
 
 # The key of a mapping that names the preset (or file) the mapping extends.
 BASE_KEY = "base"
+
+
+class LoadableConfig:
+    """Mixin of the run configs: ``load`` (preset or file, flags, overrides), ``to_dict`` and
+    ``save``. ``CONFIG_KIND`` names the preset folder; ``DEFAULT_PRESET`` (if any) is what
+    ``load()`` without a source reads."""
+
+    CONFIG_KIND: ClassVar[str]
+    DEFAULT_PRESET: ClassVar[str | None] = None
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path | Mapping[str, Any] | None = None,
+        flags: Mapping[str, Any] | None = None,
+        overrides: Sequence[str] = (),
+    ):
+        """A preset name or YAML/JSON file (default ``DEFAULT_PRESET``, else the field
+        defaults), then ``flags`` (field values), then dotted ``key=value`` overrides."""
+        return load_config(cls, cls.DEFAULT_PRESET if source is None else source, flags, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def save(self, path: str | Path) -> None:
+        save_config(self, path)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -277,6 +303,22 @@ def _flag_type(hint: Any) -> Any | None:
     return parse_value
 
 
+def add_source_arguments(parser: argparse.ArgumentParser, kind: str, what: str) -> None:
+    """``--config`` (a preset name of ``kind`` or a file of ``what``) and ``--set KEY=VALUE``:
+    the first and last sources of `load_config`."""
+    names = ", ".join(preset_names(kind)) or "none shipped"
+    parser.add_argument("--config", help=f"preset name ({names}) or a YAML/JSON file of {what}")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value (applied last); dotted keys reach into sections. Values of "
+        "flags and --set are read as YAML: 3e-4, true, null, [1, 2]",
+    )
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -288,22 +330,8 @@ def add_config_arguments(
     """``--config`` (preset name or file), ``--set KEY=VALUE`` and one flag per scalar field of
     ``cls`` (``learning_rate`` -> ``--learning-rate``). Flags default to "not given", so the
     preset's values stay unless a flag is on the command line."""
-    kind = getattr(cls, "CONFIG_KIND", cls.__name__)
     if config_flag:
-        names = ", ".join(preset_names(kind)) or "none shipped"
-        parser.add_argument(
-            "--config",
-            help=f"preset name ({names}) or a YAML/JSON file of {cls.__name__} fields",
-        )
-        parser.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a value (applied last); dotted keys reach into sections. Values of "
-            "flags and --set are read as YAML: 3e-4, true, null, [1, 2]",
-        )
+        add_source_arguments(parser, getattr(cls, "CONFIG_KIND", cls.__name__), cls.__name__)
     hints = typing.get_type_hints(cls)
     defaults = {f.name: f for f in dataclasses.fields(cls)}
     for name, config_field in defaults.items():
