@@ -86,7 +86,7 @@ def test_zoo_config_loads_presets_files_and_dicts_through_the_same_loader(tmp_pa
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("tinyy", r"unknown pretraining preset 'tinyy': choose one of \['cnn', 'resnet18'"),
+        ("tinyy", r"unknown pretraining preset 'tinyy': choose one of \['cnn', 'cnn-s-cpu'"),
         ("no/such/run.yaml", "config file no/such/run.yaml does not exist"),
     ],
 )

@@ -292,23 +292,35 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def save_run_config(config: PretrainingConfig, checkpoint: Path | None) -> None:
-    """Write ``pretraining_config.yaml`` for a new run; a resume keeps the original and must
-    match it (`PretrainingConfig.changed_fields`) unless ``allow_config_change``, in which case
-    the changed config is kept beside it as ``pretraining_config.resume-<step>.yaml``."""
+def save_run_config(config: PretrainingConfig, checkpoint: Path | None, write: bool) -> None:
+    """Check a resume against the config its run was started with, and write
+    ``pretraining_config.yaml`` (when ``write``: on the main process; every process checks, so
+    all of them stop alike).
+
+    A new run writes its config. A resume keeps the original (of ``output_dir``, else of the
+    checkpoint's run) and must match it (`PretrainingConfig.changed_fields`) unless
+    ``allow_config_change``; then the changed config is kept beside the original as
+    ``pretraining_config.resume-<step>.yaml``.
+    """
     saved_file = Path(config.output_dir) / CONFIG_FILE
-    if checkpoint is None or not saved_file.is_file():
-        config.save(saved_file)
-        return
-    changed = config.changed_fields(yaml.safe_load(saved_file.read_text()) or {})
-    if not changed:
-        return
-    if not config.allow_config_change:
+    original = saved_file if saved_file.is_file() else None
+    if checkpoint is not None and original is None:
+        original = (
+            checkpoint.parent / CONFIG_FILE if (checkpoint.parent / CONFIG_FILE).is_file() else None
+        )
+    changed = []
+    if checkpoint is not None and original is not None:
+        changed = config.changed_fields(yaml.safe_load(original.read_text()) or {})
+    if changed and not config.allow_config_change:
         raise ValueError(
             f"resume from {checkpoint} with changed settings {changed} (the run's are in "
-            f"{saved_file}): resume with those, or pass --allow-config-change"
+            f"{original}): resume with those, or pass --allow-config-change"
         )
-    logger.warning(f"resuming with changed settings {changed} (allow_config_change)")
-    config.save(
-        saved_file.with_name(f"pretraining_config.resume-{checkpoint_step(checkpoint)}.yaml")
-    )
+    if not write:
+        return
+    if checkpoint is None or not saved_file.is_file():
+        config.save(saved_file)
+    if changed:
+        logger.warning(f"resuming with changed settings {changed} (allow_config_change)")
+        step = checkpoint_step(checkpoint)
+        config.save(saved_file.with_name(f"pretraining_config.resume-{step}.yaml"))

@@ -363,7 +363,7 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(config) if config.resume_from_checkpoint else None
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
-        save_run_config(config, checkpoint)
+    save_run_config(config, checkpoint, write=accelerator.is_main_process)
 
     # Data: the zoo's tokens on the device, windows and views built there.
     data = load_pretraining_data(config, accelerator)
