@@ -75,16 +75,16 @@ def test_hub_http_errors_name_the_repo_and_status():
     assert cli.error_line(KeyError("no column 'x'")) == "no column 'x'"
 
 
-def test_omp_wait_policy_is_passive_unless_the_user_chose():
-    code = (
-        "import os, sane_hf.cli as c; c.configure_threads(); print(os.environ['OMP_WAIT_POLICY'])"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_thread_settings_for_shared_machines_unless_the_user_chose():
+    code = "import os, sane_hf.cli as c; c.configure_threads(); "
+    code += "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    policy, threads = result.stdout.split()
+    assert policy == "PASSIVE" and 1 <= int(threads) <= len(os.sched_getaffinity(0))
+    env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.stdout.strip() == "ACTIVE"
+    assert result.stdout.split() == ["ACTIVE", "3"]
 
 
 def test_demo_help_gives_the_time_and_mentions_quick():

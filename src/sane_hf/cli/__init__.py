@@ -8,10 +8,11 @@ Errors, for every command alike (`main`): a user error (bad value, missing file,
 is one line on stderr and exit status 1; a usage error is argparse's message and exit status 2;
 the traceback only with ``--debug`` or ``SANE_HF_DEBUG=1``.
 
-Shared machines: before anything imports torch, `main` sets ``OMP_WAIT_POLICY=PASSIVE`` unless
-the user set it. OpenMP's default lets idle threads spin for their next task; next to other
+Shared machines: before anything imports torch, `main` sets ``OMP_WAIT_POLICY=PASSIVE`` and
+``OMP_NUM_THREADS`` (the CPUs not already busy by the load average), each unless the user set
+it. OpenMP's default lets idle threads spin for their next task, one per core; next to other
 busy processes the spinning threads took the CPU from the working ones and a one-minute demo
-took 6-8 minutes on a shared 2-core machine.
+took 6-8 minutes on a shared 2-core machine (1:05 with ``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeErro
 
 
 def configure_threads() -> None:
-    """Passive OpenMP waiting unless the user chose (must run before torch is imported)."""
+    """Thread settings for shared machines, each only where the user set nothing (must run
+    before torch is imported): passive OpenMP waiting, and as many threads as CPUs are free
+    (this process's CPUs minus the one-minute load average, at least one)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        os.environ["OMP_NUM_THREADS"] = str(max(1, min(cpus or 1, round((cpus or 1) - load))))
 
 
 def build_parser() -> argparse.ArgumentParser:
