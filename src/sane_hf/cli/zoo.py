@@ -148,7 +148,6 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
 
 def _run_zoo_build(args) -> int:
     from sane_hf.hub import push_zoo_dataset
-    from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE
     from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
     from sane_hf.zoo.statistics import format_zoo_statistics
 
@@ -157,7 +156,7 @@ def _run_zoo_build(args) -> int:
         return 2
     dataset = build_zoo_dataset(
         args.raw_zoo_dir,
-        tokensize=DEFAULT_TOKENSIZE if args.tokensize is None else args.tokensize,
+        **({} if args.tokensize is None else {"tokensize": args.tokensize}),
         include_norm=not args.no_norm_layers,
         align=not args.no_align,
         reference=args.reference,
