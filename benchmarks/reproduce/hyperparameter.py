@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.reproduce_common import (
+    CPU_PRETRAINING,
     GPU_PRETRAINING,
     RESULTS_DIR,
     device,
     parse_args,
-    pretraining,
     result_path,
     work_dir,
     write_results,
 )
 from sane_hf import ZooConfig
-from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
     TABLE1_PROPERTIES,
@@ -48,14 +48,14 @@ NUMERIC = ("lr", "weight_decay", "dropout")
 @dataclass
 class Scale:
     zoo: ZooConfig
-    pretraining: PretrainingConfig
+    pretraining: dict[str, Any]
 
 
 SCALES = {
     # 2-core CPU: 128 of the 256 grid points on digits, 8 epochs, a small SANE.
     "cpu": Scale(
         zoo=ZooConfig(dataset="digits", kind="hyperparameter", num_models=128, epochs=8),
-        pretraining=pretraining("cnn-s-cpu", num_epochs=60),
+        pretraining={**CPU_PRETRAINING, "num_epochs": 60},
     ),
     # The full grid with 4 seeds each (1,024 models) on the MNIST subset, 50 epochs, SANE `cnn`.
     "gpu": Scale(
@@ -83,7 +83,7 @@ def main() -> None:
         zoo_stage(scale.zoo, work / "zoo", result_path("hyperparameter", args.scale, "_zoo.png"))
     with log.stage("dataset", "building the zoo dataset"):
         zoo = build_dataset_stage(work / "zoo", work / "dataset")
-    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining.model})"):
+    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
         model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     with log.stage("probing", "probing for hyperparameters: SANE vs s(W) vs W"):
         report = probe_stage(
@@ -99,7 +99,7 @@ def main() -> None:
         "hyperparameter",
         args.scale,
         {
-            "setup": {"zoo": scale.zoo.to_dict(), "pretraining": scale.pretraining.to_dict()},
+            "setup": {"zoo": scale.zoo.to_dict(), "pretraining": scale.pretraining},
             "zoo_statistics": zoo.metadata.statistics,
             "pretraining": json.loads((work / "sane" / SUMMARY_FILE).read_text()),
             "probes": report.to_dict(),

@@ -31,17 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reproduce_common import (
-    GPU_RUN,
+    CPU_PRETRAINING,
+    GPU_PRETRAINING,
     RESULTS_DIR,
     device,
     parse_args,
-    pretraining,
     result_path,
     work_dir,
     write_results,
 )
 from sane_hf import ZooConfig
-from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
     SamplingMethod,
@@ -74,7 +73,7 @@ class Scale:
 
     zoo: ZooConfig
     pretrain_epochs: int  # SANE trains on the checkpoints of epochs 1..pretrain_epochs
-    pretraining: PretrainingConfig  # PretrainingConfig values (without dataset and output_dir)
+    pretraining: dict[str, Any]  # PretrainingConfig values (without dataset and output_dir)
     sampling: SamplingSettings
     table3_epochs: tuple[int, ...]  # fine-tuning epochs shown in Table 3
     mode_samples: int  # samples per KDE mode (accuracy at epoch 0)
@@ -85,7 +84,7 @@ SCALES = {
     "cpu": Scale(
         zoo=ZooConfig(dataset="mnist", num_models=100, epochs=12),
         pretrain_epochs=6,
-        pretraining=pretraining("cnn-s-cpu", num_epochs=150),
+        pretraining={**CPU_PRETRAINING, "num_epochs": 150},
         sampling=SamplingSettings(
             num_prompts=30,
             prompt_split="test",
@@ -105,12 +104,12 @@ SCALES = {
             dataset="mnist", num_models=1000, epochs=50, models_per_chunk=1000, device="cuda"
         ),
         pretrain_epochs=25,
-        pretraining=pretraining(
-            "cnn",
-            **{**GPU_RUN, "checkpointing_steps": 1500},
-            model={"windowsize": 48},
-            num_epochs=20,
-        ),
+        pretraining={
+            **GPU_PRETRAINING,
+            "model": {"preset": "cnn", "windowsize": 48},
+            "num_epochs": 20,
+            "checkpointing_steps": 1500,
+        },
         sampling=SamplingSettings(
             num_prompts=30,
             prompt_split="test",
@@ -126,7 +125,7 @@ SCALES = {
     "smoke": Scale(
         zoo=ZooConfig(dataset="mnist", num_models=12, epochs=2, device=device()),
         pretrain_epochs=2,
-        pretraining=pretraining("cnn-s-cpu", num_epochs=2, mixed_precision="bf16"),
+        pretraining={**CPU_PRETRAINING, "num_epochs": 2, "mixed_precision": "bf16"},
         sampling=SamplingSettings(
             num_prompts=2,
             prompt_split="test",
@@ -151,7 +150,7 @@ def mnist_zoo_and_sane(scale_name: str, work: Path, log: StageLog) -> tuple[ZooD
         zoo = build_dataset_stage(
             work / "zoo", work / "dataset", epochs=range(1, scale.pretrain_epochs + 1)
         )
-    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining.model})"):
+    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
         model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     return zoo, model
 
@@ -207,7 +206,7 @@ def main() -> None:
             "setup": {
                 "zoo": scale.zoo.to_dict(),
                 "pretrain_epochs": [1, prompt_epoch],
-                "pretraining": scale.pretraining.to_dict(),
+                "pretraining": scale.pretraining,
                 "sampling": dataclasses.asdict(scale.sampling),
                 "mode_samples": scale.mode_samples,
             },

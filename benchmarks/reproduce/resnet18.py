@@ -22,19 +22,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.reproduce_common import (
-    GPU_RUN,
     RESULTS_DIR,
     device,
     parse_args,
-    pretraining,
     result_path,
     work_dir,
     write_results,
 )
 from sane_hf import ZooConfig
-from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
     SamplingMethod,
@@ -56,7 +54,7 @@ RESNET_HYPERPARAMETERS = {"activation": "relu", "init": "default", "optimizer": 
 @dataclass
 class Scale:
     zoo: ZooConfig
-    pretraining: PretrainingConfig
+    pretraining: dict[str, Any]
     sampling: SamplingSettings
     both_finetune_epochs: int  # fine-tuning of the halo + BN variant (the others: epoch 0 only)
 
@@ -74,17 +72,17 @@ SCALES = {
             batch_size=32,
             hyperparameters=RESNET_HYPERPARAMETERS,
         ),
-        pretraining=PretrainingConfig(
-            model={"preset": "tiny", "windowsize": 64, "max_positions": [55_000, 128, 1024]},
-            epoch_size=4096,
-            num_epochs=8,
-            learning_rate=3e-3,
-            warmup_fraction=0.1,
-            checkpointing_steps=256,
-            checkpoints_total_limit=1,
-            logging_steps=64,
-            report_to="none",
-        ),
+        pretraining={
+            "model": {"preset": "tiny", "windowsize": 64, "max_positions": [55_000, 128, 1024]},
+            "epoch_size": 4096,
+            "num_epochs": 8,
+            "learning_rate": 3e-3,
+            "warmup_fraction": 0.1,
+            "checkpointing_steps": 256,
+            "checkpoints_total_limit": 1,
+            "logging_steps": 64,
+            "report_to": "none",
+        },
         sampling=SamplingSettings(num_prompts=5, num_samples=3, bn_batches=10, finetune_epochs=0),
         both_finetune_epochs=1,
     ),
@@ -102,12 +100,15 @@ SCALES = {
             models_per_chunk=25,
             device="cuda",
         ),
-        pretraining=pretraining(  # the resnet18 recipe: AdamW 1e-4, wd 3e-9, bf16
-            "resnet18",
-            **{**GPU_RUN, "checkpointing_steps": 1000},
-            epoch_size=65_536,
-            num_epochs=20,
-        ),
+        pretraining={  # the resnet18 preset's recipe (AdamW 1e-4, wd 3e-9, bf16) and run plumbing
+            "base": "resnet18",
+            "model": {"preset": "resnet18"},
+            "epoch_size": 65_536,
+            "num_epochs": 20,
+            "checkpointing_steps": 1000,
+            "checkpoints_total_limit": 1,
+            "report_to": "none",
+        },
         sampling=SamplingSettings(num_prompts=20, num_samples=10, bn_batches=10, finetune_epochs=0),
         both_finetune_epochs=5,
     ),
@@ -117,7 +118,7 @@ SCALES = {
 def ablation_variants(scale: Scale) -> dict[str, SamplingSettings]:
     """Plain windows (no context) vs halo windows of the same total length, with and without
     BatchNorm conditioning (paper: 10.0 / 14.5 / 60.8 / 64.8% at epoch 0 on CIFAR-10)."""
-    window = scale.pretraining.model.get("windowsize", 256)
+    window = scale.pretraining["model"].get("windowsize", 256)
     plain = {"window": window, "halo": 0}
     halo = {"window": window // 2, "halo": window // 4}
     return {
@@ -142,7 +143,7 @@ def main() -> None:
         print(
             f"    {zoo.metadata.layout.num_tokens} tokens in {zoo.metadata.layout.num_layers} layers"
         )
-    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining.model}) on windows"):
+    with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']}) on windows"):
         model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
     with log.stage("probing", "Table 1: SANE vs s(W) (halo-window embeddings)"):
         report = probe_stage(
@@ -171,7 +172,7 @@ def main() -> None:
         {
             "setup": {
                 "zoo": scale.zoo.to_dict(),
-                "pretraining": scale.pretraining.to_dict(),
+                "pretraining": scale.pretraining,
                 "sampling": {
                     name: dataclasses.asdict(s) for name, s in ablation_variants(scale).items()
                 },
