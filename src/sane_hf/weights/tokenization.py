@@ -51,11 +51,6 @@ import numpy
 import torch
 from torch import Tensor, nn
 
-# Values per token of the CNN zoos (32 * 9 + 1: a 3x3 kernel row of 32 channels and a bias), the
-# default of every tokenizer and zoo build. `SaneConfig` repeats it (its file is self-contained);
-# tests/test_config.py checks that the two agree.
-DEFAULT_TOKENSIZE = 289
-
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_KINDS = ("norm", "running_mean", "running_var")
 LAYOUT_FORMAT = "sane_hf.WeightLayout"
@@ -463,6 +458,12 @@ class _Source:
     layers: list[_Layer] = field(default_factory=list)  # names and members are full keys here
     kept: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+
+
+# Values per token of the CNN zoos (32 * 9 + 1: a 3x3 kernel row of 32 channels and a bias), the
+# default of every tokenizer and zoo build. `SaneConfig` repeats it (its file is self-contained);
+# tests/test_config.py checks that the two agree.
+DEFAULT_TOKENSIZE = 289
 
 
 class WeightTokenizer:
