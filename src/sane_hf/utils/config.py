@@ -24,6 +24,7 @@ This is the lowest layer: it imports nothing from sane_hf.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import re
@@ -125,7 +126,7 @@ def load_values(source: str | Path | Mapping[str, Any], kind: str) -> dict[str, 
     `build_config`, which knows each section's kind.
     """
     if isinstance(source, Mapping):
-        values = json.loads(json.dumps(dict(source)))  # a deep copy of plain data
+        values = copy.deepcopy(dict(source))
     else:
         text = str(source)
         is_file = isinstance(source, Path) or "/" in text or Path(text).suffix in _SUFFIXES
@@ -160,7 +161,7 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``key=value`` strings to a (nested) config dict; dotted keys reach into sections."""
-    values = json.loads(json.dumps(dict(values)))
+    values = copy.deepcopy(dict(values))
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
