@@ -23,43 +23,25 @@ import numpy as np
 import torch
 
 import sane_hf
+from sane_hf.utils.config import load_values
 
 RESULTS_DIR = Path(__file__).parent / "results"
 WORK_ROOT = Path(__file__).parent.parent / "outputs" / "reproduce"
 
-# SANE at GPU scale for CNN-s zoos: the `cnn` preset with the reference's recipe (sane-method.md
-# Sec. 3: AdamW 1e-4, wd 3e-9, OneCycle, 50 epochs), bf16.
+
+# The pretraining recipes are presets (sane_hf/presets/pretraining); the scripts take their
+# values as plain dicts (``{**CPU_PRETRAINING, "num_epochs": 150}``) and add run plumbing.
+# GPU scale for CNN-s zoos: the `cnn` preset (the reference's recipe, sane-method.md Sec. 3:
+# AdamW 1e-4, wd 3e-9, OneCycle, 50 epochs, bf16).
 GPU_PRETRAINING: dict[str, Any] = {
-    "model": {"preset": "cnn"},
-    "num_epochs": 50,
-    "learning_rate": 1e-4,
-    "weight_decay": 3e-9,
-    "mixed_precision": "bf16",
+    **load_values("cnn", "pretraining"),
     "checkpointing_steps": 2000,
     "checkpoints_total_limit": 1,
     "report_to": "none",
 }
-
-# SANE at CPU scale for CNN-s zoos: the tiny preset widened to what a 2-core CPU trains in about
-# ten minutes (d_model 64, 4+4 blocks), with the paper's latent size 128 (chosen over 32 on the
-# validation split of the MNIST zoo: probe R^2 0.910 / 0.953 vs 0.889 / 0.915 for accuracy /
-# epoch, reconstruction R^2 0.780 vs 0.657) and a 48-token window: a whole CNN-s network.
-CPU_PRETRAINING: dict[str, Any] = {
-    "model": {
-        "preset": "tiny",
-        "d_model": 64,
-        "n_heads": 4,
-        "n_layers": 4,
-        "latent_dim": 128,
-        "windowsize": 48,
-    },
-    "learning_rate": 1e-3,
-    "warmup_fraction": 0.1,
-    "checkpointing_steps": 500,
-    "checkpoints_total_limit": 1,
-    "logging_steps": 100,
-    "report_to": "none",
-}
+# CPU scale for CNN-s zoos: the `cnn-s-cpu` preset (tiny widened to d_model 64 and 4+4 blocks,
+# the paper's latent size 128, a 48-token window: a whole CNN-s network).
+CPU_PRETRAINING: dict[str, Any] = load_values("cnn-s-cpu", "pretraining")
 
 
 def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argparse.Namespace:

@@ -1,38 +1,42 @@
 """SANE pretraining end to end on a real tiny digits zoo (``tiny_digits_zoo``), on CPU."""
 
+import importlib
 import itertools
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from sane_hf import SaneModel, SaneProcessor, cli
+from sane_hf import ProbeHeads, SaneModel, SaneProcessor, cli
+from sane_hf.pretraining.config import PretrainingConfig, build_argument_parser, config_from_args
 from sane_hf.pretraining.loop import (
-    PretrainingConfig,
-    build_argument_parser,
     build_model_config,
-    config_from_args,
-    main,
     one_cycle_schedule,
     read_metrics,
     split_tokens,
 )
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
 
-REPO = Path(__file__).parents[1]
-TINY = REPO / "training" / "configs" / "tiny.yaml"
+
+def main(argv: list[str]) -> int:
+    """``sane-hf pretrain ARGV``, with errors raised (--debug) instead of printed."""
+    return cli.main(["--debug", "pretrain", *argv])
 
 
 def arguments(zoo: Path, output_dir: Path, *extra: str) -> list[str]:
     """The tiny preset, logging every step, without trackers (TensorBoard is tested once)."""
     return [
         "--config",
-        str(TINY),
+        "tiny",
         "--dataset",
         str(zoo),
         "--output-dir",
@@ -46,7 +50,9 @@ def arguments(zoo: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 def training_losses(output_dir: Path) -> dict[int, float]:
-    """Loss per step; a resumed run's entries replace those of the interrupted one."""
+    """Loss per step; every step appears once, also after a resume."""
+    steps = [m["step"] for m in read_metrics(output_dir) if "loss" in m]
+    assert len(steps) == len(set(steps)), f"repeated steps in metrics.jsonl: {steps}"
     return {m["step"]: m["loss"] for m in read_metrics(output_dir) if "loss" in m}
 
 
@@ -75,7 +81,7 @@ def test_config_sources_apply_in_order(tmp_path):
     assert config.weight_decay == 0.0 and isinstance(config.weight_decay, float)
     assert config.model == {"preset": "tiny", "d_model": 64, "n_layers": 3}
     assert config.adam_betas == [0.9, 1.0]
-    assert parse("--config", str(TINY)).model["preset"] == "tiny"
+    assert parse("--config", "tiny").model["preset"] == "tiny"  # a preset by name
 
 
 @pytest.mark.parametrize(
@@ -83,8 +89,8 @@ def test_config_sources_apply_in_order(tmp_path):
     [("cnn", 289, (1024, 8, 8, 64, 128)), ("resnet18", 288, (2048, 8, 16, 256, 128))],
 )
 def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
-    config = parse("--config", str(REPO / "training" / "configs" / f"{preset}.yaml"))
-    model = build_model_config(config.model, tokensize)
+    config = parse("--config", preset)
+    model = build_model_config(config, tokensize)
     assert (model.d_model, model.n_layers, model.n_heads, model.windowsize, model.latent_dim) == (
         model_shape
     )
@@ -105,7 +111,7 @@ def test_reference_presets_match_the_paper(preset, tokensize, model_shape):
 )
 def test_config_errors_name_the_problem(argv, message):
     with pytest.raises(ValueError, match=message):
-        parse("--config", str(TINY), *argv)
+        parse("--config", "tiny", *argv)
 
 
 def test_float16_zoos_stay_float16_in_memory(tiny_digits_zoo):
@@ -146,11 +152,15 @@ def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_pat
     assert processor.normalization.to_dict() == zoo_metadata["normalization"]
     assert processor.reference is not None and processor.architecture == "cnn_s"
     assert processor.max_positions == list(model.config.max_positions)
+    # ... and probe heads fitted on the zoo, whose test scores the card reports
+    heads = ProbeHeads.from_pretrained(output_dir)
+    assert {"test_acc", "epoch"} <= set(heads.names)
 
     # The fake Hub checks our use of the client, not the real upload path.
     pushed = fake_hub.repo_files("user/sane")
     assert {"config.json", "model.safetensors", "sane_zoo.json", "README.md"} <= set(pushed)
     assert {"preprocessor_config.json", "alignment_reference.safetensors"} <= set(pushed)
+    assert {"probe_heads.json", "probe_heads.safetensors"} <= set(pushed)
     assert pushed["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "pretraining_config.yaml" in pushed
     assert (output_dir / "checkpoint-30").is_dir()
@@ -190,9 +200,9 @@ def test_compiled_run_saves_a_model_and_checkpoints_that_load_plainly(tiny_digit
 
 
 def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
-    """``training/pretrain.py`` in two CPU processes (torchrun, gloo); returns the summary."""
+    """``python -m sane_hf pretrain`` in two CPU processes (torchrun, gloo); returns the summary."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    command += ["2", str(REPO / "training" / "pretrain.py"), *arguments(zoo, output_dir, *extra)]
+    command += ["2", "-m", "sane_hf", "pretrain", *arguments(zoo, output_dir, *extra)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,7 +272,126 @@ def test_schedule_of_a_warmup_of_one_step_or_less_starts_at_the_peak(total_steps
 
 
 def test_warmup_fraction_must_lie_in_zero_to_one():
-    assert parse("--config", str(TINY), "--warmup-fraction", "0").warmup_fraction == 0.0
+    assert parse("--config", "tiny", "--warmup-fraction", "0").warmup_fraction == 0.0
     for value in ("1", "-0.1"):
         with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\), got"):
-            parse("--config", str(TINY), "--warmup-fraction", value)
+            parse("--config", "tiny", "--warmup-fraction", value)
+
+
+# Nothing lost (issue 13 item 3): atomic checkpoints, ``latest`` = the newest complete one,
+# metrics without repeated steps, resumes refused on a changed config, the run saved before the
+# push.
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The CLI's error lines (progress bars also go to stderr)."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("sane-hf")]
+
+
+def test_latest_skips_incomplete_checkpoints_and_metrics_continue(tiny_digits_zoo, tmp_path):
+    common = ["--max-steps", "5", "--checkpointing-steps", "1"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(arguments(tiny_digits_zoo, reference, *common)) == 0
+    assert main(arguments(tiny_digits_zoo, run, *common, "--stop-at-step", "4")) == 0
+    # A save killed by an older version (files missing) and one killed now (a .partial folder).
+    (run / "checkpoint-4" / "optimizer.safetensors").unlink()
+    (run / "checkpoint-5.partial").mkdir()
+    resume = arguments(tiny_digits_zoo, run, *common, "--resume-from-checkpoint", "latest")
+    assert main(resume) == 0
+
+    # resumed at step 3: the losses of the uninterrupted run, steps 4 and 5 logged once
+    assert training_losses(run) == training_losses(reference)
+    # tiny keeps two checkpoints; the killed save's .partial folder became checkpoint-5
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_a_resume_with_a_changed_config_is_refused_unless_allowed(
+    tiny_digits_zoo, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    first = [
+        "pretrain",
+        *arguments(tiny_digits_zoo, run, "--max-steps", "4", "--checkpointing-steps", "2"),
+    ]
+    assert cli.main([*first, "--stop-at-step", "2"]) == 0
+    saved = (run / "pretraining_config.yaml").read_text()
+    capsys.readouterr()
+
+    changed = [*first, "--batch-size", "4", "--learning-rate", "1e-3"]
+    assert cli.main([*changed, "--resume-from-checkpoint", "latest"]) == 1
+    [error] = error_lines(capsys.readouterr().err)
+    assert "changed settings ['batch_size', 'learning_rate']" in error
+    assert "--allow-config-change" in error
+    assert (run / "pretraining_config.yaml").read_text() == saved
+
+    # The same settings with another stop/logging plan are a plain resume.
+    assert cli.main([*first, "--resume-from-checkpoint", "latest", "--logging-steps", "2"]) == 0
+    assert (run / "pretraining_config.yaml").read_text() == saved
+
+    allowed = [*changed, "--resume-from-checkpoint", str(run / "checkpoint-2")]
+    assert cli.main([*allowed, "--allow-config-change"]) == 0
+    assert (run / "pretraining_config.yaml").read_text() == saved  # the original is kept
+    resumed = yaml.safe_load((run / "pretraining_config.resume-2.yaml").read_text())
+    assert resumed["batch_size"] == 4
+
+
+def test_a_failed_push_is_one_line_after_everything_is_saved(
+    tiny_digits_zoo, tmp_path, capsys, monkeypatch
+):
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # httpx (huggingface_hub 1.x) or httpx2 (2.x): the package of the client's responses
+    http = importlib.import_module(huggingface_hub.errors.Response.__module__.split(".")[0])
+    request = http.Request("POST", "https://huggingface.co/api/repos/create")
+
+    def refuse(self, repo_id, **kwargs):
+        response = http.Response(401, request=request)
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    run = tmp_path / "run"
+    argv = ["pretrain", *arguments(tiny_digits_zoo, run, "--max-steps", "2", "--push-to-hub")]
+    assert cli.main([*argv, "--hub-model-id", "user/sane"]) == 1
+    [error] = error_lines(capsys.readouterr().err)
+    assert "user/sane failed: HTTP 401" in error and "sane-hf push" in error
+    for name in ("model.safetensors", "config.json", "sane_zoo.json", "training_summary.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "training_summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_latest_resumes_to_the_uninterrupted_result(
+    tiny_digits_zoo, tmp_path
+):
+    """Kill -9 three times at random points of a checkpoint-every-step run; each resume picks
+    a complete checkpoint and the final losses equal those of an uninterrupted run."""
+    common = ["--max-steps", "40", "--checkpointing-steps", "1", "--checkpoints-total-limit", "2"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(arguments(tiny_digits_zoo, reference, *common)) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "sane_hf",
+        "pretrain",
+        *arguments(tiny_digits_zoo, run, *common),
+    ]
+    rng = random.Random(0)
+    for _ in range(3):
+        resume = ["--resume-from-checkpoint", "latest"] if list(run.glob("checkpoint-*")) else []
+        process = subprocess.Popen([*command, *resume], env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    resume = ["--resume-from-checkpoint", "latest"] if list(run.glob("checkpoint-*")) else []
+    result = subprocess.run(
+        [*command, *resume], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert training_losses(run) == training_losses(reference)

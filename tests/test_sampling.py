@@ -328,14 +328,30 @@ def test_cli_sample_writes_networks_novelty_and_evaluation(zoo, sane, tmp_path, 
     argv += ["--window", "8", "--halo", "4", "--score-samples", "50"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "from scratch" in printed and "nearest-neighbour" in printed
-    summary = json.loads((output / "summary.json").read_text())
-    assert len(summary["scores"]) == 2 and len(summary["novelty"]["sample_distances"]) == 2
-    assert summary["evaluation"]["epochs"] == [0, 1]
-    files = sorted((output / "samples").iterdir())
-    assert len(files) == 2
-    synthetic_template().load_state_dict(load_file(files[0]), strict=True)
-    assert (output / "evaluation.png").stat().st_size > 0
+    assert "from scratch" in printed and "novelty" in printed
+    results = json.loads((output / "sampling.json").read_text())
+    assert results["evaluation"]["epochs"] == [0, 1]
+    groups = ["SANE kde (shared)", "SANE subsampled (shared)", "from scratch"]
+    assert list(results["evaluation"]["accuracy"]) == groups
+    assert set(results["novelty"]) == set(groups[:2])  # the same numbers as the demo's
+    for method in ("sane-kde-shared", "sane-subsampled-shared"):
+        files = sorted((output / "samples" / method).iterdir())
+        assert len(files) == 2
+        synthetic_template().load_state_dict(load_file(files[0]), strict=True)
+    assert (output / "sampling.png").stat().st_size > 0
+
+
+def test_cli_sample_with_more_prompts_than_the_zoo_has_uses_all_and_says_so(
+    zoo, sane, tmp_path, capsys
+):
+    sane.save_pretrained(tmp_path / "sane")
+    save_zoo_dataset(zoo, tmp_path / "zoo")
+    available = sum(1 for epoch in zoo["train"]["epoch"] if epoch == max(zoo["train"]["epoch"]))
+    argv = ["sample", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
+    argv += ["--output-dir", str(tmp_path / "out"), "--num-samples", "1", "--methods", "kde"]
+    argv += ["--prompt-metric", "train_acc", "--finetune-epochs", "0", "--num-prompts", "500"]
+    assert main(argv) == 0
+    assert f"500 prompts asked for, the train split has {available}" in capsys.readouterr().out
 
 
 def write_permuted_copy(raw_zoo, root):
@@ -360,9 +376,11 @@ def test_cli_sample_aligns_prompts_from_another_zoo_to_the_training_zoo(sane, tm
     def sample(output_dir, *prompt_dataset):
         argv = ["sample", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
         argv += ["--output-dir", str(output_dir), "--num-samples", "3", "--bandwidth", "0"]
-        argv += ["--num-prompts", "2", "--prompt-metric", "train_acc", "--finetune-epochs", "-1"]
+        argv += ["--num-prompts", "2", "--prompt-metric", "train_acc", "--finetune-epochs", "0"]
+        argv += ["--methods", "kde"]
         assert main([*argv, *prompt_dataset]) == 0
-        return [load_file(file) for file in sorted((output_dir / "samples").iterdir())]
+        folder = output_dir / "samples" / "sane-kde-shared"
+        return [load_file(file) for file in sorted(folder.iterdir())]
 
     # The same networks in another unit order, from a zoo normalized with its own statistics,
     # are aligned to the training zoo's reference: the same prompts as the zoo's own rows.

@@ -350,13 +350,15 @@ def test_an_unauthorized_push_is_one_line_naming_repo_and_status(two_builds, fak
         push_zoo_dataset(two_builds[0], "fake-user/denied")
 
 
-def test_cli_build_keeps_the_dataset_when_the_push_fails(fake_hub, monkeypatch, tmp_path):
+def test_cli_build_keeps_the_dataset_when_the_push_fails(fake_hub, monkeypatch, tmp_path, capsys):
     raw = small_raw_zoo(tmp_path / "raw")
     monkeypatch.chdir(tmp_path)
     _fail(fake_hub, monkeypatch, "_commit", 500)
     argv = ["zoo", "build", str(raw), "--push-to-hub", "fake-user/lost", "--no-align"]
-    with pytest.raises(HubError, match="the built dataset is kept in lost-zoo-dataset"):
-        main([*argv, "--tokensize", str(TOKENSIZE), "--no-progress"])
+    assert main([*argv, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert "fake-user/lost failed: HTTP 500" in error
+    assert "the built dataset is kept in lost-zoo-dataset" in error
     assert load_zoo_dataset(tmp_path / "lost-zoo-dataset").metadata.layout.tokensize == TOKENSIZE
 
 

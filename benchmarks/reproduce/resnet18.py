@@ -100,13 +100,11 @@ SCALES = {
             models_per_chunk=25,
             device="cuda",
         ),
-        pretraining={
+        pretraining={  # the resnet18 preset's recipe (AdamW 1e-4, wd 3e-9, bf16) and run plumbing
+            "base": "resnet18",
             "model": {"preset": "resnet18"},
             "epoch_size": 65_536,
             "num_epochs": 20,
-            "learning_rate": 1e-4,
-            "weight_decay": 3e-9,
-            "mixed_precision": "bf16",
             "checkpointing_steps": 1000,
             "checkpoints_total_limit": 1,
             "report_to": "none",

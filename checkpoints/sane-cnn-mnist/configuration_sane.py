@@ -111,6 +111,9 @@ class SaneConfig(PreTrainedConfig):
                 "max_positions must be three positive table sizes (global, layer, row), "
                 f"got {self.max_positions}"
             )
+        for name in ("tokensize", "d_model", "n_heads", "n_layers", "latent_dim", "windowsize"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.d_model % 2 or self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model must be even and divisible by n_heads, got d_model={self.d_model}, "

@@ -2,7 +2,8 @@
 
 The package follows the data: ``weights`` (tokens, normalization, alignment) -> ``zoo`` (training,
 import, datasets) -> ``models`` (SaneConfig, SaneModel) -> ``hub`` -> ``pretraining`` ->
-``downstream`` (embeddings, probes, sampling) -> ``recipes`` (experiments, demo) -> ``cli``.
+``downstream`` (embeddings, probes, sampling) -> ``recipes`` (experiments, demo) -> ``cli``,
+all on top of ``utils`` (the one config mechanism; presets ship in ``sane_hf/presets``).
 Lower layers never import higher ones (an import-linter contract in pyproject.toml checks it).
 
 The public API is re-exported here lazily, as transformers and timm do: ``import sane_hf``
@@ -94,12 +95,14 @@ _PUBLIC_API: dict[str, list[str]] = {
         "select_prompts",
     ],
     "downstream.evaluation": ["SampleEvaluation", "evaluate_samples", "scratch_models"],
+    "recipes.pretraining": ["pretrain_with_probe_heads"],
     "recipes.experiments": [
         "SamplingMethod",
         "SamplingResults",
         "SamplingSettings",
         "compare_sampling",
     ],
+    "recipes.sampling": ["sample_networks"],
     "recipes.demo": ["DemoConfig", "run_demo"],
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC_API.items() for name in names}
@@ -174,6 +177,8 @@ if TYPE_CHECKING:
         SamplingSettings,
         compare_sampling,
     )
+    from sane_hf.recipes.pretraining import pretrain_with_probe_heads
+    from sane_hf.recipes.sampling import sample_networks
     from sane_hf.weights.alignment import (
         AlignmentResult,
         PermutationSpec,

@@ -238,7 +238,7 @@ def push_folder(
             f"{folder} is neither a SANE model folder (config.json from save_pretrained) nor a "
             f"zoo dataset folder ({DATASET_METADATA_FILE} and dataset_dict.json from save_zoo_dataset)"
         )
-    card = _card_for_repo(folder, repo_id)
+    card = folder_model_card(folder, repo_id)
     operations = [
         CommitOperationAdd(file.relative_to(folder).as_posix(), str(file))
         for file in sorted(folder.rglob("*"))
@@ -263,8 +263,9 @@ def _pushed(relative: Path) -> bool:
     )
 
 
-def _card_for_repo(folder: Path, repo_id: str) -> ModelCard:
-    """The folder's card re-rendered for ``repo_id``: its results plus the probe heads' scores."""
+def folder_model_card(folder: Path, repo_id: str) -> ModelCard:
+    """The card of a saved model folder, rendered for ``repo_id`` (a Hub id, or the folder itself):
+    the folder card's results plus the probe heads' test scores."""
     config = SaneConfig.from_pretrained(folder)
     metrics, sections = {}, {}
     if (folder / "README.md").is_file():
@@ -455,6 +456,7 @@ __all__ = [
     "MODEL_TAGS",
     "HubError",
     "build_model_card",
+    "folder_model_card",
     "push_folder",
     "push_model_to_hub",
     "push_zoo_dataset",

@@ -1,38 +1,42 @@
-"""`sane-hf pretrain`: the Accelerate pretraining script."""
+"""`sane-hf pretrain`: SANE pretraining with Accelerate, then the probe heads that ship with the model
+(`sane_hf.recipes.pretraining.pretrain_with_probe_heads`)."""
 
 from __future__ import annotations
 
 import json
 
-_COMMANDS: list = []
-
-
-def _add_pretrain_command(subparsers) -> None:
-    from sane_hf.pretraining.loop import build_argument_parser
-
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="pretrain SANE on a zoo dataset (Accelerate; YAML config + overrides)",
-        description="Pretrain SANE on a zoo dataset: --config YAML (training/configs/*.yaml), "
-        "then plain flags (--learning-rate 3e-4), then --set key=value (--set model.d_model=64). "
-        "For several GPUs: accelerate launch training/pretrain.py with the same arguments.",
-    )
-    build_argument_parser(parser)
-    parser.set_defaults(func=_run_pretrain)
-
-
-def _run_pretrain(args) -> int:
-    from sane_hf.pretraining.loop import run
-
-    summary = run(args)
-    print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
-    return 0
-
-
-_COMMANDS.append(_add_pretrain_command)
+from sane_hf.utils.config import add_config_arguments, preset_names
 
 
 def register(subparsers) -> None:
     """Add this module's commands to the `sane-hf` parser."""
-    for add_command in _COMMANDS:
-        add_command(subparsers)
+    from sane_hf.pretraining.config import PretrainingConfig
+
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain SANE on a zoo dataset (Accelerate; preset or YAML + flags + --set)",
+        description="Pretrain SANE on a zoo dataset. Values come from --config (a preset: "
+        f"{', '.join(preset_names('pretraining'))}; or a YAML/JSON file), then the flags "
+        "(--learning-rate 3e-4), then --set key=value (--set model.d_model=64). Resume a killed "
+        "run with --resume-from-checkpoint latest. For several GPUs: accelerate launch -m "
+        "sane_hf pretrain with the same arguments.",
+    )
+    add_config_arguments(parser, PretrainingConfig)
+    parser.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    import logging
+
+    from sane_hf.pretraining.config import PretrainingConfig
+    from sane_hf.recipes.pretraining import pretrain_with_probe_heads
+    from sane_hf.utils.config import config_from_args
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO,
+    )
+    summary = pretrain_with_probe_heads(config_from_args(PretrainingConfig, args))
+    print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
+    return 0

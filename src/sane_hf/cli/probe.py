@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sane_hf.cli.common import add_window_arguments, device_argument
+from sane_hf.cli.common import add_window_arguments, check_sources, device_argument
 
 _COMMANDS: list = []
 
@@ -46,7 +46,8 @@ def _run_probe(args) -> int:
     from sane_hf.zoo.dataset import load_zoo_dataset
 
     if args.plot and not args.output_dir:
-        raise SystemExit("error: --plot needs --output-dir")
+        raise ValueError("--plot needs --output-dir")
+    check_sources(model=args.model, dataset=args.dataset)
     model = SaneEncoderModel.from_pretrained(args.model).to(device_argument(args))
     zoo = load_zoo_dataset(args.dataset)
     report = probe_zoo(

@@ -140,7 +140,7 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
     parser.add_argument("--output", help="directory to save the dataset to")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push it to this dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--tokensize", type=int, default=289, help="values per token (default 289)")
+    parser.add_argument("--tokensize", type=int, help="values per token (default 289)")
     parser.add_argument("--no-norm-layers", action="store_true", help="leave BatchNorm out")
     parser.add_argument("--no-align", action="store_true", help="skip weight-matching alignment")
     parser.add_argument("--reference", help="model id of the alignment reference")
@@ -175,7 +175,7 @@ def _run_zoo_build(args) -> int:
         return 2
     dataset = build_zoo_dataset(
         args.raw_zoo_dir,
-        tokensize=args.tokensize,
+        **({} if args.tokensize is None else {"tokensize": args.tokensize}),
         include_norm=not args.no_norm_layers,
         align=not args.no_align,
         reference=args.reference,

@@ -12,6 +12,11 @@ Accelerate's ``save_state`` writes the optimizer, the schedule and the RNG state
 - ``rng_state_<rank>.safetensors`` and ``rng_state_<rank>.json``: each process's torch
   generator states (CPU and CUDA; dropout draws from them), and Python's and NumPy's.
 
+The folders of a run: ``checkpoint-<step>/``, written as ``checkpoint-<step>.partial/`` and
+renamed when complete, so a kill leaves no half checkpoint under the final name; `resolve_checkpoint`
+picks the newest complete one for ``latest``. `save_run_config` keeps a resumed run on the config
+it was started with.
+
 Model and optimizer go through ``torch.distributed.checkpoint``'s full state dicts, keyed by
 parameter name: one process, DDP and FSDP write the same files (FSDP gathers the shards onto the
 main process, which writes them), and every process reads them back.
@@ -22,12 +27,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,6 +44,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from sane_hf.pretraining.config import PretrainingConfig
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"
+CONFIG_FILE = "pretraining_config.yaml"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
 OPTIMIZER_FILE = "optimizer.json"
@@ -202,3 +217,110 @@ def load_training_state(
         accelerator.scaler.load_state_dict(scaler)
     set_rng_state(load_file(tensors_file), json.loads(json_file.read_text()))
     return state
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder holds every file the main process writes (and rank 0's RNG)."""
+    folder = Path(folder)
+    needed = (MODEL_FILE, OPTIMIZER_TENSORS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE)
+    return all((folder / name).is_file() for name in (*needed, *map(str, _rng_files(Path(), 0))))
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
+    name = Path(path).name
+    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX) :].isdigit():
+        raise ValueError(f"{path} is not a checkpoint folder (expected {CHECKPOINT_PREFIX}<step>)")
+    return int(name[len(CHECKPOINT_PREFIX) :])
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (temporary ``.partial`` folders excluded)."""
+    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+    return sorted(
+        (f for f in folders if f.name[len(CHECKPOINT_PREFIX) :].isdigit()), key=checkpoint_step
+    )
+
+
+def resolve_checkpoint(config: PretrainingConfig) -> Path:
+    """The folder ``resume_from_checkpoint`` points to (``latest``: the newest complete one in
+    output_dir; incomplete ones, e.g. of a run killed by an older version, are skipped with a
+    warning)."""
+    if config.resume_from_checkpoint != "latest":
+        path = Path(config.resume_from_checkpoint)
+        checkpoint_step(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint folder at {path}")
+        if not checkpoint_is_complete(path):
+            raise ValueError(f"resume_from_checkpoint: {path} is incomplete (a killed save)")
+        return path
+    for checkpoint in reversed(list_checkpoints(config.output_dir)):
+        if checkpoint_is_complete(checkpoint):
+            return checkpoint
+        logger.warning(f"skipping the incomplete checkpoint {checkpoint} (a killed save)")
+    raise FileNotFoundError(
+        f"resume_from_checkpoint=latest: no complete checkpoint in {config.output_dir}"
+    )
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    config: PretrainingConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> None:
+    """Training state at ``step`` to ``output_dir/checkpoint-<step>``, dropping the oldest beyond
+    ``checkpoints_total_limit``.
+
+    Every process writes into ``checkpoint-<step>.partial``; the main process renames it once
+    all files are there, so a kill at any point leaves either no checkpoint or a whole one.
+    """
+    folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
+    accelerator.wait_for_everyone()
+    save_training_state(partial, accelerator, model, optimizer, scheduler, {"step": step})
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)  # a checkpoint of a run resumed before it
+        partial.rename(folder)
+        if config.checkpoints_total_limit:
+            for old in list_checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_run_config(config: PretrainingConfig, checkpoint: Path | None, write: bool) -> None:
+    """Check a resume against the config its run was started with, and write
+    ``pretraining_config.yaml`` (when ``write``: on the main process; every process checks, so
+    all of them stop alike).
+
+    A new run writes its config. A resume keeps the original (of ``output_dir``, else of the
+    checkpoint's run) and must match it (`PretrainingConfig.changed_fields`) unless
+    ``allow_config_change``; then the changed config is kept beside the original as
+    ``pretraining_config.resume-<step>.yaml``.
+    """
+    saved_file = Path(config.output_dir) / CONFIG_FILE
+    original = saved_file if saved_file.is_file() else None
+    if checkpoint is not None and original is None:
+        original = (
+            checkpoint.parent / CONFIG_FILE if (checkpoint.parent / CONFIG_FILE).is_file() else None
+        )
+    changed = []
+    if checkpoint is not None and original is not None:
+        changed = config.changed_fields(yaml.safe_load(original.read_text()) or {})
+    if changed and not config.allow_config_change:
+        raise ValueError(
+            f"resume from {checkpoint} with changed settings {changed} (the run's are in "
+            f"{original}): resume with those, or pass --allow-config-change"
+        )
+    if not write:
+        return
+    if checkpoint is None or not saved_file.is_file():
+        config.save(saved_file)
+    if changed:
+        logger.warning(f"resuming with changed settings {changed} (allow_config_change)")
+        step = checkpoint_step(checkpoint)
+        config.save(saved_file.with_name(f"pretraining_config.resume-{step}.yaml"))

@@ -5,40 +5,41 @@ model, the optimizer and the schedule, ``prepare``, resume, train (validating ev
 
 Usage::
 
-    python training/pretrain.py --config training/configs/tiny.yaml --dataset ZOO --output-dir OUT
-    sane-hf pretrain --config training/configs/tiny.yaml --dataset ZOO --set learning_rate=3e-4
-    accelerate launch --multi_gpu --num_processes 8 training/pretrain.py --config training/configs/cnn.yaml ...
-    accelerate launch --config_file training/configs/accelerate_fsdp.yaml training/pretrain.py ...
+    sane-hf pretrain --config tiny --dataset ZOO --output-dir OUT --set learning_rate=3e-4
+    accelerate launch --multi_gpu --num_processes 8 -m sane_hf pretrain --config cnn ...
+    accelerate launch --config_file scripts/accelerate_fsdp.yaml -m sane_hf pretrain ...
 
-Configuration: a YAML file of ``PretrainingConfig`` fields, whose ``model`` section names a
-``SaneConfig`` preset and overrides of its fields. Later sources win: the YAML file, then plain
-flags (one per top-level field: ``--learning-rate 3e-4``, ``--max-steps 100``), then
-``--set key=value`` (dotted keys reach into ``model``: ``--set model.d_model=64``). Values are
-parsed as YAML 1.2 (``1e-3`` is a float, ``[64, 8, 32]`` a list, ``null`` is None).
+Configuration: `PretrainingConfig`, loaded like every sane-hf config (`sane_hf.utils.config`):
+a preset name (``tiny``, ``cnn``, ``resnet18``) or YAML file, then plain flags (one per field:
+``--learning-rate 3e-4``, ``--max-steps 100``), then ``--set key=value`` (dotted keys reach
+into ``model``, the ``SaneConfig`` preset and overrides of its fields: ``--set
+model.d_model=64``).
 
 Exact resumption: every random choice of a batch (checkpoints, windows, permutations, noise,
 erasing) is derived from ``(seed, epoch, batch, rank)``, and a checkpoint keeps model,
 optimizer, schedule and the global RNGs (dropout). A run stopped after any checkpoint and
 resumed with ``--resume-from-checkpoint latest`` (same config, same number of processes) logs
 the same losses as an uninterrupted run. Checkpoint folders hold no pickle: tensors are
-safetensors, the rest JSON (``sane_hf.pretraining.checkpointing``).
+safetensors, the rest JSON (``sane_hf.pretraining.checkpointing``). They are written into a
+temporary folder and renamed when complete, so ``latest`` never meets a half-written one (an
+incomplete folder is skipped with a warning). A resume keeps ``metrics.jsonl`` free of repeated
+steps, keeps the original ``pretraining_config.yaml``, and is refused when the training
+settings changed (batch size, learning rate, max_steps, ...) unless ``allow_config_change``.
 
 Output folder: ``pretraining_config.yaml``, ``metrics.jsonl`` (training loss terms, learning
 rate, steps/s, tokens/s, the fraction of a measured step spent waiting for data; validation MSE
 and R^2 every epoch), tracker logs (``sane-pretraining/`` for TensorBoard),
 ``checkpoint-<step>/``, and at the end the model (``save_pretrained``: weights, config, remote
 code, model card), ``sane_zoo.json`` (the zoo's layout and normalization, which embedding and
-sampling need) and ``training_summary.json``.
+sampling need) and ``training_summary.json``, all written before the push (``push_to_hub``), so
+a failed upload loses nothing and is retried with ``sane-hf push``.
 """
 
-import argparse
 import json
-import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,25 +51,23 @@ from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object, set_seed
 from datasets import Dataset
-from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 
-from sane_hf.hub import save_model_card
+from sane_hf.hub import HubError, push_folder, save_model_card
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.pretraining.augmentation import TokenPermutation, WindowBatch, WindowSampler
+from sane_hf.pretraining.checkpointing import CONFIG_FILE as CONFIG_FILE
 from sane_hf.pretraining.checkpointing import (
     full_model_state_dict,
     load_training_state,
     plain_model,
-    save_training_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_run_config,
 )
-from sane_hf.pretraining.config import (
-    PretrainingConfig,
-    build_argument_parser,
-    config_from_args,
-)
+from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.weights.alignment import PermutationSpec
 from sane_hf.weights.tokenization import WeightLayout
 from sane_hf.zoo.dataset import ZooMetadata, load_zoo_dataset
@@ -76,25 +75,22 @@ from sane_hf.zoo.formats import DATASET_METADATA_FILE as ZOO_METADATA_FILE
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "training_summary.json"
-CONFIG_FILE = "pretraining_config.yaml"
 
 
 def build_model_config(
-    model_section: dict[str, Any], tokensize: int, zoo_dataset: str | None = None
+    config: PretrainingConfig, tokensize: int, zoo_dataset: str | None = None
 ) -> SaneConfig:
     """``SaneConfig`` of the ``model`` section; the token size comes from the zoo, and so does
     ``zoo_dataset`` (its Hub id, for the model card) unless the section sets it."""
-    overrides = {"zoo_dataset": zoo_dataset, **model_section}
-    preset = overrides.pop("preset")
-    if overrides.setdefault("tokensize", tokensize) != tokensize:
+    if config.model.get("tokensize", tokensize) != tokensize:
         raise ValueError(
-            f"model.tokensize={overrides['tokensize']} but the zoo's tokens have {tokensize} "
+            f"model.tokensize={config.model['tokensize']} but the zoo's tokens have {tokensize} "
             "values: leave model.tokensize unset"
         )
-    return SaneConfig.from_preset(preset, **overrides)
+    defaults = {"zoo_dataset": zoo_dataset, "tokensize": tokensize}
+    return config.model_config(**{k: v for k, v in defaults.items() if k not in config.model})
 
 
 def check_positions_fit(model_config: SaneConfig, positions: torch.Tensor) -> None:
@@ -239,61 +235,19 @@ def evaluate(
     return {"val_mse": squared_error / count, "val_r2": 1 - squared_error / variance_sum}
 
 
-def checkpoint_step(path: str | os.PathLike) -> int:
-    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
-    name = Path(path).name
-    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX) :].isdigit():
-        raise ValueError(f"{path} is not a checkpoint folder (expected {CHECKPOINT_PREFIX}<step>)")
-    return int(name[len(CHECKPOINT_PREFIX) :])
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders of a run, oldest first."""
-    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-    return sorted(
-        (f for f in folders if f.name[len(CHECKPOINT_PREFIX) :].isdigit()), key=checkpoint_step
-    )
-
-
-def resolve_checkpoint(config: PretrainingConfig) -> Path:
-    """The folder ``resume_from_checkpoint`` points to (``latest``: the newest in output_dir)."""
-    if config.resume_from_checkpoint != "latest":
-        path = Path(config.resume_from_checkpoint)
-        checkpoint_step(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint folder at {path}")
-        return path
-    checkpoints = list_checkpoints(config.output_dir)
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=latest: no checkpoint in {config.output_dir}"
-        )
-    return checkpoints[-1]
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    config: PretrainingConfig,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    step: int,
-) -> None:
-    """Training state at ``step`` to ``output_dir/checkpoint-<step>``, dropping the oldest beyond
-    ``checkpoints_total_limit``."""
-    folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    save_training_state(folder, accelerator, model, optimizer, scheduler, {"step": step})
-    if accelerator.is_main_process and config.checkpoints_total_limit:
-        for old in list_checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
-            shutil.rmtree(old)
-
-
 class MetricsLog:
-    """Metrics to the Accelerate trackers and, from the main process, to ``metrics.jsonl``."""
+    """Metrics to the Accelerate trackers and, from the main process, to ``metrics.jsonl``.
 
-    def __init__(self, accelerator: Accelerator, output_dir: str):
+    A run starting at ``start_step`` first drops the lines of later steps (logged by a run that
+    was killed after its last checkpoint), so a resumed run's file has every step once.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: str, start_step: int = 0):
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS_FILE
+        if accelerator.is_main_process and self.path.is_file():
+            kept = [line for line in _metric_lines(self.path) if line["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.accelerator.log(metrics, step=step)
@@ -303,9 +257,19 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The lines of a run's ``metrics.jsonl`` (a resumed run appends to it)."""
-    with open(Path(output_dir) / METRICS_FILE) as file:
-        return [json.loads(line) for line in file]
+    """The lines of a run's ``metrics.jsonl`` (a resumed run continues it)."""
+    return _metric_lines(Path(output_dir) / METRICS_FILE)
+
+
+def _metric_lines(path: Path) -> list[dict[str, float]]:
+    """The complete lines of a metrics file (a kill may have cut the last one)."""
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            logger.warning(f"{path}: skipping a cut line {text[:40]!r}")
+    return lines
 
 
 def _tracker_config(config: PretrainingConfig) -> dict[str, Any]:
@@ -348,7 +312,7 @@ def load_pretraining_data(config: PretrainingConfig, accelerator: Accelerator) -
         raise ValueError(f"{config.dataset} has no train split (splits: {list(splits)})")
     layout = metadata.layout
     hub_id = None if Path(config.dataset).exists() else config.dataset
-    model_config = build_model_config(config.model, layout.tokensize, zoo_dataset=hub_id)
+    model_config = build_model_config(config, layout.tokensize, zoo_dataset=hub_id)
     positions, counts = layout.positions(), layout.row_counts()
     check_positions_fit(model_config, positions)
     permutation = None
@@ -394,9 +358,10 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     )
     logger.info(accelerator.state, main_process_only=False)
     set_seed(config.seed)  # the model's initialization; batches have their own seeds
+    checkpoint = resolve_checkpoint(config) if config.resume_from_checkpoint else None
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
-        config.save(Path(config.output_dir) / CONFIG_FILE)
+    save_run_config(config, checkpoint, write=accelerator.is_main_process)
 
     # Data: the zoo's tokens on the device, windows and views built there.
     data = load_pretraining_data(config, accelerator)
@@ -421,14 +386,13 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
 
     # Resume: model, optimizer, schedule and global RNGs; batches follow from the step.
     start_step = 0
-    if config.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(config)
+    if checkpoint is not None:
         counters = load_training_state(checkpoint, accelerator, model, optimizer, scheduler)
         start_step = counters["step"]
         logger.info(f"resumed from {checkpoint} at step {start_step}")
 
     accelerator.init_trackers("sane-pretraining", config=_tracker_config(config))
-    metrics_log = MetricsLog(accelerator, config.output_dir)
+    metrics_log = MetricsLog(accelerator, config.output_dir, start_step)
     tokens_per_step = (
         2 * config.batch_size * train_sampler.window_size * accumulation * accelerator.num_processes
     )
@@ -530,7 +494,8 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
         "processes": replica_report(accelerator, model, batch),
     }
     accelerator.wait_for_everyone()
-    if completed == total_steps:
+    finished = completed == total_steps
+    if finished:
         save_model(accelerator, model, data, config, eval_metrics)
     if accelerator.is_main_process:
         with open(Path(config.output_dir) / SUMMARY_FILE, "w") as file:
@@ -540,7 +505,22 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     # forget them so that another run in this process (a notebook, a test) may change them.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    if finished and config.push_to_hub and accelerator.is_main_process:
+        push_run(config.output_dir, config.hub_model_id)  # last: everything is saved already
     return summary
+
+
+def push_run(output_dir: str | os.PathLike, repo_id: str) -> None:
+    """Upload a finished run's folder with `push_folder` (model, processor, card, zoo metadata,
+    config, logs; no checkpoints) in one commit. A failure is one line naming the repo and the
+    HTTP status; the folder is complete on disk, so ``sane-hf push`` retries it."""
+    try:
+        push_folder(output_dir, repo_id, commit_message="Upload SANE model pretrained with sane-hf")
+    except HubError as error:
+        raise HubError(
+            f"{error}; the run is saved in {output_dir}: retry with "
+            f"`sane-hf push {output_dir} {repo_id}`"
+        ) from None
 
 
 def replica_report(
@@ -568,10 +548,10 @@ def save_model(
 ) -> None:
     """``save_pretrained`` (weights, config, model card) plus the `SaneProcessor` (layout,
     training-split statistics, alignment reference: ``SaneProcessor.from_pretrained(output_dir)``
-    prepares a user's networks like the zoo) and ``sane_zoo.json``, which sampling needs. The push
-    uploads the output folder without checkpoints: with the config and the logs (the Hub shows
-    TensorBoard logs as training metrics). Probe heads are fitted above this layer
-    (``sane_hf.downstream.probe_heads.save_probe_heads``), by the callers that have a zoo at hand."""
+    prepares a user's networks like the zoo) and ``sane_zoo.json``, which sampling needs.
+    `push_run` uploads them later, with the config and the logs (the Hub shows TensorBoard logs
+    as training metrics). Probe heads are fitted above this layer, by the callers that have a
+    zoo at hand (``sane-hf pretrain``, the recipes)."""
     unwrapped = plain_model(accelerator, model)
     card_metrics = eval_metrics if unwrapped.config.zoo_dataset and eval_metrics else None
     unwrapped.save_pretrained(
@@ -587,29 +567,3 @@ def save_model(
     SaneProcessor.from_zoo(config.dataset, config=unwrapped.config).save_pretrained(
         config.output_dir
     )
-    if config.push_to_hub:
-        api = HfApi()
-        repo_id = api.create_repo(config.hub_model_id, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=config.output_dir,
-            ignore_patterns=[f"{CHECKPOINT_PREFIX}*/*"],
-            commit_message="Upload SANE model pretrained with sane-hf",
-        )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Pretrain with the config of parsed arguments (``build_argument_parser``), logging to the
-    console like the Hugging Face examples."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        level=logging.INFO,
-    )
-    return pretrain(config_from_args(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point of ``training/pretrain.py``."""
-    run(build_argument_parser().parse_args(argv))
-    return 0

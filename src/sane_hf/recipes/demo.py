@@ -28,10 +28,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
+from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
+    DEFAULT_METHODS,
     SamplingMethod,
     SamplingSettings,
     StageLog,
@@ -44,77 +46,41 @@ from sane_hf.recipes.experiments import (
     r2_table,
     zoo_stage,
 )
+from sane_hf.utils.config import LoadableConfig
 from sane_hf.zoo.config import ZooConfig
 from sane_hf.zoo.statistics import format_zoo_statistics
 
 
-def _default_pretraining() -> dict[str, Any]:
-    """The tiny preset with the settings of ``training/configs/tiny.yaml``."""
-    return {
-        "model": {"preset": "tiny"},
-        "num_epochs": 30,
-        "learning_rate": 3e-3,
-        "warmup_fraction": 0.1,
-        "checkpointing_steps": 200,
-        "checkpoints_total_limit": 1,
-        "logging_steps": 50,
-        "report_to": "none",
-    }
-
-
 @dataclass
-class DemoConfig:
-    """What the demo trains and measures. `DemoConfig()` is the default demo (about a minute on
-    an idle 2-core CPU); `DemoConfig.quick()` checks the pipeline in seconds."""
+class DemoConfig(LoadableConfig):
+    """What the demo trains and measures: the ``default`` preset
+    (``sane_hf/presets/demo/default.yaml``, about a minute with one thread on an idle 2-core
+    CPU); `DemoConfig.quick()` (preset ``quick``) checks the pipeline in seconds. Any other
+    demo is `DemoConfig.load(preset_or_file, overrides=["zoo.num_models=16"])`."""
 
-    zoo: ZooConfig = field(
-        default_factory=lambda: ZooConfig(
-            architecture="cnn_s", dataset="digits", kind="seed", num_models=64, epochs=8
-        )
-    )
-    pretraining: dict[str, Any] = field(default_factory=_default_pretraining)
-    sampling: SamplingSettings = field(
-        default_factory=lambda: SamplingSettings(
-            num_prompts=30, num_samples=5, num_candidates=25, finetune_epochs=5
-        )
-    )
-    methods: tuple[SamplingMethod, ...] = (
-        SamplingMethod("kde"),
-        SamplingMethod("subsampled"),
-    )
+    CONFIG_KIND: ClassVar[str] = "demo"
+    DEFAULT_PRESET: ClassVar[str | None] = "default"
+
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    methods: tuple[SamplingMethod, ...] = tuple(SamplingMethod(kind) for kind in DEFAULT_METHODS)
+
+    @classmethod
+    def default(cls) -> DemoConfig:
+        return cls.load("default")
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A few networks on 300 digits, a few SANE steps: exercises every stage, measures
         nothing."""
-        zoo = ZooConfig(
-            architecture="cnn_s",
-            dataset="digits",
-            dataset_kwargs={"num_samples": 300},
-            num_models=8,
-            epochs=2,
-            batch_size=32,
-        )
-        pretraining = {
-            **_default_pretraining(),
-            "max_steps": 10,
-            "warmup_fraction": 0.2,
-            "logging_steps": 5,
-        }
-        sampling = SamplingSettings(
-            num_prompts=3,
-            num_samples=2,
-            num_candidates=4,
-            score_samples=100,
-            finetune_epochs=1,
-        )
-        return cls(zoo, pretraining, sampling)
+        return cls.load("quick")
 
 
 def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None = None) -> dict:
     """Run (or resume) the demo into ``output_dir``; print its tables and return the summary
     that is also written to ``output_dir/summary.json``."""
-    config = config or DemoConfig()
+    config = config or DemoConfig.default()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     log = StageLog(num_stages=5, record=output / "stage_times.json")
@@ -131,7 +97,7 @@ def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None 
         zoo = build_dataset_stage(output / "zoo", output / "dataset")
         print(format_zoo_statistics(zoo.metadata.statistics, zoo.metadata.zoo))
 
-    with log.stage("pretraining", f"pretraining SANE ({config.pretraining['model']}) -> sane/"):
+    with log.stage("pretraining", f"pretraining SANE ({config.pretraining.model}) -> sane/"):
         pretraining = experiment_pretraining(config.pretraining, output)
         model = pretrain_stage(pretraining)
 

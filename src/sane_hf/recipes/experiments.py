@@ -16,10 +16,10 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ from sane_hf.downstream.evaluation import (
 )
 from sane_hf.downstream.probing import ProbeReport, probe_zoo
 from sane_hf.downstream.sampling import (
-    KDEMode,
     SampledModels,
     SaneSampler,
     nearest_neighbor_distances,
@@ -46,13 +45,14 @@ from sane_hf.downstream.sampling import (
     split_token_chunks,
 )
 from sane_hf.models.sane.modeling_sane import SaneModel
-from sane_hf.pretraining.loop import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    PretrainingConfig,
-    list_checkpoints,
-    pretrain,
-)
+from sane_hf.pretraining.checkpointing import CONFIG_FILE, list_checkpoints
+from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.pretraining.loop import SUMMARY_FILE
+from sane_hf.recipes.pretraining import pretrain_with_probe_heads
+from sane_hf.recipes.settings import DEFAULT_METHODS as DEFAULT_METHODS
+from sane_hf.recipes.settings import SAMPLING_KINDS as SAMPLING_KINDS
+from sane_hf.recipes.settings import SamplingMethod as SamplingMethod
+from sane_hf.recipes.settings import SamplingSettings as SamplingSettings
 from sane_hf.weights.alignment import align
 from sane_hf.zoo.config import ZooConfig
 from sane_hf.zoo.dataset import (
@@ -68,7 +68,6 @@ from sane_hf.zoo.tasks import ImageDataset
 from sane_hf.zoo.training import train_zoo
 
 TABLE1_PROPERTIES = ("test_acc", "epoch", "ggap")
-SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
 RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")
 
 
@@ -110,12 +109,16 @@ def zoo_stage(config: ZooConfig, zoo_dir: str | Path, plot_path: str | Path) -> 
     plot_zoo_accuracy(records, plot_path)
 
 
-def experiment_pretraining(values: Mapping[str, Any], work_dir: str | Path) -> PretrainingConfig:
-    """``PretrainingConfig`` of ``values`` for an experiment folder: SANE reads the zoo dataset
-    of ``work_dir/dataset`` and writes into ``work_dir/sane``."""
+def experiment_pretraining(
+    config: PretrainingConfig | Mapping[str, Any] | str, work_dir: str | Path
+) -> PretrainingConfig:
+    """``config`` (a config, a preset name or a mapping of values) for an experiment folder:
+    SANE reads the zoo dataset of ``work_dir/dataset`` and writes into ``work_dir/sane``."""
     work_dir = Path(work_dir)
     paths = {"dataset": str(work_dir / "dataset"), "output_dir": str(work_dir / "sane")}
-    return PretrainingConfig.from_dict({**values, **paths})
+    if isinstance(config, PretrainingConfig):
+        config = config.to_dict()
+    return PretrainingConfig.load(config, flags=paths)
 
 
 def build_dataset_stage(
@@ -153,21 +156,14 @@ def pretrain_stage(config: PretrainingConfig) -> SaneModel:
         if list_checkpoints(output_dir):
             config = dataclasses.replace(config, resume_from_checkpoint="latest")
             print(f"    resuming from the newest checkpoint in {output_dir}")
-        pretrain(config)
+        pretrain_with_probe_heads(config)
     return SaneModel.from_pretrained(output_dir).eval()
 
 
 def _check_same_pretraining(config: PretrainingConfig, saved_file: Path) -> None:
     if not saved_file.is_file():
         return
-    ignored = ("dataset", "output_dir", "resume_from_checkpoint")
-    saved = yaml.safe_load(saved_file.read_text())
-    wanted = config.to_dict()
-    changed = sorted(
-        k
-        for k in saved.keys() | wanted.keys()
-        if k not in ignored and saved.get(k) != wanted.get(k)
-    )
+    changed = config.changed_fields(yaml.safe_load(saved_file.read_text()) or {})
     if changed:
         raise ValueError(
             f"{saved_file.parent} holds a SANE run with another config (fields {changed} differ): "
@@ -207,57 +203,6 @@ def r2_table(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 # ----------------------------------------------------------------------------------------------
 # Sampling (paper Table 3)
-
-
-@dataclass(frozen=True)
-class SamplingMethod:
-    """One way of drawing networks from SANE (paper Alg. 3 and its variants).
-
-    ``kind``: ``kde`` (draws around the prompts), ``subsampled`` (draw ``num_candidates``, keep
-    the best), ``bootstrapped`` (subsample, then refit the KDE on the kept latents for more
-    rounds) or ``prior`` (bootstrapping that starts from Gaussian latents, no prompts).
-    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.downstream.sampling`).
-    """
-
-    kind: Literal["kde", "subsampled", "bootstrapped", "prior"]
-    mode: KDEMode = "shared"
-
-    def __post_init__(self):
-        if self.kind not in SAMPLING_KINDS:
-            raise ValueError(f"sampling kind must be one of {SAMPLING_KINDS}, got {self.kind!r}")
-
-    @property
-    def name(self) -> str:
-        return "SANE prior" if self.kind == "prior" else f"SANE {self.kind} ({self.mode})"
-
-
-@dataclass
-class SamplingSettings:
-    """How many prompts and samples, how candidates are scored, how samples are fine-tuned.
-
-    ``num_prompts`` checkpoints of the prompt zoo's ``prompt_split`` at ``prompt_epoch`` (default:
-    its last epoch), best by validation accuracy, or all of them if the split has fewer (use
-    ``test`` for prompts SANE never saw). ``num_samples`` networks per method are
-    evaluated; subsampling and bootstrapping draw ``num_candidates`` per round and score them on
-    ``score_samples`` training images. Every group is fine-tuned for ``finetune_epochs`` with the
-    prompts' training recipe (optimizer, lr, weight decay, batch size).
-    """
-
-    num_prompts: int = 30
-    prompt_split: str = "train"
-    prompt_epoch: int | None = None
-    num_samples: int = 5
-    num_candidates: int = 25
-    rounds: int = 3
-    bandwidth: float = 0.2
-    prior_sigma: float = 1.0
-    score_samples: int = 500
-    bn_batches: int = 10
-    finetune_epochs: int = 5
-    seed: int = 0
-    window: int | None = None
-    halo: int | None = None
-    condition_bn: bool = True
 
 
 @dataclass
@@ -335,12 +280,28 @@ def zoo_reference_network(zoo: ZooDataset) -> nn.Module:
 
 def choose_prompts(prompt_zoo: ZooDataset, settings: SamplingSettings) -> list[int]:
     """Rows of the best ``num_prompts`` checkpoints of ``prompt_split`` at ``prompt_epoch``, or
-    of all of them when the split has fewer (a test split of a small zoo)."""
+    of all of them when the split has fewer (a small zoo, or its test split), saying so."""
+    if settings.prompt_split not in prompt_zoo.splits:
+        raise ValueError(
+            f"prompt_split {settings.prompt_split!r} is not a split of the prompt zoo "
+            f"(splits: {list(prompt_zoo.splits)})"
+        )
     split = prompt_zoo.splits[settings.prompt_split]
     epochs = np.array(split["epoch"])
     epoch = int(epochs.max()) if settings.prompt_epoch is None else settings.prompt_epoch
     available = int((epochs == epoch).sum())
-    return select_prompts(split, min(settings.num_prompts, available), epoch)
+    if available == 0:
+        raise ValueError(
+            f"prompt_epoch {epoch} has no checkpoint in the {settings.prompt_split} split "
+            f"(epochs {sorted(set(epochs.tolist()))})"
+        )
+    if available < settings.num_prompts:
+        print(
+            f"    {settings.num_prompts} prompts asked for, the {settings.prompt_split} split has "
+            f"{available} checkpoints at epoch {epoch}: using all {available}"
+        )
+    count = min(settings.num_prompts, available)
+    return select_prompts(split, count, epoch, settings.prompt_metric)
 
 
 def aligned_to_zoo(networks: Sequence[nn.Module], zoo: ZooDataset) -> list[nn.Module]:
@@ -439,6 +400,7 @@ def compare_sampling(
     task: ImageDataset | None = None,
     extra_groups: Mapping[str, Sequence[nn.Module]] | None = None,
     include_prompts: bool = False,
+    on_samples: Callable[[str, SampledModels], None] | None = None,
 ) -> SamplingResults:
     """Sample networks with every method, fine-tune them next to from-scratch networks.
 
@@ -453,6 +415,8 @@ def compare_sampling(
         task: the data to score candidates on and fine-tune on (default: the prompt zoo's task).
         extra_groups: further networks to fine-tune the same way (e.g. transfer baselines).
         include_prompts: also fine-tune the prompt networks themselves (a "prompt" group).
+        on_samples: called with each method's name and samples before fine-tuning (e.g. to save
+            the networks, as `sample_networks` does).
     """
     prompt_zoo = prompt_zoo or zoo
     prompt_split = prompt_zoo.splits[settings.prompt_split]
@@ -461,6 +425,7 @@ def compare_sampling(
     sampler = SaneSampler.from_zoo(
         model,
         zoo.metadata,
+        architecture_kwargs=settings.architecture_kwargs,
         hyperparameters=hyperparameters,
         window=settings.window,
         halo=settings.halo,
@@ -480,6 +445,8 @@ def compare_sampling(
     for method in methods:
         samples = draw_samples(sampler, method, prompt_tokens, settings, score_fn, bn_batches)
         groups[method.name] = samples.models
+        if on_samples is not None:
+            on_samples(method.name, samples)
         novelties[method.name] = sample_novelty(samples, prompt_tokens, zoo, sampler.mask)
     init = hyperparameters.get("init") or "default"
     groups["from scratch"] = scratch_models(

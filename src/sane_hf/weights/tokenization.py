@@ -254,6 +254,12 @@ class _Source:
     skipped: list[str] = field(default_factory=list)
 
 
+# Values per token of the CNN zoos (32 * 9 + 1: a 3x3 kernel row of 32 channels and a bias), the
+# default of every tokenizer and zoo build. `SaneConfig` repeats it (its file is self-contained);
+# tests/test_config.py checks that the two agree.
+DEFAULT_TOKENSIZE = 289
+
+
 class WeightTokenizer:
     """Turns a network (``nn.Module`` or state_dict) into ``TokenizedWeights`` and back.
 
@@ -267,7 +273,7 @@ class WeightTokenizer:
 
     def __init__(
         self,
-        tokensize: int | None = 289,
+        tokensize: int | None = DEFAULT_TOKENSIZE,
         include_norm: bool = True,
         dtype: torch.dtype = torch.float32,
     ):

@@ -8,10 +8,11 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from sane_hf.utils.config import build_config, load_config
 from sane_hf.zoo.architectures import ACTIVATIONS, INITIALIZATIONS
 
 SEED_ZOO_HYPERPARAMETERS: dict[str, Any] = {
@@ -64,6 +65,8 @@ class ZooConfig:
     per model); on a GPU raise it as far as memory allows (e.g. 1000 for CNN-s).
     """
 
+    CONFIG_KIND: ClassVar[str] = "zoo"
+
     architecture: str = "cnn_s"
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
@@ -98,6 +101,10 @@ class ZooConfig:
             raise ValueError(f"kind must be one of {ZOO_KINDS}, got {self.kind!r}")
         if self.kind == "seed" and not self.num_models:
             raise ValueError("a seed zoo needs num_models >= 1")
+        if self.num_models is not None and self.num_models < 1:
+            raise ValueError(
+                f"num_models must be >= 1 (null: the full grid), got {self.num_models}"
+            )
         for name, value in [
             ("epochs", self.epochs),
             ("batch_size", self.batch_size),
@@ -160,27 +167,14 @@ class ZooConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ZooConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ZooConfig fields {unknown}; valid fields: {sorted(known)}")
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], source: str = "ZooConfig") -> ZooConfig:
+        """Build from plain values, keys and types checked (`sane_hf.utils.config`)."""
+        return build_config(cls, values, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ZooConfig:
-        """Read a config from a YAML (``.yaml``/``.yml``) or JSON file."""
-        import yaml
-
-        text = Path(path).read_text()
-        values = (
-            yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
-        )
-        if not isinstance(values, dict):
-            raise ValueError(
-                f"{path} must hold a mapping of ZooConfig fields, got {type(values).__name__}"
-            )
-        return cls.from_dict(values)
+        """Read a config from a YAML (``.yaml``/``.yml``) or JSON file, or a preset name."""
+        return load_config(cls, path)
 
 
 @dataclass(frozen=True)

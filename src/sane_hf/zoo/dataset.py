@@ -70,7 +70,7 @@ from sane_hf.weights.normalization import (
     NormalizationStats,
     standardize_tokens,
 )
-from sane_hf.weights.tokenization import WeightTokenizer
+from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 from sane_hf.zoo.distributed import WorkerReports, shared_progress
 from sane_hf.zoo.formats import (
@@ -383,7 +383,7 @@ def _datasets_progress_bars_hidden() -> Iterator[None]:
 def build_zoo_dataset(
     raw_zoo_dir: str | os.PathLike,
     *,
-    tokensize: int = 289,
+    tokensize: int = DEFAULT_TOKENSIZE,
     include_norm: bool = True,
     align: bool = True,
     reference: str | None = None,
@@ -402,7 +402,7 @@ def build_zoo_dataset(
 
     Args:
         raw_zoo_dir: directory with ``zoo.json``, ``metadata.jsonl`` and the checkpoints.
-        tokensize, include_norm: `WeightTokenizer` settings (289 fits the CNN zoos). With
+        tokensize, include_norm: `WeightTokenizer` settings (`DEFAULT_TOKENSIZE`, 289, fits the CNN zoos). With
             ``include_norm=False`` normalization layers are not stored: decoding takes them from
             a freshly built model (BatchNorm statistics then need re-estimating).
         align: permute every model onto the ``reference`` model's ordering (weight matching).

@@ -1,0 +1,1 @@
+"""Helpers below every other layer (they import nothing from sane_hf): the config mechanism."""

@@ -1,0 +1,98 @@
+"""The `sane-hf` shell: one line per user error (exit 1), usage errors exit 2, tracebacks only
+with --debug, no Hub lookup for a local path that does not exist, passive OpenMP threads."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sane_hf import cli
+
+
+def run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "SANE_HF_DEBUG"}
+    environment.update({"OMP_NUM_THREADS": "1", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "sane_hf", *argv],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+
+
+def test_a_missing_local_path_is_one_line_and_never_a_hub_lookup():
+    result = run_cli("probe", "--model", "/no/such/dir", "--dataset", "/no/such/zoo")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "sane-hf probe: error: --model /no/such/dir: no such file or folder (and not a Hub id)\n"
+    )
+
+
+def test_usage_errors_exit_2_with_argparse_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sample", "--model", "m"])
+    assert exit_info.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path):
+    argv = ("pretrain", "--config", "tiny", "--dataset", str(tmp_path), "--max-grad-norm", "-1")
+    quiet = run_cli(*argv)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().endswith(
+        "max_grad_norm must be > 0 (null disables clipping), got -1.0"
+    )
+    for loud in (run_cli("--debug", *argv), run_cli(*argv, SANE_HF_DEBUG="1")):
+        assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_unexpected_errors_are_one_line_pointing_to_debug(monkeypatch, capsys):
+    def broken(args):
+        raise AttributeError("'NoneType' object has no attribute 'x'")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["demo"].set_defaults(func=broken)
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err == (
+        "sane-hf demo: error: 'NoneType' object has no attribute 'x' (AttributeError; rerun with "
+        "--debug for the traceback)\n"
+    )
+
+
+def test_hub_http_errors_name_the_repo_and_status():
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http = importlib.import_module(huggingface_hub.errors.Response.__module__.split(".")[0])
+    request = http.Request("GET", "https://huggingface.co/api/models/user/sane/revision/main")
+    error = HfHubHTTPError("401 Client Error", response=http.Response(401, request=request))
+    line = cli.error_line(error)
+    assert line.startswith("repo user/sane: HTTP 401") and "\n" not in line
+    assert cli.error_line(KeyError("no column 'x'")) == "no column 'x'"
+
+
+def test_thread_settings_for_shared_machines_unless_the_user_chose():
+    code = "import os, sane_hf.cli as c; c.configure_threads(); "
+    code += "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    policy, threads = result.stdout.split()
+    assert policy == "PASSIVE" and 1 <= int(threads) <= len(os.sched_getaffinity(0))
+    env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["ACTIVE", "3"]
+
+
+def test_demo_help_gives_the_time_and_mentions_quick():
+    result = run_cli("demo", "--help")
+    text = " ".join(result.stdout.split())
+    assert "about a minute" in text and "--quick" in text
+
+
+def test_pretrain_accepts_a_preset_by_name_in_help():
+    text = " ".join(run_cli("pretrain", "--help").stdout.split())
+    assert "tiny" in text and "cnn" in text and "resnet18" in text
