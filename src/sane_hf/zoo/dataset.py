@@ -278,36 +278,25 @@ def _generate_rows(
     if threads is not None:  # a worker: its share of the cores, not all of them
         torch.set_num_threads(threads)
     try:
-        yield from _rows(model_ids, records_by_model, encoder, columns, alignment_epoch, reports)
+        for model_id in model_ids:
+            records = records_by_model[model_id]
+            alignment_index = _alignment_index(model_id, records, alignment_epoch)
+            for record, tokens in zip(records, encoder.encode_model(records, alignment_index)):
+                yield {
+                    "model_id": model_id,
+                    "epoch": record["epoch"],
+                    "tokens": tokens,
+                    "positions": encoder.positions,
+                    "counts": encoder.counts,
+                    "seed": record["seed"],
+                    **{name: record.get(name) for name in PROPERTY_COLUMNS},
+                    **{name: column.encode(record.get(name)) for name, column in columns.items()},
+                }
+                reports.update(1)
     except ValueError as error:  # bad input: its one-line message goes back to the caller
         reports.fail(str(error))
         raise
     reports.flush()
-
-
-def _rows(
-    model_ids: Sequence[str],
-    records_by_model: Mapping[str, list[dict]],
-    encoder: _ZooEncoder,
-    columns: Mapping[str, _Column],
-    alignment_epoch: int | None,
-    reports: WorkerReports,
-) -> Iterator[dict[str, Any]]:
-    for model_id in model_ids:
-        records = records_by_model[model_id]
-        alignment_index = _alignment_index(model_id, records, alignment_epoch)
-        for record, tokens in zip(records, encoder.encode_model(records, alignment_index)):
-            yield {
-                "model_id": model_id,
-                "epoch": record["epoch"],
-                "tokens": tokens,
-                "positions": encoder.positions,
-                "counts": encoder.counts,
-                "seed": record["seed"],
-                **{name: record.get(name) for name in PROPERTY_COLUMNS},
-                **{name: column.encode(record.get(name)) for name, column in columns.items()},
-            }
-            reports.update(1)
 
 
 def _alignment_index(model_id: str, records: Sequence[Mapping], alignment_epoch: int | None) -> int:
