@@ -225,3 +225,41 @@ def test_two_process_embed_and_predict_equal_one_process(tmp_path):
     assert results[1][0]["id"] == [f"cnn_{seed}" for seed in range(5)]
     assert results[2][0] == results[1][0]
     assert results[2][1] == results[1][1]
+
+
+@pytest.mark.slow
+def test_two_process_sample_equals_one_process(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from sane_hf import SaneConfig, SaneModel
+    from synthetic_zoo import build_synthetic_zoo
+
+    torch.manual_seed(0)
+    SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).save_pretrained(tmp_path / "m")
+    save_zoo_dataset(build_synthetic_zoo(tmp_path / "zoo_build"), tmp_path / "zoo")
+    argv = ["sample", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "zoo")]
+    argv += ["--num-samples", "2", "--num-candidates", "3", "--num-prompts", "3"]
+    argv += ["--prompt-metric", "train_acc", "--finetune-epochs", "1", "--window", "8"]
+    argv += ["--halo", "4", "--score-samples", "50", "--device", "cpu"]
+    argv += ["--methods", "kde", "subsampled", "prior"]  # 2 methods on rank 0, 1 on rank 1
+    outputs = {}
+    for processes in (1, 2):
+        output = tmp_path / f"out_{processes}"
+        run = subprocess.run(
+            [*_torchrun(processes), *argv, "--output-dir", str(output)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.count("from scratch") == 1  # printed once, by rank 0
+        outputs[processes] = output
+    assert (outputs[2] / "sampling.json").read_text() == (outputs[1] / "sampling.json").read_text()
+    files = sorted(path.relative_to(outputs[1]) for path in outputs[1].rglob("*.safetensors"))
+    assert len(files) == 3 * 2
+    assert files == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*.safetensors"))
+    for file in files:
+        expected, actual = load_file(outputs[1] / file), load_file(outputs[2] / file)
+        assert all(torch.equal(actual[name], value) for name, value in expected.items()), file

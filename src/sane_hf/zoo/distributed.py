@@ -57,6 +57,22 @@ class Ranks:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def all_gather(self, value: object) -> list:
+        """Every rank's ``value`` (picklable, CPU tensors), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_rank_0(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (what the other ranks pass is ignored)."""
+        if self.world == 1:
+            return value
+        values = [value]
+        dist.broadcast_object_list(values, src=0)
+        return values[0]
+
     def device(self, device: str) -> torch.device:
         """``cuda`` means this process' own GPU (``LOCAL_RANK``) when several processes run."""
         resolved = torch.device(device)
