@@ -31,7 +31,7 @@ from sane_hf.downstream.sharding import gather_embeddings, my_networks
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.network_inputs import NetworkInput
 from sane_hf.models.sane.processing_sane import SaneProcessor
-from sane_hf.zoo.distributed import Ranks, zoo_processes
+from sane_hf.zoo.distributed import process_device, zoo_processes
 from sane_hf.zoo.formats import atomic_write_text
 
 EMBEDDING_SUFFIXES = (".parquet", ".npy")
@@ -98,7 +98,7 @@ def embed_networks(
     sane = (
         model
         if isinstance(model, PretrainedSane)
-        else PretrainedSane.from_pretrained(model, device=_process_device(device))
+        else PretrainedSane.from_pretrained(model, device=process_device(device))
     )
     embeddings = sane.embed(networks, batch_size=batch_size)
     if output is not None and is_main_process():
@@ -183,7 +183,7 @@ def predict_networks(
     sane = (
         model
         if isinstance(model, PretrainedSane)
-        else PretrainedSane.from_pretrained(model, device=_process_device(device), heads=True)
+        else PretrainedSane.from_pretrained(model, device=process_device(device), heads=True)
     )
     if sane.heads is None:
         raise ValueError("predict_networks needs probe heads: load with heads=True")
@@ -207,12 +207,6 @@ def is_main_process() -> bool:
     """Whether this process writes results: the only one, or rank 0 of a launcher's processes
     (all of them hold the gathered result)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _process_device(device: str | None) -> str | None:
-    """``cuda`` means this process' own GPU under a launcher (``LOCAL_RANK``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return device if device is None else str(Ranks(0, world).device(device))
 
 
 def _check_suffix(path: str | os.PathLike, allowed: Sequence[str]) -> None:

@@ -27,6 +27,7 @@ from sane_hf.recipes.experiments import (
     compare_sampling,
 )
 from sane_hf.zoo.dataset import load_zoo_dataset
+from sane_hf.zoo.distributed import process_device
 
 SAMPLES_DIR = "samples"
 RESULTS_FILE = "sampling.json"
@@ -64,7 +65,7 @@ def sample_networks(
 
     settings = settings or SamplingSettings.load()
     methods = [m if isinstance(m, SamplingMethod) else SamplingMethod(m) for m in methods]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(model, SaneModel):
         model = SaneModel.from_pretrained(model)
     model = model.to(device).eval()

@@ -81,6 +81,14 @@ class Ranks:
         return resolved
 
 
+def process_device(device: str | None) -> str | None:
+    """``device`` for this process: under a launcher ``cuda`` means its own GPU (``LOCAL_RANK``),
+    so processes that load a model before joining the group do not all pile onto GPU 0."""
+    if device is None:
+        return None
+    return str(Ranks(0, int(os.environ.get("WORLD_SIZE", "1"))).device(device))
+
+
 @contextlib.contextmanager
 def zoo_processes() -> Iterator[Ranks]:
     """The run's `Ranks`: a process group when a launcher started several processes (joined
