@@ -38,6 +38,7 @@ def test_usage_errors_exit_2_with_argparse_message(capsys):
     assert "required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_debug_flag_and_environment_show_the_traceback(tmp_path):
     argv = ("pretrain", "--config", "tiny", "--dataset", str(tmp_path), "--max-grad-norm", "-1")
     quiet = run_cli(*argv)

@@ -17,6 +17,7 @@ def demo_run(tmp_path_factory):
     return output, run_demo(output, DemoConfig.quick())
 
 
+@pytest.mark.slow
 def test_demo_writes_plots_tables_and_summary(demo_run):
     output, summary = demo_run
     for name in (*PLOTS, "probe.json", "sampling.json", "summary.json", "sane/model.safetensors"):
@@ -40,6 +41,7 @@ def test_demo_writes_plots_tables_and_summary(demo_run):
     assert list(stages) == ["zoo", "dataset", "pretraining", "probing", "sampling"]
 
 
+@pytest.mark.slow
 def test_demo_rerun_resumes_from_finished_stages(demo_run, capsys):
     output, summary = demo_run
     model_file = output / "sane" / "model.safetensors"

@@ -14,7 +14,7 @@ from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.dataset import zoo_metadata
-from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+from synthetic_zoo import TOKENSIZE
 from synthetic_zoo import template as synthetic_template
 
 NUM_TOKENS = 37
@@ -115,8 +115,8 @@ def test_pool_latents_means_over_all_tokens_and_per_layer():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
+def zoo(synthetic_zoo):
+    return synthetic_zoo
 
 
 @pytest.fixture(scope="module")

@@ -324,6 +324,7 @@ print(type(model).__module__)
 """
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_sane_hf_installed(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "model")

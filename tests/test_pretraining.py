@@ -188,6 +188,7 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(tiny_digits_zoo, tmp
     assert all(torch.equal(final_weights[0][k], final_weights[1][k]) for k in final_weights[0])
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_a_model_and_checkpoints_that_load_plainly(tiny_digits_zoo, tmp_path):
     """`torch_compile: true` wraps the model (keys `_orig_mod.*`); nothing saved may carry it."""
     output_dir = tmp_path / "compiled"
@@ -209,6 +210,7 @@ def run_two_processes(zoo: Path, output_dir: Path, *extra: str) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_bf16_model_on_different_data_and_resume(tiny_digits_zoo, tmp_path):
     # dropout draws from each process's own RNG, which the checkpoint keeps per rank
     common = ["--max-steps", "3", "--mixed-precision", "bf16", "--set", "model.dropout=0.1"]

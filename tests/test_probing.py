@@ -20,7 +20,6 @@ from sane_hf.downstream.probing import (
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.zoo.dataset import save_zoo_dataset
-from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
 
 
 def _splits(x, sizes=(200, 100, 100)):
@@ -220,14 +219,13 @@ def test_property_prediction_model_learns_a_property():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
+def zoo(synthetic_zoo):
+    return synthetic_zoo
 
 
 @pytest.fixture(scope="module")
-def sane():
-    torch.manual_seed(0)
-    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+def sane(synthetic_sane):
+    return synthetic_sane
 
 
 def test_probe_zoo_compares_sane_with_baselines_on_the_same_splits(zoo, sane):

@@ -257,9 +257,11 @@ def test_cli_embed_and_predict(tmp_path, capsys):
     assert '"predictions"' in (tmp_path / "p.json").read_text()
 
 
-def test_cli_embed_refuses_an_unknown_output_format(tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported output format '\.txt'"):
-        main(["embed", str(RELEASED), str(tmp_path), "--output", str(tmp_path / "e.txt")])
+def test_cli_embed_refuses_an_unknown_output_format(tmp_path, capsys):
+    argv = ["embed", str(RELEASED), str(tmp_path), "--output", str(tmp_path / "e.txt")]
+    assert main(argv) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert "unsupported output format '.txt'" in error
 
 
 def test_networks_from_a_zoo_split_a_raw_zoo_and_a_hub_repo(

@@ -30,13 +30,11 @@ from sane_hf.downstream.sampling import (
     select_prompts,
     split_token_chunks,
 )
-from sane_hf.models.sane.configuration_sane import SaneConfig
-from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.weights.alignment import PermutationSpec, apply_permutation, random_permutation
 from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
 from sane_hf.zoo.tasks import dataset_from_tensors
 from sane_hf.zoo.training import data_order, fine_tune_population
-from synthetic_zoo import TOKENSIZE, build_synthetic_zoo, write_raw_zoo
+from synthetic_zoo import TOKENSIZE, write_raw_zoo
 from synthetic_zoo import template as synthetic_template
 
 
@@ -169,14 +167,13 @@ def test_nearest_neighbor_distances_rejects_layout_mismatch():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("zoo")).splits
+def zoo(synthetic_zoo):
+    return synthetic_zoo
 
 
 @pytest.fixture(scope="module")
-def sane():
-    torch.manual_seed(0)
-    return SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).eval()
+def sane(synthetic_sane):
+    return synthetic_sane
 
 
 @pytest.fixture(scope="module")

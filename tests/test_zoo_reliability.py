@@ -356,7 +356,7 @@ def test_cli_build_keeps_the_dataset_when_the_push_fails(fake_hub, monkeypatch, 
     _fail(fake_hub, monkeypatch, "_commit", 500)
     argv = ["zoo", "build", str(raw), "--push-to-hub", "fake-user/lost", "--no-align"]
     assert main([*argv, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 1
-    [error] = capsys.readouterr().err.strip().splitlines()
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the upload's progress bars
     assert "fake-user/lost failed: HTTP 500" in error
     assert "the built dataset is kept in lost-zoo-dataset" in error
     assert load_zoo_dataset(tmp_path / "lost-zoo-dataset").metadata.layout.tokensize == TOKENSIZE

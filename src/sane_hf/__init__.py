@@ -101,6 +101,7 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SamplingResults",
         "SamplingSettings",
         "compare_sampling",
+        "probe_pretrained",
     ],
     "recipes.sampling": ["sample_networks"],
     "recipes.demo": ["DemoConfig", "run_demo"],
@@ -176,6 +177,7 @@ if TYPE_CHECKING:
         SamplingResults,
         SamplingSettings,
         compare_sampling,
+        probe_pretrained,
     )
     from sane_hf.recipes.pretraining import pretrain_with_probe_heads
     from sane_hf.recipes.sampling import sample_networks

@@ -39,20 +39,15 @@ def _add_probe_command(subparsers) -> None:
 
 
 def _run_probe(args) -> int:
-    from pathlib import Path
+    from sane_hf.recipes.experiments import probe_pretrained
 
-    from sane_hf.downstream.probing import probe_zoo
-    from sane_hf.models.sane.modeling_sane import SaneEncoderModel
-    from sane_hf.zoo.dataset import load_zoo_dataset
-
-    if args.plot and not args.output_dir:
-        raise ValueError("--plot needs --output-dir")
     check_sources(model=args.model, dataset=args.dataset)
-    model = SaneEncoderModel.from_pretrained(args.model).to(device_argument(args))
-    zoo = load_zoo_dataset(args.dataset)
-    report = probe_zoo(
-        model,
-        zoo.splits,
+    report = probe_pretrained(
+        args.model,
+        args.dataset,
+        output_dir=args.output_dir,
+        plot=args.plot,
+        device=device_argument(args),
         properties=args.properties,
         baselines=args.baselines,
         max_raw_features=args.max_raw_features,
@@ -63,12 +58,7 @@ def _run_probe(args) -> int:
     )
     print(report.table())
     if args.output_dir:
-        output = Path(args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        report.save_json(output / "probe.json")
-        if args.plot:
-            report.plot(output / "probe.png")
-        print(f"results written to {output}")
+        print(f"results written to {args.output_dir}")
     return 0
 
 

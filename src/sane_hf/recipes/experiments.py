@@ -44,7 +44,7 @@ from sane_hf.downstream.sampling import (
     select_prompts,
     split_token_chunks,
 )
-from sane_hf.models.sane.modeling_sane import SaneModel
+from sane_hf.models.sane.modeling_sane import SaneEncoderModel, SaneModel
 from sane_hf.pretraining.checkpointing import CONFIG_FILE, list_checkpoints
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -186,12 +186,38 @@ def probe_stage(
     report = probe_zoo(
         model, zoo.splits, properties=list(properties), baselines=baselines, **embed_options
     )
+    _save_report(report, output_dir, name, plot=True)
+    return report
+
+
+def probe_pretrained(
+    model: str | Path,
+    dataset: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    plot: bool = False,
+    device: str | None = None,
+    **probe_options: Any,
+) -> ProbeReport:
+    """`sane-hf probe`: load a pretrained SANE (folder or Hub id) and a zoo dataset, probe its
+    embeddings next to the baselines (`probe_zoo`'s options), write ``probe.json`` (and with
+    ``plot`` ``probe.png``) to ``output_dir`` when given."""
+    if plot and output_dir is None:
+        raise ValueError("plotting the probes needs an output folder (--output-dir)")
+    encoder = SaneEncoderModel.from_pretrained(model)
+    encoder = encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = probe_zoo(encoder, load_zoo_dataset(dataset).splits, **probe_options)
+    if output_dir is not None:
+        _save_report(report, output_dir, "probe", plot=plot)
+    return report
+
+
+def _save_report(report: ProbeReport, output_dir: str | Path, name: str, plot: bool) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report.save_json(output_dir / f"{name}.json")
-    if any(result.metric == "r2" for result in report.results):
+    if plot and any(result.metric == "r2" for result in report.results):
         report.plot(output_dir / f"{name}.png")
-    return report
 
 
 def r2_table(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
