@@ -19,6 +19,7 @@ every rank committed before stays committed (a rerun resumes from it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -91,19 +92,26 @@ def process_device(device: str | None) -> str | None:
 
 @contextlib.contextmanager
 def zoo_processes() -> Iterator[Ranks]:
-    """The run's `Ranks`: a process group when a launcher started several processes (joined
-    here unless the caller already did, and left again at the end), else a single process."""
+    """The run's `Ranks`: a process group when a launcher started several processes, else a
+    single process.
+
+    The group is joined on first use (unless the caller already did) and kept until the process
+    exits: a group joined a second time through the launcher's store would read the first one's
+    stale addresses there (gloo then fails to connect or hangs), and one command may well use it
+    twice (sampling draws, then fine-tunes).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
         yield Ranks()
         return
-    created = not dist.is_initialized()
-    if created:
+    if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
-    try:
-        yield Ranks(dist.get_rank(), dist.get_world_size())
-    finally:
-        if created:
-            dist.destroy_process_group()
+        atexit.register(_leave_process_group)
+    yield Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
