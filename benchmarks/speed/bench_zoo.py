@@ -21,6 +21,13 @@ they are a steadier measure than wall-clock time. Prints JSON and writes
 ``--zoo-dir DIR`` keeps the trained zoo in ``DIR`` (a new folder) instead of a temporary one: the
 GPU-scale MNIST reproduction (``reproduce_mnist.py --scale gpu``, same zoo config) then starts
 from it instead of training the zoo again.
+
+``--processes N`` measures scaling out instead: the preset's zoo trained by ``sane-hf zoo train``
+in one process and under ``torchrun --standalone --nproc_per_node N`` (one thread per process
+on CPU, one GPU per process on CUDA), wall-clock time of each, the speed-up, and whether the two
+zoos' ``metadata.jsonl`` are identical. Writes ``benchmarks/results/bench_zoo_processes.json``::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.bench_zoo --processes 2
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +129,52 @@ def _config(args: argparse.Namespace) -> ZooConfig:
     return ZooConfig.from_dict(values)
 
 
+def train_with_processes(config: ZooConfig, zoo_dir: Path, processes: int) -> float:
+    """Wall seconds of ``sane-hf zoo train`` of ``config`` with ``processes`` processes (torchrun,
+    as in tests/test_zoo_distributed.py, for more than one)."""
+    config_file = zoo_dir.parent / f"{zoo_dir.name}.json"
+    config_file.write_text(json.dumps(config.to_dict()))
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*launcher, "-m", "sane_hf", "zoo", "train", "--output", str(zoo_dir)]
+    command += ["--config", str(config_file), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def scale_out(config: ZooConfig, processes: int) -> dict:
+    """1-process vs ``processes``-process wall time of the same zoo."""
+    work_dir = Path(tempfile.mkdtemp(prefix="bench_zoo_processes_"))
+    try:
+        load_before = os.getloadavg()
+        one = train_with_processes(config, work_dir / "one", 1)
+        many = train_with_processes(config, work_dir / f"p{processes}", processes)
+        load_after = os.getloadavg()
+        same = (work_dir / "one" / "metadata.jsonl").read_bytes() == (
+            work_dir / f"p{processes}" / "metadata.jsonl"
+        ).read_bytes()
+    finally:
+        shutil.rmtree(work_dir)
+    return {
+        "benchmark": "zoo_processes",
+        "config": config.to_dict(),
+        "device": config.device,
+        "cpu_count": os.cpu_count(),
+        "threads_per_process": 1,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "processes": processes,
+        "one_process_seconds": round(one, 2),
+        f"{processes}_process_seconds": round(many, 2),
+        "speedup": round(one / many, 2),
+        "target_speedup": 1.8 if processes == 2 else None,
+        "identical_metadata": same,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -129,8 +184,18 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--output", default="benchmarks/results/bench_zoo.json")
     parser.add_argument("--zoo-dir", help="keep the zoo in this new folder (default: temporary)")
+    parser.add_argument(
+        "--processes", type=int, help="time 1 process vs N processes (torchrun) instead"
+    )
     args = parser.parse_args()
     config = _config(args)
+    if args.processes:
+        output = Path(args.output.replace("bench_zoo.json", "bench_zoo_processes.json"))
+        result = scale_out(config, args.processes)
+        print(json.dumps(result, indent=2))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        return
     on_gpu = config.device.startswith("cuda")
 
     if args.zoo_dir and Path(args.zoo_dir).exists() and any(Path(args.zoo_dir).iterdir()):

@@ -45,7 +45,7 @@ def _add_run_arguments(parser) -> None:
 
 
 def _run_embed(args) -> int:
-    from sane_hf.downstream.pretrained import embed_networks
+    from sane_hf.downstream.pretrained import embed_networks, is_main_process
 
     embeddings = embed_networks(
         args.model,
@@ -56,12 +56,13 @@ def _run_embed(args) -> int:
         device=device_argument(args),
     )
     count, dim = embeddings.mean.reshape(-1, embeddings.mean.shape[-1]).shape
-    print(f"embedded {count} networks ({dim}-dim) into {args.output}")
+    if is_main_process():  # under a launcher every process holds the gathered result
+        print(f"embedded {count} networks ({dim}-dim) into {args.output}")
     return 0
 
 
 def _run_predict(args) -> int:
-    from sane_hf.downstream.pretrained import predict_networks
+    from sane_hf.downstream.pretrained import is_main_process, predict_networks
 
     predictions = predict_networks(
         args.model,
@@ -71,5 +72,6 @@ def _run_predict(args) -> int:
         batch_size=args.batch_size,
         device=device_argument(args),
     )
-    print(predictions.table())
+    if is_main_process():
+        print(predictions.table())
     return 0

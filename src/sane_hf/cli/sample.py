@@ -40,6 +40,7 @@ def register(subparsers) -> None:
 
 
 def _run_sample(args) -> int:
+    from sane_hf.downstream.pretrained import is_main_process
     from sane_hf.recipes.sampling import sample_networks
     from sane_hf.recipes.settings import SamplingMethod
     from sane_hf.utils.config import config_from_args
@@ -55,6 +56,7 @@ def _run_sample(args) -> int:
         task_dataset=args.task_dataset,
         device=args.device,
     )
-    print(results.table())
-    print(f"samples, sampling.json and sampling.png written to {args.output_dir}")
+    if is_main_process():  # under a launcher every process holds the results
+        print(results.table())
+        print(f"samples, sampling.json and sampling.png written to {args.output_dir}")
     return 0

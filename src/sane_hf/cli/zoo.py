@@ -154,6 +154,11 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
         action="store_true",
         help="build from the finished models of a zoo whose training or import stopped half-way",
     )
+    parser.add_argument(
+        "--num-proc",
+        type=int,
+        help="align and tokenize with N worker processes (same dataset as a serial build)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_run_zoo_build)
 
@@ -179,6 +184,7 @@ def _run_zoo_build(args) -> int:
         dtype=args.dtype,
         progress=not args.no_progress,
         allow_incomplete=args.allow_incomplete,
+        num_proc=args.num_proc,
     )
     if args.output is not None:
         save_zoo_dataset(dataset, args.output)

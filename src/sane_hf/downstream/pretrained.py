@@ -27,9 +27,11 @@ import torch
 
 from sane_hf.downstream.embedding import Embeddings, embed
 from sane_hf.downstream.probe_heads import ProbeHeads
+from sane_hf.downstream.sharding import gather_embeddings, my_networks
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.network_inputs import NetworkInput
 from sane_hf.models.sane.processing_sane import SaneProcessor
+from sane_hf.zoo.distributed import process_device, zoo_processes
 from sane_hf.zoo.formats import atomic_write_text
 
 EMBEDDING_SUFFIXES = (".parquet", ".npy")
@@ -62,8 +64,18 @@ class PretrainedSane:
     def embed(
         self, networks: NetworkInput | Iterable[NetworkInput], *, batch_size: int = 256
     ) -> Embeddings:
-        features = self.processor(networks, progress=True)
-        return embed(self.model, features, batch_size=batch_size)
+        """Embeddings of ``networks``; under ``torchrun``/``accelerate launch`` every process
+        embeds its share and all get the whole result (`sane_hf.downstream.sharding`)."""
+        with zoo_processes() as ranks:
+            if ranks.world == 1:
+                features = self.processor(networks, progress=True)
+                return embed(self.model, features, batch_size=batch_size)
+            indices, mine = my_networks(networks, ranks)
+            part = None
+            if mine:  # more processes than networks leaves some without
+                features = self.processor(mine, progress=ranks.rank == 0)
+                part = embed(self.model, features, batch_size=batch_size, progress=False)
+            return gather_embeddings(indices, part, ranks)
 
 
 def embed_networks(
@@ -86,10 +98,10 @@ def embed_networks(
     sane = (
         model
         if isinstance(model, PretrainedSane)
-        else PretrainedSane.from_pretrained(model, device=device)
+        else PretrainedSane.from_pretrained(model, device=process_device(device))
     )
     embeddings = sane.embed(networks, batch_size=batch_size)
-    if output is not None:
+    if output is not None and is_main_process():
         write_embeddings(embeddings, output, layer_means=layer_means)
     return embeddings
 
@@ -171,7 +183,7 @@ def predict_networks(
     sane = (
         model
         if isinstance(model, PretrainedSane)
-        else PretrainedSane.from_pretrained(model, device=device, heads=True)
+        else PretrainedSane.from_pretrained(model, device=process_device(device), heads=True)
     )
     if sane.heads is None:
         raise ValueError("predict_networks needs probe heads: load with heads=True")
@@ -186,9 +198,15 @@ def predict_networks(
     predictions = PropertyPredictions(
         embeddings.ids, heads.predict(mean), {h.name: h.unit for h in heads.heads}
     )
-    if output is not None:
+    if output is not None and is_main_process():
         predictions.save(output)
     return predictions
+
+
+def is_main_process() -> bool:
+    """Whether this process writes results: the only one, or rank 0 of a launcher's processes
+    (all of them hold the gathered result)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _check_suffix(path: str | os.PathLike, allowed: Sequence[str]) -> None:
@@ -211,6 +229,7 @@ __all__ = [
     "PretrainedSane",
     "PropertyPredictions",
     "embed_networks",
+    "is_main_process",
     "predict_networks",
     "write_embeddings",
 ]

@@ -62,6 +62,7 @@ from sane_hf.zoo.dataset import (
     load_zoo_records,
     save_zoo_dataset,
 )
+from sane_hf.zoo.distributed import my_share, zoo_processes
 from sane_hf.zoo.formats import DATASET_METADATA_FILE as METADATA_FILE
 from sane_hf.zoo.statistics import plot_zoo_accuracy
 from sane_hf.zoo.tasks import ImageDataset
@@ -468,12 +469,18 @@ def compare_sampling(
 
     groups: dict[str, Sequence[nn.Module]] = {}
     novelties = {}
-    for method in methods:
-        samples = draw_samples(sampler, method, prompt_tokens, settings, score_fn, bn_batches)
-        groups[method.name] = samples.models
-        if on_samples is not None:
-            on_samples(method.name, samples)
-        novelties[method.name] = sample_novelty(samples, prompt_tokens, zoo, sampler.mask)
+    with zoo_processes() as ranks:  # under a launcher: the methods are drawn on several ranks
+        drawn = {}
+        for method in my_share(list(methods), ranks):  # each draw is seeded on its own
+            samples = draw_samples(sampler, method, prompt_tokens, settings, score_fn, bn_batches)
+            novelty = sample_novelty(samples, prompt_tokens, zoo, sampler.mask)
+            drawn[method.name] = (samples, novelty)
+        drawn = {name: draw for part in ranks.all_gather(drawn) for name, draw in part.items()}
+        for method in methods:  # the order of one process
+            samples, novelties[method.name] = drawn[method.name]
+            groups[method.name] = samples.models
+            if on_samples is not None and ranks.rank == 0:
+                on_samples(method.name, samples)
     init = hyperparameters.get("init") or "default"
     groups["from scratch"] = scratch_models(
         sampler.template, settings.num_samples, init, settings.seed
@@ -483,14 +490,18 @@ def compare_sampling(
             prompt_zoo, rows[: settings.num_samples], settings.prompt_split
         )
     groups.update(extra_groups or {})
-    evaluation = evaluate_samples(
-        groups,
-        task,
-        settings.finetune_epochs,
-        seed=settings.seed,
-        device=model.device,
-        **training_recipe(hyperparameters),
-    )
+    with zoo_processes() as ranks:
+        evaluation = None
+        if ranks.rank == 0:  # one population: its dropout masks are drawn for all networks
+            evaluation = evaluate_samples(
+                groups,
+                task,
+                settings.finetune_epochs,
+                seed=settings.seed,
+                device=model.device,
+                **training_recipe(hyperparameters),
+            )
+        evaluation = ranks.from_rank_0(evaluation)
     return SamplingResults(evaluation, novelties)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sane_hf.downstream.evaluation import load_task_dataset
+from sane_hf.downstream.pretrained import is_main_process
 from sane_hf.downstream.sampling import SampledModels
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.recipes.experiments import (
@@ -26,6 +27,7 @@ from sane_hf.recipes.experiments import (
     compare_sampling,
 )
 from sane_hf.zoo.dataset import load_zoo_dataset
+from sane_hf.zoo.distributed import process_device
 
 SAMPLES_DIR = "samples"
 RESULTS_FILE = "sampling.json"
@@ -63,7 +65,7 @@ def sample_networks(
 
     settings = settings or SamplingSettings.load()
     methods = [m if isinstance(m, SamplingMethod) else SamplingMethod(m) for m in methods]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(model, SaneModel):
         model = SaneModel.from_pretrained(model)
     model = model.to(device).eval()
@@ -82,8 +84,9 @@ def sample_networks(
         task=task,
         on_samples=lambda name, samples: save_samples(samples, output / SAMPLES_DIR / _slug(name)),
     )
-    (output / RESULTS_FILE).write_text(json.dumps(results.to_dict(), indent=1) + "\n")
-    results.evaluation.plot(output / PLOT_FILE)
+    if is_main_process():  # under a launcher every process holds the results
+        (output / RESULTS_FILE).write_text(json.dumps(results.to_dict(), indent=1) + "\n")
+        results.evaluation.plot(output / PLOT_FILE)
     return results
 
 

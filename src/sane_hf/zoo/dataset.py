@@ -60,7 +60,7 @@ from datasets import (
     enable_progress_bars,
 )
 from datasets.exceptions import DatasetGenerationError
-from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
+from datasets.fingerprint import get_temporary_cache_files_directory
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -72,6 +72,7 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
+from sane_hf.zoo.distributed import WorkerReports, shared_progress
 from sane_hf.zoo.formats import (
     RAW_METADATA_FILE,
     check_checkpoint_tensors,
@@ -82,7 +83,13 @@ from sane_hf.zoo.formats import (
 )
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, attach_metadata, zoo_metadata
 from sane_hf.zoo.statistics import zoo_statistics
-from sane_hf.zoo.storage import as_splits, load_zoo_dataset, load_zoo_records, save_zoo_dataset
+from sane_hf.zoo.storage import (
+    as_splits,
+    content_fingerprint,
+    load_zoo_dataset,
+    load_zoo_records,
+    save_zoo_dataset,
+)
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -258,27 +265,38 @@ class _ZooEncoder:
 
 def _generate_rows(
     model_ids: Sequence[str],
+    *,
     records_by_model: Mapping[str, list[dict]],
     encoder: _ZooEncoder,
     columns: Mapping[str, _Column],
     alignment_epoch: int | None,
-    bar: tqdm,
+    reports: WorkerReports,
+    threads: int | None,
 ) -> Iterator[dict[str, Any]]:
-    for model_id in model_ids:
-        records = records_by_model[model_id]
-        alignment_index = _alignment_index(model_id, records, alignment_epoch)
-        for record, tokens in zip(records, encoder.encode_model(records, alignment_index)):
-            yield {
-                "model_id": model_id,
-                "epoch": record["epoch"],
-                "tokens": tokens,
-                "positions": encoder.positions,
-                "counts": encoder.counts,
-                "seed": record["seed"],
-                **{name: record.get(name) for name in PROPERTY_COLUMNS},
-                **{name: column.encode(record.get(name)) for name, column in columns.items()},
-            }
-            bar.update()
+    """The rows of ``model_ids`` in order; run in a worker process of a parallel build (a
+    contiguous share of the models each, so the concatenated shards keep the serial order)."""
+    if threads is not None:  # a worker: its share of the cores, not all of them
+        torch.set_num_threads(threads)
+    try:
+        for model_id in model_ids:
+            records = records_by_model[model_id]
+            alignment_index = _alignment_index(model_id, records, alignment_epoch)
+            for record, tokens in zip(records, encoder.encode_model(records, alignment_index)):
+                yield {
+                    "model_id": model_id,
+                    "epoch": record["epoch"],
+                    "tokens": tokens,
+                    "positions": encoder.positions,
+                    "counts": encoder.counts,
+                    "seed": record["seed"],
+                    **{name: record.get(name) for name in PROPERTY_COLUMNS},
+                    **{name: column.encode(record.get(name)) for name, column in columns.items()},
+                }
+                reports.update(1)
+    except ValueError as error:  # bad input: its one-line message goes back to the caller
+        reports.fail(str(error))
+        raise
+    reports.flush()
 
 
 def _alignment_index(model_id: str, records: Sequence[Mapping], alignment_epoch: int | None) -> int:
@@ -367,6 +385,7 @@ def build_zoo_dataset(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    num_proc: int | None = None,
 ) -> ZooDataset:
     """Split, align, normalize and tokenize a raw zoo into a ``DatasetDict`` (one row per checkpoint).
 
@@ -391,6 +410,10 @@ def build_zoo_dataset(
         allow_incomplete: build from the finished models of a zoo whose training or import
             stopped half-way (by default such a zoo is refused: its splits would silently
             change once the rest is finished).
+        num_proc: align and tokenize with this many worker processes (``datasets``' own
+            ``num_proc``; each split's models are shared out in contiguous blocks). The rows, the
+            description and the fingerprint are those of a serial build: every checkpoint is
+            encoded on its own, and the fingerprint is derived from the inputs, not the run.
 
     Returns:
         `ZooDataset` (like `load_zoo_dataset`): ``.splits`` the ``DatasetDict`` with
@@ -440,28 +463,49 @@ def build_zoo_dataset(
         split={"seed": seed, "fractions": list(split_fractions), "models": splits},
         statistics=statistics,
     )
-    bar = tqdm(total=len(all_records), desc="tokenizing checkpoints", disable=not progress)
+    num_proc = _check_num_proc(num_proc)
     dataset = DatasetDict()
-    with bar, _datasets_progress_bars_hidden():
+    with (
+        shared_progress(len(all_records), "tokenizing checkpoints", progress, num_proc) as reports,
+        _datasets_progress_bars_hidden(),
+    ):
+        generate = partial(
+            _generate_rows,
+            records_by_model=records_by_model,
+            encoder=encoder,
+            columns=columns,
+            alignment_epoch=alignment_epoch,
+            reports=reports,
+            threads=None if num_proc is None else max(1, (os.cpu_count() or 1) // num_proc),
+        )
         for split, model_ids in splits.items():
-            generate = partial(
-                _generate_rows, model_ids, records_by_model, encoder, columns, alignment_epoch, bar
-            )
+            records = [record for model_id in model_ids for record in records_by_model[model_id]]
             try:
                 dataset[split] = Dataset.from_generator(
                     generate,
                     features=features,
                     cache_dir=str(cache_dir),
                     split=split,
-                    fingerprint=generate_random_fingerprint(),
+                    gen_kwargs={"model_ids": list(model_ids)},
+                    num_proc=None if num_proc is None else min(num_proc, len(model_ids)),
+                    fingerprint=content_fingerprint(metadata, split, records, root),
                     writer_batch_size=writer_batch_size,
                 )
-            except DatasetGenerationError as error:  # our one-line message, not datasets' wrapper
-                if isinstance(error.__cause__, ValueError):
-                    raise error.__cause__ from None
+            except DatasetGenerationError:  # our one-line message, not datasets' wrapper
+                if reports.errors:
+                    raise ValueError(reports.errors[0]) from None
                 raise
     attach_metadata(dataset, metadata)
     return ZooDataset(dataset, metadata)
+
+
+def _check_num_proc(num_proc: int | None) -> int | None:
+    """``None`` for a serial build, else the number of worker processes (refused below 1)."""
+    if num_proc is None:
+        return None
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise ValueError(f"num_proc must be a whole number >= 1 (or None), got {num_proc!r}")
+    return None if num_proc == 1 else num_proc
 
 
 def _check_complete(root: Path, zoo: Mapping[str, Any], records: Sequence[Mapping]) -> None:

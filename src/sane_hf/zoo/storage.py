@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from huggingface_hub import hf_hub_download
 from sane_hf.zoo.card import build_zoo_dataset_card
 from sane_hf.zoo.formats import (
     DATASET_METADATA_FILE,
+    RAW_METADATA_FILE,
     apply_umask,
     atomic_write_text,
     load_zoo_info,
     load_zoo_metadata,
+    resolve_in_zoo,
 )
 from sane_hf.zoo.metadata import (
     ZooDataset,
@@ -96,8 +99,9 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
     """A cheap but real fingerprint of a ``save_to_disk`` folder: sha256 over each split's
     datasets fingerprint and the names and sizes of its Arrow files.
 
-    Every build gets a fresh random datasets fingerprint, so Arrow files of another build (or a
-    truncated copy) do not match the ``sane_zoo.json`` written with them.
+    A split's datasets fingerprint is its `content_fingerprint`, so Arrow files of a build from
+    other inputs or settings (or a truncated copy) do not match the ``sane_zoo.json`` written
+    with them, while a serial and a parallel build of one zoo get the same fingerprint.
     """
     folder = Path(folder)
     splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
@@ -108,6 +112,43 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
         sizes = [(folder / split / name).stat().st_size for name in files]
         parts.append([split, state["_fingerprint"], list(zip(files, sizes))])
     return "sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+# Bump when the rows a build writes change for the same inputs (the encoding, the columns).
+BUILD_FORMAT = "sane_hf zoo dataset build 1"
+
+
+def content_fingerprint(
+    metadata: ZooMetadata, split: str, records: list[dict[str, Any]], root: str | os.PathLike
+) -> str:
+    """The datasets fingerprint of one split of a build, derived from what determines its rows:
+    the description (layout, normalization, settings, split), the split's metadata records and
+    the bytes of their checkpoint files (read from inside the raw zoo ``root``).
+
+    Not random per run, so a build with several processes gets the fingerprint of a serial one,
+    and ``datasets`` may reuse the Arrow files of an identical earlier build in the same
+    ``cache_dir``.
+    """
+    digest = hashlib.sha256()
+    for part in (BUILD_FORMAT, _package_version(), metadata.to_json(), split):
+        digest.update(part.encode() + b"\0")
+    for record in records:
+        where = f"{Path(root) / RAW_METADATA_FILE}, model {record.get('model_id')!r}"
+        path = resolve_in_zoo(root, record.get("file"), where)
+        try:
+            with path.open("rb") as file:
+                checkpoint = hashlib.file_digest(file, "sha256").hexdigest()
+        except OSError as error:
+            raise ValueError(f"checkpoint {path} ({where}): {error.strerror}") from None
+        digest.update(json.dumps(record, sort_keys=True).encode() + checkpoint.encode())
+    return digest.hexdigest()[:32]
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("sane-hf")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def load_zoo_dataset(

@@ -88,7 +88,7 @@ from sane_hf.zoo.config import (
     ModelSpec,
     ZooConfig,
 )
-from sane_hf.zoo.distributed import Ranks, my_share, run_lock, zoo_processes
+from sane_hf.zoo.distributed import Ranks, RunProgress, my_share, run_lock, zoo_processes
 from sane_hf.zoo.formats import (
     CHECKPOINT_DIR,
     RAW_METADATA_FILE,
@@ -160,18 +160,24 @@ def _train_zoo(
         [spec for spec in chunk if spec.model_id not in finished]
         for chunk in _plan_chunks(specs, config.models_per_chunk)
     ]
-    chunks = my_share([chunk for chunk in chunks if chunk], ranks)
-    data = dataset.to(device)
+    chunks = [chunk for chunk in chunks if chunk]
+    # the bar (rank 0's only) counts the steps of all ranks
     total_steps = len(chunks) * config.epochs * steps_per_epoch(dataset, config.batch_size)
+    chunks = my_share(chunks, ranks)
+    data = dataset.to(device)
     progress = progress and ranks.rank == 0
-    with _population_run(device, total_steps, progress, keep_freed_memory=keep_freed_memory) as bar:
+    with (
+        _population_run(device, total_steps, progress, keep_freed_memory=keep_freed_memory) as bar,
+        RunProgress(bar, ranks) as run,
+    ):
         for index, chunk in enumerate(chunks):
-            bar.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
+            run.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
             trainer = ChunkTrainer(config, architecture_kwargs, chunk, data, device)
             state_path = _state_dir(output_dir) / f"chunk_{chunk[0].model_id}"
-            records = trainer.run(output_dir, state_path, bar)
+            records = trainer.run(output_dir, state_path, run)
             with zoo_metadata_lock(output_dir):  # the ranks of a run take turns
                 _finish_chunk(output_dir, state_path, records)
+        run.wait_for_all()
     ranks.barrier()
     if ranks.rank == 0:  # left: states of chunks planned differently, if any
         shutil.rmtree(_state_dir(output_dir), ignore_errors=True)

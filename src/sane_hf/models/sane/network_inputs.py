@@ -11,13 +11,16 @@ say which input each row came from:
   decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
 - any other folder: its ``*.safetensors`` files, sorted by name;
 - a Hub id (``owner/name``, not an existing path): a zoo dataset repo, else a model repo's
-  ``*.safetensors`` files.
+  ``*.safetensors`` files;
+- `NamedWeights`: a state_dict that keeps the id it was read with (networks already read here
+  and handed on, e.g. one process' share of a multi-process run).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,24 @@ from sane_hf.zoo.dataset import load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE, ZOO_FILE, load_zoo_metadata
 from sane_hf.zoo.metadata import zoo_metadata
 
-NetworkInput = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | Dataset | DatasetDict
+
+@dataclass(frozen=True)
+class NamedWeights:
+    """A network read by `iter_networks`, with its id: read again, it keeps that id."""
+
+    network_id: str
+    state_dict: dict[str, torch.Tensor]
+
+
+NetworkInput = (
+    nn.Module
+    | Mapping[str, torch.Tensor]
+    | str
+    | os.PathLike
+    | Dataset
+    | DatasetDict
+    | NamedWeights
+)
 
 
 def iter_networks(
@@ -46,7 +66,9 @@ def iter_networks(
 
 
 def _is_single(item: Any) -> bool:
-    return isinstance(item, nn.Module | Mapping | str | os.PathLike | Dataset | DatasetDict)
+    return isinstance(
+        item, nn.Module | Mapping | str | os.PathLike | Dataset | DatasetDict | NamedWeights
+    )
 
 
 def _read(item: Any, index: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
@@ -60,6 +82,9 @@ def _read(item: Any, index: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]
     elif isinstance(item, Mapping):
         _check_state_dict(item, f"input {index}")
         yield f"network_{index}", dict(item)
+    elif isinstance(item, NamedWeights):
+        _check_state_dict(item.state_dict, item.network_id)
+        yield item.network_id, dict(item.state_dict)
     elif isinstance(item, str | os.PathLike):
         yield from _read_path(item)
     else:
