@@ -145,7 +145,7 @@ ChunkTrainer.run = run
 sys.exit(main(sys.argv[1:]))
 """
 ZOO_ARGS = ["--num-models", "8", "--models-per-chunk", "2", "--epochs", "3"]
-ZOO_ARGS += ["--num-samples", "100"]
+ZOO_ARGS += ["--set", "dataset_kwargs.num_samples=100"]
 
 
 @pytest.mark.slow

@@ -260,7 +260,8 @@ def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
     config_file = tmp_path / "zoo.yaml"
     config_file.write_text("architecture: mlp\narchitecture_kwargs: {hidden: [8]}\nepochs: 1\n")
     args = ["zoo", "train", "--config", str(config_file), "--num-models", "2", "--no-progress"]
-    args += ["--dataset", "mnist1d", "--num-samples", "60", "--output", str(tmp_path / "zoo")]
+    args += ["--dataset", "mnist1d", "--set", "dataset_kwargs.num_samples=60"]
+    args += ["--output", str(tmp_path / "zoo")]
     assert main(args) == 0
     zoo = json.loads((tmp_path / "zoo/zoo.json").read_text())
     assert zoo["architecture_kwargs"] == {"hidden": [8], "in_features": 40, "num_classes": 10}

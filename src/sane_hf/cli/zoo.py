@@ -20,63 +20,31 @@ _COMMANDS.append(_add_zoo_command)
 
 
 def _add_zoo_train_command(zoo_subparsers) -> None:
+    from sane_hf.utils.config import add_config_arguments
+    from sane_hf.zoo.config import ZooConfig
+
     parser = zoo_subparsers.add_parser(
         "train",
         help="train a seed or hyperparameter zoo into a raw zoo directory (rerun to resume)",
+        description="Train a zoo. Values come from --config (a YAML/JSON file of ZooConfig "
+        "fields), then one flag per field (--num-models 50), then --set key=value "
+        "(--set dataset_kwargs.num_samples=300). A seed zoo of N models uses seeds "
+        "SEED..SEED+N-1, so zoos meant to be independent need seed ranges that do not overlap. "
+        "Under torchrun / accelerate launch -m sane_hf the models are shared out over processes.",
     )
     parser.add_argument("--output", required=True, help="raw zoo directory to write (or resume)")
-    parser.add_argument("--config", help="YAML or JSON file of ZooConfig fields; flags override it")
-    parser.add_argument("--architecture", help="build_model name (default cnn_s)")
-    parser.add_argument(
-        "--dataset", help="digits (default), mnist, mnist1d, an .npz file or an image folder"
-    )
-    parser.add_argument("--num-samples", type=int, help="train on a stratified subsample")
-    parser.add_argument("--kind", choices=("seed", "hyperparameter"), help="default seed")
-    parser.add_argument("--num-models", type=int, help="seeds, or grid sub-sample (default 100)")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        help="first seed (default 0): a seed zoo of N models uses seeds SEED..SEED+N-1, so zoos "
-        "meant to be independent need ranges that do not overlap",
-    )
-    parser.add_argument("--epochs", type=int, help="training epochs (default 50)")
-    parser.add_argument(
-        "--checkpoint-epochs", type=int, nargs="+", help="default: every epoch (0 and last always)"
-    )
-    parser.add_argument("--batch-size", type=int, help="default 10")
-    parser.add_argument("--models-per-chunk", type=int, help="models trained at once (default 50)")
-    parser.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (GPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_arguments(parser, ZooConfig)
     parser.set_defaults(func=_run_zoo_train)
 
 
 def _run_zoo_train(args) -> int:
+    from sane_hf.utils.config import config_from_args
     from sane_hf.zoo.config import ZooConfig
     from sane_hf.zoo.training import train_zoo
 
-    values = ZooConfig.from_file(args.config).to_dict() if args.config else {}
-    for name in (
-        "architecture",
-        "dataset",
-        "kind",
-        "num_models",
-        "seed",
-        "epochs",
-        "checkpoint_epochs",
-        "batch_size",
-        "models_per_chunk",
-        "device",
-        "bf16",
-    ):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.num_samples is not None:
-        values["dataset_kwargs"] = {
-            **values.get("dataset_kwargs", {}),
-            "num_samples": args.num_samples,
-        }
-    print(train_zoo(ZooConfig.from_dict(values), args.output, progress=not args.no_progress))
+    config = config_from_args(ZooConfig, args)
+    print(train_zoo(config, args.output, progress=not args.no_progress))
     return 0
 
 
