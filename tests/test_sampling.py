@@ -19,16 +19,18 @@ from sane_hf.downstream.evaluation import (
     random_batches,
     scratch_models,
 )
+from sane_hf.downstream.novelty import (
+    model_groups,
+    nearest_neighbor_distances,
+    novelty_report,
+    split_token_chunks,
+)
 from sane_hf.downstream.sampling import (
     SaneSampler,
     condition_batchnorm,
     draw_latents,
     gaussian_prior_latents,
-    model_groups,
-    nearest_neighbor_distances,
-    novelty_report,
     select_prompts,
-    split_token_chunks,
 )
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
@@ -329,6 +331,7 @@ def test_cli_sample_writes_networks_novelty_and_evaluation(zoo, sane, tmp_path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "from scratch" in printed and "nearest-neighbour" in printed
+    assert "noise matched to SANE" in printed and "ensemble of 2 prompts" in printed
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["scores"]) == 2 and len(summary["novelty"]["sample_distances"]) == 2
     assert summary["evaluation"]["epochs"] == [0, 1]
@@ -336,6 +339,7 @@ def test_cli_sample_writes_networks_novelty_and_evaluation(zoo, sane, tmp_path, 
     assert len(files) == 2
     synthetic_template().load_state_dict(load_file(files[0]), strict=True)
     assert (output / "evaluation.png").stat().st_size > 0
+    assert (output / "novelty.png").stat().st_size > 0
 
 
 def write_permuted_copy(raw_zoo, root):

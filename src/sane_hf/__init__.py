@@ -71,14 +71,14 @@ _PUBLIC_API: dict[str, list[str]] = {
         "weight_statistics",
     ],
     "downstream.sampling": [
-        "NoveltyReport",
         "SampledModels",
         "SaneSampler",
         "condition_batchnorm",
         "draw_latents",
-        "novelty_report",
         "select_prompts",
     ],
+    "downstream.novelty": ["NoveltyReport", "misclassified", "misprediction_iou", "novelty_report"],
+    "downstream.baselines": ["MemorizationBaselines"],
     "downstream.evaluation": ["SampleEvaluation", "evaluate_samples", "scratch_models"],
     "recipes.experiments": [
         "SamplingMethod",
@@ -107,8 +107,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from sane_hf.downstream.baselines import MemorizationBaselines
     from sane_hf.downstream.embedding import Embeddings, decode_latents, embed, encode_tokens
     from sane_hf.downstream.evaluation import SampleEvaluation, evaluate_samples, scratch_models
+    from sane_hf.downstream.novelty import (
+        NoveltyReport,
+        misclassified,
+        misprediction_iou,
+        novelty_report,
+    )
     from sane_hf.downstream.probing import (
         LogisticProbe,
         ProbeReport,
@@ -119,12 +126,10 @@ if TYPE_CHECKING:
         weight_statistics,
     )
     from sane_hf.downstream.sampling import (
-        NoveltyReport,
         SampledModels,
         SaneSampler,
         condition_batchnorm,
         draw_latents,
-        novelty_report,
         select_prompts,
     )
     from sane_hf.hub import push_zoo_dataset

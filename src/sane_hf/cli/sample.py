@@ -110,7 +110,10 @@ def _run_sample(args) -> int:
         from_training_split = prompt_zoo is zoo and args.prompt_split == "train"
         summary["novelty"] = _novelty(sampler, samples, zoo, prompts, rows, from_training_split)
     if args.finetune_epochs >= 0:
-        summary["evaluation"] = _evaluate(args, sampler, samples, task, hyperparameters)
+        baselines = None
+        if "novelty" in summary and not args.prior:
+            baselines = _baselines(args, sampler, zoo, prompts, task)
+        summary["evaluation"] = _evaluate(args, sampler, samples, task, hyperparameters, baselines)
     with open(f"{args.output_dir}/summary.json", "w") as file:
         json.dump(summary, file, indent=2)
     print(f"{len(samples)} samples and summary.json written to {args.output_dir}")
@@ -162,7 +165,7 @@ def _save_samples(samples, output_dir: str) -> None:
 
 def _novelty(sampler, samples, zoo, prompts, rows, from_training_split: bool) -> dict:
     """Distances of samples, and of prompts to other models, to the nearest training model."""
-    from sane_hf.downstream.sampling import model_groups, novelty_report, split_token_chunks
+    from sane_hf.downstream.novelty import model_groups, novelty_report, split_token_chunks
 
     train = zoo.splits["train"]
     groups = model_groups(train)
@@ -178,8 +181,30 @@ def _novelty(sampler, samples, zoo, prompts, rows, from_training_split: bool) ->
     return report.to_dict()
 
 
-def _evaluate(args, sampler, samples, task, hyperparameters) -> dict:
-    """Fine-tune samples and from-scratch networks with the prompts' recipe; table and plot."""
+def _baselines(args, sampler, zoo, prompts, task):
+    """Noise and ensemble baselines around the prompts (sane_hf.downstream.baselines)."""
+    import torch
+
+    from sane_hf.downstream.baselines import MemorizationBaselines
+    from sane_hf.downstream.evaluation import random_batches
+    from sane_hf.downstream.novelty import split_token_chunks
+
+    norms = any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in sampler.template.modules()
+    )
+    return MemorizationBaselines(
+        sampler,
+        sampler.prompt_tokens(prompts),
+        lambda: split_token_chunks(zoo.splits["train"]),
+        num_networks=args.num_samples,
+        seed=args.seed,
+        bn_batches=random_batches(task, args.bn_batches, seed=args.seed) if norms else None,
+    )
+
+
+def _evaluate(args, sampler, samples, task, hyperparameters, baselines=None) -> dict:
+    """Fine-tune samples, from-scratch networks and the memorization baselines with the
+    prompts' recipe; table and plots."""
     from sane_hf.downstream.evaluation import evaluate_samples, scratch_models
 
     init = hyperparameters.get("init") or "default"
@@ -190,15 +215,18 @@ def _evaluate(args, sampler, samples, task, hyperparameters) -> dict:
         if hyperparameters.get(name) is not None
     }
     evaluation = evaluate_samples(
-        {"SANE": samples.models, "from scratch": scratch},
+        {"SANE": samples, "from scratch": scratch},
         task,
         args.finetune_epochs,
         seed=args.seed,
         device=device_argument(args),
+        baselines=baselines,
         **recipe,
     )
     print(evaluation.table())
     evaluation.plot(f"{args.output_dir}/evaluation.png")
+    if evaluation.novelty:
+        evaluation.plot_novelty(f"{args.output_dir}/novelty.png")
     return evaluation.to_dict()
 
 
