@@ -115,6 +115,21 @@ def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device
     return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
 
 
+def cpu_time_repeats(function: Callable[[], Any], repeats: int) -> list[float]:
+    """CPU milliseconds this process spent in each of ``repeats`` calls of ``function``.
+
+    On a shared CPU the wall clock of a one-thread benchmark grows with the load (other
+    processes take turns on the cores); the process' CPU time does much less, so CPU timings are
+    compared on it, next to the wall-clock numbers and the load average.
+    """
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        function()
+        times.append((time.process_time() - start) * 1e3)
+    return times
+
+
 # Kernel name patterns of each category of a GPU profile (first match wins).
 KERNEL_CATEGORIES = {
     "attention": ("flash", "fmha", "attention", "sdpa"),
