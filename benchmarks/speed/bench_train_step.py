@@ -48,6 +48,7 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import (
+    CPU_PRETRAINING,
     DTYPES,
     cpu_time_repeats,
     default_device,
@@ -60,7 +61,6 @@ from benchmarks.common import (
     time_repeats,
     write_results,
 )
-from benchmarks.reproduce_common import CPU_PRETRAINING
 from sane_hf import SaneConfig, SaneModel
 from sane_hf.models.sane.modeling_sane import SaneLayer
 
