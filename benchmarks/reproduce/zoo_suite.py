@@ -21,7 +21,9 @@ Every zoo runs the resumable stages of `sane_hf.recipes.experiments` in
    samples with the memorization baselines, prompts and from-scratch networks, fine-tuned for
    ``finetune_epochs``; and decode(encode(prompt)) (bandwidth 0) at epoch 0.
 
-Each finished zoo updates its entry of ``benchmarks/results/zoo_suite.json``.
+Each finished zoo updates its entry of ``benchmarks/results/zoo_suite.json`` and writes
+``benchmarks/results/zoo_suite_<zoo>_novelty.png`` (accuracy at epoch 0 against novelty: the
+noise curve, the ensembles and each SANE method); ``--markdown`` prints RESULTS.md's table.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
             lambda: compare_sampling(model, zoo, [KDE, SUBSAMPLED], SAMPLING, include_prompts=True),
         )
         print(sampling.table())
-        sampling.evaluation.plot_novelty(work / "novelty.png")
+        sampling.evaluation.plot_novelty(RESULTS_DIR / f"zoo_suite_{name}_novelty.png")
         autoencoded = cached_sampling(
             work / "bandwidth0.json",
             lambda: compare_sampling(
@@ -226,12 +228,57 @@ def save_entry(entry: dict[str, Any], path: Path = SUITE_FILE) -> None:
     print(f"\n{entry['name']} written to {path}")
 
 
+def suite_markdown(suite: dict[str, Any]) -> str:
+    """RESULTS.md's per-zoo table of the suite file: targets next to what was measured."""
+    rows = []
+    for name, entry in suite["zoos"].items():
+        prompts = entry["prompts_acc"]
+        probes = entry["probes"]
+
+        def probe(prop: str, entry_probes=probes) -> str:
+            scores = entry_probes.get(prop, {})
+            return " / ".join(f"{scores[f]:.2f}" for f in ("SANE", "s(W)", "W") if f in scores)
+
+        novelty = entry["novelty"].get(SUBSAMPLED.name, {})
+        rows.append(
+            [
+                name + (" (dev)" if entry["development_zoo"] else ""),
+                entry["tokens_per_network"],
+                f"{entry['reconstruction_r2']:.3f}",
+                f"{100 * prompts:.1f}",
+                f"{100 * entry['autoencoded_prompts_acc']:.1f} ({entry['autoencoded_prompts_acc'] / prompts:.0%})",
+                f"{100 * entry['subsampled_epoch0_acc']:.1f} ({entry['subsampled_epoch0_acc'] / prompts:.0%})",
+                f"{100 * entry['noise_baseline_epoch0_acc']:.1f}",
+                f"{100 * entry['kde_epoch0_acc']:.1f} / {100 * entry['noise_baseline_kde_epoch0_acc']:.1f}",
+                f"{100 * entry['ensemble_epoch0_acc']:.1f}",
+                f"{novelty.get('relative', float('nan')):.2f} / {novelty.get('iou', float('nan')):.2f}",
+                probe("test_acc"),
+                probe("epoch"),
+                probe("ggap"),
+            ]
+        )
+    header = [
+        "zoo", "tokens", "val. recon. R²", "prompts %", "decode(encode) % (of prompts)",
+        "subsampled ep. 0 % (of prompts)", "matched noise ep. 0 %", "KDE / its noise ep. 0 %",
+        "ensemble ep. 0 %", "subsampled novelty rel. / IoU", "probe R² acc SANE / s(W) / W",
+        "probe R² epoch", "probe R² ggap",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", choices=sorted(ZOOS), help="the zoo to build and evaluate")
     parser.add_argument("--list", action="store_true", help="list the zoos and exit")
     parser.add_argument("--work-dir", help="default outputs/reproduce/zoo_suite/")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the results table of the suite file"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        print(suite_markdown(json.loads(SUITE_FILE.read_text())))
+        return
     if args.list or not args.zoo:
         for name, suite_zoo in ZOOS.items():
             role = "development" if suite_zoo.development else "held out"
