@@ -108,12 +108,7 @@ def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device
     (launch overhead, a hidden synchronization) shows up as a longer step. On CPU, wall clock.
     """
     if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        return _clocked_calls(function, repeats, time.perf_counter)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
     synchronize(device)
     events[0].record()
@@ -131,11 +126,18 @@ def cpu_time_repeats(function: Callable[[], Any], repeats: int) -> list[float]:
     processes take turns on the cores); the process' CPU time does much less, so CPU timings are
     compared on it, next to the wall-clock numbers and the load average.
     """
+    return _clocked_calls(function, repeats, time.process_time)
+
+
+def _clocked_calls(
+    function: Callable[[], Any], repeats: int, clock: Callable[[], float]
+) -> list[float]:
+    """Milliseconds of ``clock`` (wall or CPU seconds) each of ``repeats`` calls took."""
     times = []
     for _ in range(repeats):
-        start = time.process_time()
+        start = clock()
         function()
-        times.append((time.process_time() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return times
 
 
