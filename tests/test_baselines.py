@@ -44,8 +44,9 @@ def test_noise_of_norm_zero_is_the_prompt_and_otherwise_exactly_the_distance():
     torch.testing.assert_close(distances, torch.full((3,), 1.5))
     assert not noisy[:, ~mask].any()  # padding stays padding
     assert not torch.equal(noisy[0], noisy[2])  # same prompt, independent noise
-    with pytest.raises(ValueError, match="distance must be >= 0"):
-        noise_tokens(prompts, mask, -1.0, indices)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="distance must be >= 0"):
+            noise_tokens(prompts, mask, bad, indices)
 
 
 def test_ensemble_of_a_network_with_itself_is_that_network_and_pairs_differ():
@@ -169,3 +170,11 @@ def test_evaluate_samples_with_baselines_tables_the_matched_noise_next_to_sane(
     assert (tmp_path / "novelty.png").stat().st_size > 0
     again = SampleEvaluation.from_dict(evaluation.to_dict())
     assert again.table() == evaluation.table()
+
+
+def test_one_prompt_gets_matched_noise_but_no_curve_or_ensemble(zoo, sampler, prompt_tokens):
+    baselines = _baselines(zoo, sampler, prompt_tokens[:1], num_networks=2)
+    samples = sampler.sample(prompt_tokens[:1], 2, generator=torch.Generator().manual_seed(0))
+    built = baselines.groups({"SANE": samples})
+    assert list(built.groups) == ["SANE", "noise matched to SANE"]
+    assert torch.isfinite(built.tokens["noise matched to SANE"]).all()

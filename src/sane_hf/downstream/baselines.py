@@ -52,7 +52,7 @@ def noise_tokens(
     A Gaussian direction with a fixed norm puts every noisy network at ``distance`` from its
     prompt: the comparison with SANE samples at the same distance is then exact, not on average.
     """
-    if distance < 0:
+    if not distance >= 0:  # NaN too
         raise ValueError(f"noise distance must be >= 0, got {distance}")
     if prompt_tokens.shape[1:] != mask.shape:
         raise ValueError(
@@ -191,10 +191,10 @@ class MemorizationBaselines:
             noise_name = f"noise matched to {name}"
             self._add(result, noise_name, noisy, NOISE)
             result.matched[name] = noise_name
-        for level in self.noise_levels:
-            noisy = self.noise(level * self.scale, seed_offset=100 + len(result.groups))
-            self._add(result, f"noise {level:g}x prompt distance", noisy, NOISE)
-        if len(self.prompt_tokens) > 1:
+        if len(self.prompt_tokens) > 1:  # one prompt: no distance between prompts, no pairs
+            for level in self.noise_levels:
+                noisy = self.noise(level * self.scale, seed_offset=100 + len(result.groups))
+                self._add(result, f"noise {level:g}x prompt distance", noisy, NOISE)
             self._add(result, "ensemble of 2 prompts", self.ensemble(), ENSEMBLE)
         return result
 
