@@ -1,12 +1,18 @@
-"""What the SANE speed benchmarks share: device facts, timing without host syncs, result files.
+"""What the benchmarks share: device facts, timing without host syncs, result files, and for
+the reproduction scripts the ``--scale`` switch, the SANE recipes per scale, work folders and
+markdown tables.
 
-Every benchmark prints one JSON object and keeps its latest result in
-``benchmarks/results/<name>.json``, with the device, the command line and the load average (the
-CPU of the development machine is shared, so CPU timings carry how busy it was).
+Speed benchmarks (``python -m benchmarks.speed.bench_x``) print one JSON object and keep their
+latest result in ``benchmarks/results/<name>.json``; reproduction scripts
+(``python -m benchmarks.reproduce.x``) run the resumable stages of
+`sane_hf.recipes.experiments` in ``outputs/reproduce/<experiment>-<scale>/`` and write
+``benchmarks/results/reproduce_<experiment>_<scale>.json``. Both record the device, the command
+line and the load average (a shared CPU's timings carry how busy it was).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -16,17 +22,21 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
+import sane_hf
 from sane_hf import build_model
+from sane_hf.utils.config import load_values
 from sane_hf.zoo.formats import write_checkpoint, write_zoo_info, write_zoo_metadata
 
 RESULTS_DIR = Path(__file__).parent / "results"
+WORK_ROOT = Path(__file__).parent.parent / "outputs" / "reproduce"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -99,12 +109,7 @@ def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device
     (launch overhead, a hidden synchronization) shows up as a longer step. On CPU, wall clock.
     """
     if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        return _clocked_calls(function, repeats, time.perf_counter)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
     synchronize(device)
     events[0].record()
@@ -113,6 +118,28 @@ def time_repeats(function: Callable[[], Any], repeats: int, device: torch.device
         event.record()
     synchronize(device)
     return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
+
+
+def cpu_time_repeats(function: Callable[[], Any], repeats: int) -> list[float]:
+    """CPU milliseconds this process spent in each of ``repeats`` calls of ``function``.
+
+    On a shared CPU the wall clock of a one-thread benchmark grows with the load (other
+    processes take turns on the cores); the process' CPU time does much less, so CPU timings are
+    compared on it, next to the wall-clock numbers and the load average.
+    """
+    return _clocked_calls(function, repeats, time.process_time)
+
+
+def _clocked_calls(
+    function: Callable[[], Any], repeats: int, clock: Callable[[], float]
+) -> list[float]:
+    """Milliseconds of ``clock`` (wall or CPU seconds) each of ``repeats`` calls took."""
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        function()
+        times.append((clock() - start) * 1e3)
+    return times
 
 
 # Kernel name patterns of each category of a GPU profile (first match wins).
@@ -207,3 +234,117 @@ def write_synthetic_raw_zoo(
                  "hyperparameters": {"activation": activation, "dropout": 0.0}}
             )  # fmt: skip
     write_zoo_metadata(root, lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproduction scripts
+
+# The pretraining recipes are presets (sane_hf/presets/pretraining); the scripts take their
+# values as plain dicts (``{**CPU_PRETRAINING, "num_epochs": 150}``) and add run plumbing.
+# GPU scale for CNN-s zoos: the `cnn` preset (the reference's recipe, sane-method.md Sec. 3:
+# AdamW 1e-4, wd 3e-9, OneCycle, 50 epochs, bf16).
+GPU_PRETRAINING: dict[str, Any] = {
+    **load_values("cnn", "pretraining"),
+    "checkpointing_steps": 2000,
+    "checkpoints_total_limit": 1,
+    "report_to": "none",
+}
+# CPU scale for CNN-s zoos: the `cnn-s-cpu` preset (tiny widened to d_model 64 and 4+4 blocks,
+# the paper's latent size 128, a 48-token window: a whole CNN-s network).
+CPU_PRETRAINING: dict[str, Any] = load_values("cnn-s-cpu", "pretraining")
+
+
+def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--scale",
+        choices=scales,
+        default="cpu",
+        help="cpu: what a 2-core CPU does in minutes; gpu: the issue's full scale (one H100)"
+        + (
+            "; smoke: every stage at toy size, to check a machine in a minute"
+            if "smoke" in scales
+            else ""
+        ),
+    )
+    parser.add_argument("--work-dir", help="zoos, datasets and models (default outputs/reproduce/)")
+    return parser.parse_args()
+
+
+def _module_name() -> str:
+    """``benchmarks.reproduce.x`` of the running script (run as ``python -m``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).stem
+
+
+def work_dir(args: argparse.Namespace, experiment: str) -> Path:
+    path = Path(args.work_dir) if args.work_dir else WORK_ROOT / f"{experiment}-{args.scale}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def result_path(experiment: str, scale: str, suffix: str) -> Path:
+    """``benchmarks/results/reproduce_<experiment>_<scale><suffix>``, e.g. ``_probe.png``."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    return RESULTS_DIR / f"reproduce_{experiment}_{scale}{suffix}"
+
+
+def write_experiment_results(experiment: str, scale: str, results: dict[str, Any]) -> Path:
+    """Write a reproduction's results JSON (with command and machine) and say where it went."""
+    path = result_path(experiment, scale, ".json")
+    command = shlex.join(["python", "-m", _module_name(), *sys.argv[1:]])
+    payload = {"experiment": experiment, "scale": scale, "command": command, **results}
+    payload["machine"] = {**machine_info(default_device()), "sane_hf": sane_hf.__version__}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"\nresults written to {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown tables of the results (RESULTS.md and the released model card)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def probe_markdown(report: dict[str, Any]) -> str:
+    """Properties x feature sets of a `ProbeReport.to_dict()`: R^2, or accuracy for categories."""
+    scores: dict[str, dict[str, str]] = {}
+    for result in report["results"]:
+        metric = "R²" if result["metric"] == "r2" else "accuracy"
+        cell = scores.setdefault(f"{result['property']} ({metric})", {})
+        cell[result["features"]] = f"{result['score']:.3f}"
+    features = list(dict.fromkeys(r["features"] for r in report["results"]))
+    rows = [[name, *(cells.get(f, "-") for f in features)] for name, cells in scores.items()]
+    return markdown_table(["property", *features], rows)
+
+
+def sampling_markdown(results: dict[str, Any], epochs: list[int]) -> str:
+    """Groups x fine-tuning epochs, accuracy % mean ± std, with n and the median novelty:
+    distance to the nearest training checkpoint relative to the distance between prompts, and
+    mistake IoU (each SANE row is followed by its matched-noise row)."""
+    from sane_hf.downstream.evaluation import SampleEvaluation
+
+    evaluation = SampleEvaluation.from_dict(results["evaluation"])
+    columns = [evaluation.epochs.index(epoch) for epoch in epochs]
+    rows = []
+    for group, accuracy in evaluation.accuracy.items():
+        values = 100 * np.array(accuracy)
+        cells = [f"{values[:, c].mean():.1f} ± {values[:, c].std():.1f}" for c in columns]
+        medians = evaluation.novelty_medians(group) or {}
+        relative = medians.get("relative", results["novelty"].get(group, {}).get("relative"))
+        iou = medians.get("iou")
+        rows.append(
+            [
+                group,
+                len(values),
+                *cells,
+                "-" if relative is None else f"{relative:.2f}",
+                "-" if iou is None else f"{iou:.2f}",
+            ]
+        )
+    header = ["method", "n", *(f"epoch {epoch}" for epoch in epochs), "novelty", "mistake IoU"]
+    return markdown_table(header, rows)

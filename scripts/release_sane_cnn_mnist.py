@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from benchmarks.reproduce_common import (
+from benchmarks.common import (
     WORK_ROOT,
     probe_markdown,
     result_path,

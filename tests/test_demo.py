@@ -7,7 +7,7 @@ import pytest
 from sane_hf.cli import main
 from sane_hf.recipes.demo import DemoConfig, run_demo
 
-PLOTS = ("zoo_accuracy.png", "probe.png", "sampling.png")
+PLOTS = ("zoo_accuracy.png", "probe.png", "sampling.png", "novelty.png")
 GROUPS = ["SANE kde (shared)", "SANE subsampled (shared)", "from scratch"]
 
 
@@ -30,7 +30,13 @@ def test_demo_writes_plots_tables_and_summary(demo_run):
 
     sampling = summary["sampling"]
     assert sampling["epochs"] == [0, 1]
-    assert list(sampling["accuracy"]) == GROUPS
+    assert list(sampling["accuracy"]) == [
+        *("SANE kde (shared)", "noise matched to SANE kde (shared)"),
+        *("SANE subsampled (shared)", "noise matched to SANE subsampled (shared)"),
+        *(f"noise {level}x prompt distance" for level in ("0.25", "0.5", "1")),
+        *("ensemble of 2 prompts", "from scratch"),
+    ]  # every SANE group followed by its memorization baseline
+    assert sampling["matched_noise"] == {group: f"noise matched to {group}" for group in GROUPS[:2]}
     for group in GROUPS:
         assert all(0 <= value <= 1 for value in sampling["accuracy"][group]["mean"])
     assert list(sampling["novelty"]) == GROUPS[:2]  # from-scratch networks are not sampled

@@ -92,8 +92,8 @@ def test_sampling_results_round_trip_and_table():
     lines = results.table().splitlines()
     assert lines[2].split() == [
         *("SANE", "kde", "(shared)", "2"),
-        *("70.0", "±", "10.0", "80.0", "±", "10.0", "0.25"),
-    ]
+        *("70.0", "±", "10.0", "80.0", "±", "10.0", "-", "0.25", "-"),
+    ]  # results without per-network novelty: only the relative distance is known
     assert lines[3].endswith("-")  # from-scratch networks are not sampled: no novelty
     assert "epoch 1" not in results.table(epochs=[0])
     with pytest.raises(ValueError, match="epochs \\[5\\] were not evaluated"):

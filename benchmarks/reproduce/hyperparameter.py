@@ -19,15 +19,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.reproduce_common import (
+from benchmarks.common import (
     CPU_PRETRAINING,
     GPU_PRETRAINING,
     RESULTS_DIR,
-    device,
+    default_device,
     parse_args,
     result_path,
     work_dir,
-    write_results,
+    write_experiment_results,
 )
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -84,7 +84,9 @@ def main() -> None:
     with log.stage("dataset", "building the zoo dataset"):
         zoo = build_dataset_stage(work / "zoo", work / "dataset")
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
-        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(
+            str(default_device())
+        )
     with log.stage("probing", "probing for hyperparameters: SANE vs s(W) vs W"):
         report = probe_stage(
             model,
@@ -95,7 +97,7 @@ def main() -> None:
         )
         print(report.table())
 
-    write_results(
+    write_experiment_results(
         "hyperparameter",
         args.scale,
         {

@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reproduce_common import (
+from benchmarks.common import (
     CPU_PRETRAINING,
     GPU_PRETRAINING,
     RESULTS_DIR,
-    device,
+    default_device,
     parse_args,
     result_path,
     work_dir,
-    write_results,
+    write_experiment_results,
 )
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -123,7 +123,7 @@ SCALES = {
     ),
     # Every stage at toy size on whatever device there is: checks a (GPU) machine in a minute.
     "smoke": Scale(
-        zoo=ZooConfig(dataset="mnist", num_models=12, epochs=2, device=device()),
+        zoo=ZooConfig(dataset="mnist", num_models=12, epochs=2, device=str(default_device())),
         pretrain_epochs=2,
         pretraining={**CPU_PRETRAINING, "num_epochs": 2, "mixed_precision": "bf16"},
         sampling=SamplingSettings(
@@ -151,7 +151,9 @@ def mnist_zoo_and_sane(scale_name: str, work: Path, log: StageLog) -> tuple[ZooD
             work / "zoo", work / "dataset", epochs=range(1, scale.pretrain_epochs + 1)
         )
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']})"):
-        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(
+            str(default_device())
+        )
     return zoo, model
 
 
@@ -199,7 +201,7 @@ def main() -> None:
         print(reconstruction.table())
 
     prompt_epoch = scale.pretrain_epochs
-    write_results(
+    write_experiment_results(
         "mnist",
         args.scale,
         {

@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from benchmarks.common import WORK_ROOT, parse_args, result_path, work_dir, write_experiment_results
 from benchmarks.reproduce.mnist import SCALES as MNIST_SCALES
 from benchmarks.reproduce.mnist import mnist_zoo_and_sane
-from benchmarks.reproduce_common import WORK_ROOT, parse_args, result_path, work_dir, write_results
 from sane_hf import ZooConfig, train_zoo
 from sane_hf.downstream.sampling import select_prompts
 from sane_hf.recipes.experiments import (
@@ -99,7 +99,7 @@ def main() -> None:
         results.evaluation.plot(result_path("new_task", args.scale, "_sampling.png"))
         print(results.table(scale.table_epochs))
 
-    write_results(
+    write_experiment_results(
         "new_task",
         args.scale,
         {

@@ -24,13 +24,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.reproduce_common import (
+from benchmarks.common import (
     RESULTS_DIR,
-    device,
+    default_device,
     parse_args,
     result_path,
     work_dir,
-    write_results,
+    write_experiment_results,
 )
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -144,7 +144,9 @@ def main() -> None:
             f"    {zoo.metadata.layout.num_tokens} tokens in {zoo.metadata.layout.num_layers} layers"
         )
     with log.stage("pretraining", f"pretraining SANE ({scale.pretraining['model']}) on windows"):
-        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(device())
+        model = pretrain_stage(experiment_pretraining(scale.pretraining, work)).to(
+            str(default_device())
+        )
     with log.stage("probing", "Table 1: SANE vs s(W) (halo-window embeddings)"):
         report = probe_stage(
             model,
@@ -166,7 +168,7 @@ def main() -> None:
             print(f"{name}:\n{results.table()}")
             ablation[name] = results.to_dict() | {"summary": results.evaluation.summary()}
 
-    write_results(
+    write_experiment_results(
         "resnet18",
         args.scale,
         {

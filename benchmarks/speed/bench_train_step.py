@@ -28,6 +28,7 @@ events and no host synchronization between them. Peak memory is ``max_memory_all
 and the process' peak RSS on CPU.
 
     python -m benchmarks.speed.bench_train_step --preset tiny
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.bench_train_step --preset cpu --threads 1
     python -m benchmarks.speed.bench_train_step --preset cnn --compile model --cuda-graph
     python -m benchmarks.speed.bench_train_step --preset resnet18 --compile model
 
@@ -47,7 +48,9 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import (
+    CPU_PRETRAINING,
     DTYPES,
+    cpu_time_repeats,
     default_device,
     kernel_profile,
     machine_info,
@@ -61,11 +64,16 @@ from benchmarks.common import (
 from sane_hf import SaneConfig, SaneModel
 from sane_hf.models.sane.modeling_sane import SaneLayer
 
-DEFAULT_BATCH_SIZE = {"tiny": 4, "cnn": 32, "resnet18": 32}
+DEFAULT_BATCH_SIZE = {"tiny": 4, "cpu": 32, "cnn": 32, "resnet18": 32}
 # Length of the synthetic token sequence windows are cut from: CNN-m and ResNet-18 (BN kept).
-SEQUENCE_LENGTH = {"tiny": 93, "cnn": 93, "resnet18": 53_704}
-REFERENCE_STEP_MS = {"cnn": 61.2, "resnet18": 210.0}
-TARGET_STEP_MS = {"cnn": 20.0, "resnet18": 150.0}
+SEQUENCE_LENGTH = {"tiny": 93, "cpu": 93, "cnn": 93, "resnet18": 53_704}
+# cnn, resnet18: the reference on an H100; cpu: the reference implementation on the 2-core
+# development CPU, one thread, fp32 (issue 14), run back to back with ours (103 ms then).
+REFERENCE_STEP_MS = {"cpu": 112.0, "cnn": 61.2, "resnet18": 210.0}
+TARGET_STEP_MS = {"cpu": 56.0, "cnn": 20.0, "resnet18": 150.0}
+# ``cpu``: the cpu-scale SANE of the reproduction scripts (CPU_PRETRAINING: d_model 64, 4+4
+# blocks, 4 heads, latent 128, window 48) at the CNN token size T=289.
+BENCH_PRESETS = {"cpu": ("tiny", CPU_PRETRAINING["model"])}
 # aten::_scaled_dot_product_{flash,efficient,cudnn}_attention, ..._attention_math
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 
@@ -234,7 +242,8 @@ def main() -> None:
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA device")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    config = SaneConfig.from_preset(args.preset)
+    base, overrides = BENCH_PRESETS.get(args.preset, (args.preset, {}))
+    config = SaneConfig.from_preset(base, **{k: v for k, v in overrides.items() if k != "preset"})
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.preset]
     window = args.window or config.windowsize
     torch.manual_seed(0)
@@ -281,6 +290,7 @@ def main() -> None:
     reset_peak_memory(device)
     losses: list[torch.Tensor] = []
     step_ms = time_repeats(lambda: losses.append(train_step()), args.steps, device)
+    cpu_step_ms = cpu_time_repeats(train_step, args.steps) if device.type == "cpu" else None
     losses = torch.stack(losses).tolist()
     profile = kernel_profile(train_step, 3, device)
 
@@ -306,6 +316,11 @@ def main() -> None:
         "matmul_parameters": matmul_parameters,
         "steps": args.steps,
         **{f"step_{key}": value for key, value in summarize_ms(step_ms).items()},
+        **(
+            {f"step_cpu_{k}": v for k, v in summarize_ms(cpu_step_ms).items()}
+            if cpu_step_ms
+            else {}
+        ),
         "tokens_per_s": round(tokens_per_step / median_s),
         "model_tflops_per_s": round(6 * matmul_parameters * tokens_per_step / median_s / 1e12, 4),
         "flops_counting": "6 * matmul_parameters * tokens_per_step per step (no attention scores)",

@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of sane-hf in one command, within one 10-minute device call on an H100.
+# Every GPU benchmark of sane-hf in one command, within about 10 minutes on an H100.
 #
-#   bash scripts/gpu/run_gpu_benchmarks.sh            # from the repository root, on the GPU machine
+#   OUT=/some/folder bash scripts/gpu/run_gpu_benchmarks.sh   # from the repository root
 #
-# Through this workplace's device tool, with the wheels the GPU image lacks carried along (see
-# scripts/gpu/gpu_env.sh for how .whl/ is filled):
-#
-#   run(command="bash scripts/gpu/run_gpu_benchmarks.sh", carry=[".whl"], timeout_s=600)
-#
-# then unpack the results here: tar xzf <files_at>/gpu_results.tgz (into the repository root).
+# (packages the GPU image may lack: see scripts/gpu/gpu_env.sh). To bring the results to another
+# checkout, unpack $OUT/gpu_results.tgz in its repository root.
 #
 # Benchmarks run in priority order, each in its own process with its own time limit; one that
 # fails or runs out of time is recorded and the next one runs. BUDGET_S (default 540 s) bounds

@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# The GPU-scale MNIST reproduction (issue 7) with the H100 zoo benchmark (issue 3), in 10-minute
-# device calls that resume each other:
+# The GPU-scale MNIST reproduction (issue 7) with the H100 zoo benchmark (issue 3), in runs of
+# about 10 minutes that resume each other:
 #
-#   bash scripts/gpu/run_gpu_reproduction.sh        # rerun until it prints "reproduction finished"
+#   OUT=/some/folder bash scripts/gpu/run_gpu_reproduction.sh   # rerun until "reproduction finished"
 #
-# Through this workplace's device tool (the wheels the image lacks travel in .whl/, see
-# scripts/gpu/gpu_env.sh), chaining the calls while the machine is warm (its disk holds the zoo,
-# the dataset and the SANE checkpoints between calls of one lease):
-#
-#   run(command="bash scripts/gpu/run_gpu_reproduction.sh", carry=[".whl"], timeout_s=600)
-#
+# (packages the GPU image may lack: see scripts/gpu/gpu_env.sh). Every run continues from what
+# the previous ones left in outputs/reproduce/mnist-gpu/ (the zoo, the dataset, SANE checkpoints).
 # The first call trains the 1,000-model CNN-s zoo with `bench_zoo.py --preset h100` (so the zoo
 # is timed: BENCHMARKS.md's H100 number, benchmarks/results/bench_zoo_h100.json) into
 # outputs/reproduce/mnist-gpu/zoo, then `reproduce_mnist.py --scale gpu` builds the dataset and

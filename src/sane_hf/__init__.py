@@ -86,14 +86,14 @@ _PUBLIC_API: dict[str, list[str]] = {
         "predict_networks",
     ],
     "downstream.sampling": [
-        "NoveltyReport",
         "SampledModels",
         "SaneSampler",
         "condition_batchnorm",
         "draw_latents",
-        "novelty_report",
         "select_prompts",
     ],
+    "downstream.novelty": ["NoveltyReport", "misclassified", "misprediction_iou", "novelty_report"],
+    "downstream.baselines": ["MemorizationBaselines"],
     "downstream.evaluation": ["SampleEvaluation", "evaluate_samples", "scratch_models"],
     "recipes.pretraining": ["pretrain_with_probe_heads"],
     "recipes.experiments": [
@@ -125,8 +125,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from sane_hf.downstream.baselines import MemorizationBaselines
     from sane_hf.downstream.embedding import Embeddings, decode_latents, embed, encode_tokens
     from sane_hf.downstream.evaluation import SampleEvaluation, evaluate_samples, scratch_models
+    from sane_hf.downstream.novelty import (
+        NoveltyReport,
+        misclassified,
+        misprediction_iou,
+        novelty_report,
+    )
     from sane_hf.downstream.pretrained import (
         PretrainedSane,
         PropertyPredictions,
@@ -148,12 +155,10 @@ if TYPE_CHECKING:
         with_labels,
     )
     from sane_hf.downstream.sampling import (
-        NoveltyReport,
         SampledModels,
         SaneSampler,
         condition_batchnorm,
         draw_latents,
-        novelty_report,
         select_prompts,
     )
     from sane_hf.hub import HubError, push_folder, push_model_to_hub, push_zoo_dataset

@@ -58,5 +58,5 @@ def _run_sample(args) -> int:
     )
     if is_main_process():  # under a launcher every process holds the results
         print(results.table())
-        print(f"samples, sampling.json and sampling.png written to {args.output_dir}")
+        print(f"samples, sampling.json and the plots written to {args.output_dir}")
     return 0

@@ -16,13 +16,15 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from sane_hf.downstream.baselines import MemorizationBaselines
+from sane_hf.downstream.sampling import SampledModels
 from sane_hf.zoo.architectures import initialize
 from sane_hf.zoo.tasks import ImageDataset, load_dataset_by_name
 from sane_hf.zoo.training import fine_tune_population, network_structure
@@ -31,10 +33,22 @@ from sane_hf.zoo.training import fine_tune_population, network_structure
 @dataclass
 class SampleEvaluation:
     """Test accuracy per group, network and fine-tuning epoch (``accuracy[group]``:
-    ``[networks, len(epochs)]``, epoch 0 = before any training)."""
+    ``[networks, len(epochs)]``, epoch 0 = before any training), and with memorization
+    baselines the novelty of every network built from tokens.
+
+    ``novelty[group]``: ``{"distance": [networks], "iou": [networks]}`` (distance to the nearest
+    training checkpoint in normalized weight space; largest IoU of test mistakes with a prompt or
+    training network). ``roles[group]``: ``samples``, ``noise`` or ``ensemble``;
+    ``matched[sane_group]``: its matched-noise group; ``scale``: the median distance between
+    distinct prompts (``rel`` in the table is a group's median distance over it).
+    """
 
     epochs: list[int]
     accuracy: dict[str, np.ndarray]
+    novelty: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    matched: dict[str, str] = field(default_factory=dict)
+    scale: float | None = None
 
     def summary(self) -> dict[str, dict[str, list[float]]]:
         """Mean and standard deviation over the networks of each group, per epoch."""
@@ -43,21 +57,51 @@ class SampleEvaluation:
             for group, values in self.accuracy.items()
         }
 
-    def table(self, epochs: Sequence[int] | None = None) -> str:
-        """Paper Table 3 layout: one row per group, "mean ± std" accuracy in % per epoch."""
+    def novelty_medians(self, group: str) -> dict[str, float] | None:
+        """Median ``distance``, ``relative`` (over ``scale``) and ``iou`` of a group, if known."""
+        if group not in self.novelty:
+            return None
+        distance = float(np.median(self.novelty[group]["distance"]))
+        relative = distance / self.scale if self.scale else float("nan")
+        return {
+            "distance": distance,
+            "relative": relative,
+            "iou": float(np.median(self.novelty[group]["iou"])),
+        }
+
+    def table(
+        self, epochs: Sequence[int] | None = None, relative: Mapping[str, float] | None = None
+    ) -> str:
+        """Paper Table 3 layout: one row per group, "mean ± std" accuracy in % per epoch; with
+        baselines also the median novelty: ``dist`` to the nearest training checkpoint, ``rel``
+        (``dist`` over the median distance between prompts: about 1 is as new as the prompts are
+        to each other, near 0 a copy) and mistake ``IoU`` (1: the same mistakes as a training
+        network). Every SANE row is followed by its matched-noise row. ``relative`` gives ``rel``
+        of groups without per-network novelty (older results)."""
         epochs = list(epochs) if epochs is not None else self.epochs
         missing = [e for e in epochs if e not in self.epochs]
         if missing:
             raise ValueError(f"epochs {missing} were not evaluated (have {self.epochs})")
         columns = [self.epochs.index(e) for e in epochs]
+        novelty_columns = bool(self.novelty or relative)
         width = max(len("method"), *(len(group) for group in self.accuracy))
         header = f"{'method':<{width}}  {'n':>3}" + "".join(f"  {f'epoch {e}':>13}" for e in epochs)
+        if novelty_columns:
+            header += f"  {'dist':>8}  {'rel':>5}  {'IoU':>5}"
         lines = [header, "-" * len(header)]
         for group, values in self.accuracy.items():
             cells = "".join(
                 f"  {100 * values[:, c].mean():>6.1f} ± {100 * values[:, c].std():<4.1f}"
                 for c in columns
             )
+            if novelty_columns:
+                medians = self.novelty_medians(group) or {}
+                if "relative" not in medians and relative and group in relative:
+                    medians["relative"] = relative[group]
+                cells += "".join(
+                    f"  {medians[key]:>{w}.{p}f}" if key in medians else f"  {'-':>{w}}"
+                    for key, w, p in (("distance", 8, 2), ("relative", 5, 2), ("iou", 5, 2))
+                )
             lines.append(f"{group:<{width}}  {len(values):>3}{cells}")
         return "\n".join(lines)
 
@@ -66,7 +110,29 @@ class SampleEvaluation:
             "epochs": self.epochs,
             "accuracy": {group: values.tolist() for group, values in self.accuracy.items()},
             "summary": self.summary(),
+            "novelty": {
+                group: {key: values.tolist() for key, values in figures.items()}
+                for group, figures in self.novelty.items()
+            },
+            "roles": self.roles,
+            "matched": self.matched,
+            "scale": self.scale,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SampleEvaluation:
+        """Inverse of `to_dict` (results saved before baselines existed load without them)."""
+        return cls(
+            data["epochs"],
+            {group: np.array(rows) for group, rows in data["accuracy"].items()},
+            {
+                group: {key: np.array(values) for key, values in figures.items()}
+                for group, figures in data.get("novelty", {}).items()
+            },
+            dict(data.get("roles", {})),
+            dict(data.get("matched", {})),
+            data.get("scale"),
+        )
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -83,7 +149,43 @@ class SampleEvaluation:
             axes.fill_between(self.epochs, mean - std, mean + std, alpha=0.2)
         axes.set(xlabel="fine-tuning epoch", ylabel="test accuracy (%)")
         axes.set_xticks(self.epochs)
-        axes.legend()
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(path)
+
+    def plot_novelty(self, path: str | Path) -> None:
+        """Accuracy at epoch 0 against novelty (PNG): left the distance to the nearest training
+        checkpoint, right the largest mistake IoU with a training network. The noise groups form
+        a curve (medians, by distance), ensembles and every SANE method are points per network."""
+        if not self.novelty:
+            raise ValueError("no novelty figures: evaluate with baselines to plot accuracy/novelty")
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(10, 4), dpi=120)
+        panels = figure.subplots(1, 2, sharey=True)
+        noise = sorted(
+            (g for g, role in self.roles.items() if role == "noise" and g in self.novelty),
+            key=lambda g: np.median(self.novelty[g]["distance"]),
+        )
+        for axes, key, label in zip(
+            panels,
+            ("distance", "iou"),
+            ("distance to nearest training checkpoint", "largest mistake IoU with a training net"),
+        ):
+            if noise:
+                x = [np.median(self.novelty[g][key]) for g in noise]
+                y = [100 * np.median(self.accuracy[g][:, 0]) for g in noise]
+                axes.plot(x, y, "k--o", label="prompt + noise (median)")
+            for group, figures in self.novelty.items():
+                if self.roles.get(group) == "noise":
+                    continue
+                marker = "s" if self.roles.get(group) == "ensemble" else "o"
+                axes.scatter(
+                    figures[key], 100 * self.accuracy[group][:, 0], marker=marker, label=group
+                )
+            axes.set(xlabel=label)
+        panels[0].set(ylabel="test accuracy at epoch 0 (%)")
+        panels[1].legend(fontsize="x-small")
         figure.tight_layout()
         figure.savefig(path)
 
@@ -140,7 +242,7 @@ def accuracy(
 
 
 def evaluate_samples(
-    groups: Mapping[str, Sequence[nn.Module]],
+    groups: Mapping[str, Sequence[nn.Module] | SampledModels],
     dataset: ImageDataset,
     epochs: int = 5,
     *,
@@ -151,6 +253,7 @@ def evaluate_samples(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    baselines: MemorizationBaselines | None = None,
 ) -> SampleEvaluation:
     """Fine-tune copies of every network of every group the same way; record test accuracy.
 
@@ -165,7 +268,20 @@ def evaluate_samples(
         epochs: fine-tuning epochs; accuracy is recorded at epoch 0 and after each epoch.
         optimizer, lr, weight_decay, batch_size: the training recipe (default: the zoo's).
         seed: seeds the data order; network ``i`` of every group sees the same order.
+        baselines: memorization baselines around the prompts. Every group given as
+            ``SampledModels`` (SANE samples) is followed by a noise group at its median distance
+            to the prompts; the noise curve and the ensemble are added, and the novelty of every
+            network built from tokens is measured on the test split before fine-tuning.
     """
+    groups, novelty, extra = dict(groups), {}, {}
+    if baselines is not None:
+        sampled = {name: g for name, g in groups.items() if isinstance(g, SampledModels)}
+        built = baselines.groups(sampled)
+        novelty = baselines.novelty(built, *dataset.test)
+        others = {name: g for name, g in groups.items() if name not in sampled}
+        groups = {**built.groups, **others}
+        extra = {"roles": built.roles, "matched": built.matched, "scale": baselines.scale}
+    groups = {name: g.models if isinstance(g, SampledModels) else g for name, g in groups.items()}
     members = [(group, i, net) for group, nets in groups.items() for i, net in enumerate(nets)]
     by_structure: dict[str, list[tuple[str, int, nn.Module]]] = {}
     for member in members:
@@ -189,7 +305,7 @@ def evaluate_samples(
         group: np.array([rows[group, index] for index in range(len(networks))])
         for group, networks in groups.items()
     }
-    return SampleEvaluation(list(range(epochs + 1)), accuracy)
+    return SampleEvaluation(list(range(epochs + 1)), accuracy, novelty, **extra)
 
 
 def scratch_models(

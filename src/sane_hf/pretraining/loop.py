@@ -117,7 +117,9 @@ def choose_data_device(nbytes: int, device: torch.device, setting: str) -> torch
 def create_optimizer(
     model: torch.nn.Module, config: PretrainingConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases); fused on CUDA."""
+    """AdamW with weight decay on matrices only (not on norms and biases). Fused (one kernel for
+    all parameters) on CUDA and CPU, where PyTorch has it: on the CPU this replaces the foreach
+    update's dozens of small element-wise ops per step."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -127,7 +129,7 @@ def create_optimizer(
         groups,
         lr=config.learning_rate,
         betas=tuple(config.adam_betas),
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
 
 

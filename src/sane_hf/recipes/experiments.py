@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sane_hf.downstream.baselines import MemorizationBaselines
 from sane_hf.downstream.evaluation import (
     SampleEvaluation,
     accuracy_score,
@@ -244,33 +245,13 @@ class SamplingResults:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingResults:
-        evaluation = data["evaluation"]
-        accuracy = {group: np.array(rows) for group, rows in evaluation["accuracy"].items()}
-        return cls(SampleEvaluation(evaluation["epochs"], accuracy), dict(data["novelty"]))
+        return cls(SampleEvaluation.from_dict(data["evaluation"]), dict(data["novelty"]))
 
     def table(self, epochs: Sequence[int] | None = None) -> str:
-        """Paper Table 3 layout plus novelty: accuracy % (mean ± std over the networks) after
-        ``epochs`` of fine-tuning (default: all), and the median distance of the samples to
-        their nearest training model relative to the median distance between prompts (about 1:
-        as new as the prompts are to each other; near 0: copies)."""
-        epochs = list(epochs) if epochs is not None else self.evaluation.epochs
-        missing = sorted(set(epochs) - set(self.evaluation.epochs))
-        if missing:
-            raise ValueError(f"epochs {missing} were not evaluated (have {self.evaluation.epochs})")
-        columns = [self.evaluation.epochs.index(epoch) for epoch in epochs]
-        width = max(len("method"), *(len(group) for group in self.evaluation.accuracy))
-        header = f"{'method':<{width}}  {'n':>3}" + "".join(f"  {f'epoch {e}':>13}" for e in epochs)
-        header += f"  {'novelty':>8}"
-        lines = [header, "-" * len(header)]
-        for group, values in self.evaluation.accuracy.items():
-            cells = "".join(
-                f"  {100 * values[:, i].mean():>6.1f} ± {100 * values[:, i].std():<4.1f}"
-                for i in columns
-            )
-            novelty = self.novelty.get(group, {}).get("relative")
-            cells += f"  {novelty:>8.2f}" if novelty is not None else f"  {'-':>8}"
-            lines.append(f"{group:<{width}}  {len(values):>3}{cells}")
-        return "\n".join(lines)
+        """`SampleEvaluation.table`: Table 3 with the novelty of every group and the
+        matched-noise row after every SANE row."""
+        relative = {group: figures["relative"] for group, figures in self.novelty.items()}
+        return self.evaluation.table(epochs, relative)
 
 
 def training_recipe(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -467,7 +448,7 @@ def compare_sampling(
         else None
     )
 
-    groups: dict[str, Sequence[nn.Module]] = {}
+    groups: dict[str, SampledModels | Sequence[nn.Module]] = {}
     novelties = {}
     with zoo_processes() as ranks:  # under a launcher: the methods are drawn on several ranks
         drawn = {}
@@ -478,7 +459,7 @@ def compare_sampling(
         drawn = {name: draw for part in ranks.all_gather(drawn) for name, draw in part.items()}
         for method in methods:  # the order of one process
             samples, novelties[method.name] = drawn[method.name]
-            groups[method.name] = samples.models
+            groups[method.name] = samples  # SampledModels: the baselines need tokens
             if on_samples is not None and ranks.rank == 0:
                 on_samples(method.name, samples)
     init = hyperparameters.get("init") or "default"
@@ -493,16 +474,52 @@ def compare_sampling(
     with zoo_processes() as ranks:
         evaluation = None
         if ranks.rank == 0:  # one population: its dropout masks are drawn for all networks
+            baselines = None
+            if settings.baselines:
+                baselines = MemorizationBaselines(
+                    sampler,
+                    prompt_tokens,
+                    lambda: split_token_chunks(zoo.splits["train"]),
+                    training_checkpoints(zoo, prompt_split_epoch(prompt_zoo, settings), settings),
+                    settings.noise_levels,
+                    settings.num_samples,
+                    settings.seed,
+                    bn_batches,
+                )
             evaluation = evaluate_samples(
                 groups,
                 task,
                 settings.finetune_epochs,
                 seed=settings.seed,
                 device=model.device,
+                baselines=baselines,
                 **training_recipe(hyperparameters),
             )
         evaluation = ranks.from_rank_0(evaluation)
     return SamplingResults(evaluation, novelties)
+
+
+def prompt_split_epoch(prompt_zoo: ZooDataset, settings: SamplingSettings) -> int:
+    """The epoch the prompts are taken at (``prompt_epoch``, default the split's last)."""
+    if settings.prompt_epoch is not None:
+        return settings.prompt_epoch
+    return int(max(prompt_zoo.splits[settings.prompt_split]["epoch"]))
+
+
+def training_checkpoints(
+    zoo: ZooDataset, epoch: int, settings: SamplingSettings
+) -> torch.Tensor | None:
+    """Normalized tokens of up to ``novelty_networks`` train-split checkpoints at ``epoch`` (the
+    first ones by row; all epochs if none is at ``epoch``): whose mistakes samples should not
+    copy. None when ``novelty_networks`` is 0."""
+    if settings.novelty_networks <= 0:
+        return None
+    train = zoo.splits["train"]
+    epochs = np.array(train["epoch"])
+    rows = np.flatnonzero(epochs == epoch)
+    rows = rows if len(rows) else np.arange(len(train))
+    rows = rows[: settings.novelty_networks].tolist()
+    return train.with_format("torch", columns=["tokens"])[rows]["tokens"].float()
 
 
 def cached_sampling(path: str | Path, run) -> SamplingResults:

@@ -32,6 +32,7 @@ from sane_hf.zoo.distributed import process_device
 SAMPLES_DIR = "samples"
 RESULTS_FILE = "sampling.json"
 PLOT_FILE = "sampling.png"
+NOVELTY_PLOT_FILE = "novelty.png"
 
 
 def sample_networks(
@@ -53,7 +54,7 @@ def sample_networks(
         dataset: the zoo dataset SANE was pretrained on (folder or Hub id).
         output_dir: receives ``samples/<method>/sample_<i>.safetensors`` (the networks as
             sampled, before fine-tuning), ``sampling.json`` (accuracy per fine-tuning epoch and
-            novelty per method) and ``sampling.png``.
+            novelty per method), ``sampling.png`` and ``novelty.png``.
         settings: prompts, counts, KDE and fine-tuning (default: the ``default`` preset).
         methods: `SamplingMethod`\\ s or their kinds (``kde``, ``subsampled``, ``bootstrapped``,
             ``prior``).
@@ -87,6 +88,8 @@ def sample_networks(
     if is_main_process():  # under a launcher every process holds the results
         (output / RESULTS_FILE).write_text(json.dumps(results.to_dict(), indent=1) + "\n")
         results.evaluation.plot(output / PLOT_FILE)
+        if results.evaluation.novelty:  # accuracy against novelty, next to the baselines
+            results.evaluation.plot_novelty(output / NOVELTY_PLOT_FILE)
     return results
 
 

@@ -6,7 +6,7 @@ by `sane_hf.utils.config`): the CLI builds its flags from them without importing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from sane_hf.utils.config import LoadableConfig
@@ -52,8 +52,14 @@ class SamplingSettings(LoadableConfig):
     per round and score them on ``score_samples`` training images. Every group is fine-tuned for
     ``finetune_epochs`` (0: only the sampled networks as they are) with the prompts' training
     recipe (optimizer, lr, weight decay, batch size). ``architecture_kwargs`` override the zoo's
-    architecture to sample a variant (e.g. ``{"num_classes": 100}`` for a new task). Loaded like every sane-hf config
-    (`SamplingSettings.load`: preset ``default`` in ``sane_hf/presets/sampling/``, files, flags,
+    architecture to sample a variant (e.g. ``{"num_classes": 100}`` for a new task).
+
+    With ``baselines`` every SANE method is compared with memorization baselines
+    (`sane_hf.downstream.baselines`): prompts plus noise at its median distance to the prompts,
+    a noise curve at ``noise_levels`` times the median distance between prompts, and averages of
+    two prompts; mistake overlaps are measured against the prompts and up to
+    ``novelty_networks`` training checkpoints at the prompts' epoch. Loaded like every sane-hf
+    config (`SamplingSettings.load`: preset ``default`` in ``sane_hf/presets/sampling/``, files, flags,
     overrides); the values are checked where they are set, for the API and the CLI alike.
     """
 
@@ -76,9 +82,13 @@ class SamplingSettings(LoadableConfig):
     condition_bn: bool = True
     prompt_metric: str = "val_acc"
     architecture_kwargs: dict[str, Any] | None = None
+    baselines: bool = True
+    noise_levels: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    novelty_networks: int = 100
 
     def __post_init__(self):
         positive = ("num_prompts", "num_samples", "num_candidates", "rounds", "score_samples")
+        positive += ("novelty_networks",)
         for name in (*positive, "window"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -91,3 +101,5 @@ class SamplingSettings(LoadableConfig):
             raise ValueError(f"bandwidth must be >= 0, got {self.bandwidth}")
         if not self.prior_sigma > 0:
             raise ValueError(f"prior_sigma must be > 0, got {self.prior_sigma}")
+        if any(not level > 0 for level in self.noise_levels):
+            raise ValueError(f"noise_levels must be > 0, got {self.noise_levels}")
