@@ -25,7 +25,7 @@ from sane_hf.models.sane.processing_sane import _check_layout
 from sane_hf.weights.alignment import apply_permutation, random_permutation
 from synthetic_zoo import write_raw_zoo
 
-RELEASED = Path(__file__).parents[1] / "checkpoints" / "sane-cnn-mnist"
+RELEASED = Path(__file__).parents[2] / "checkpoints" / "sane-cnn-mnist"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from sane_hf.models.sane.modeling_sane import SaneDecoderModel, SaneEncoderModel
 from sane_hf.zoo.dataset import ZooMetadata
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
 
-RELEASE = Path(__file__).parent.parent / "checkpoints" / "sane-cnn-mnist"
+RELEASE = Path(__file__).parents[2] / "checkpoints" / "sane-cnn-mnist"
 
 
 @pytest.mark.parametrize("model_class", [SaneModel, SaneEncoderModel, SaneDecoderModel])

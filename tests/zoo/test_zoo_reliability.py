@@ -35,7 +35,7 @@ from sane_hf.zoo.formats import (
 from sane_hf.zoo.importing import ZooImportError, import_zoo
 from synthetic_zoo import TOKENSIZE, template, write_raw_zoo
 
-SRC = str(Path(__file__).parents[1] / "src")
+SRC = str(Path(__file__).parents[2] / "src")
 TINY_ZOO = {"dataset_kwargs": {"num_samples": 100}, "batch_size": 10, "epochs": 1}
 
 

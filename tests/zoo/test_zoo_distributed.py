@@ -12,7 +12,7 @@ import pytest
 
 from sane_hf.zoo.distributed import Ranks, my_share
 
-SRC = str(Path(__file__).parents[1] / "src")
+SRC = str(Path(__file__).parents[2] / "src")
 ZOO_ARGS = ["--num-models", "6", "--models-per-chunk", "2", "--epochs", "6"]
 ZOO_ARGS += ["--set", "dataset_kwargs.num_samples=100", "--no-progress"]
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
