@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from sane_hf.cli.common import add_window_arguments, check_sources, device_argument
 
-_COMMANDS: list = []
 
-
-def _add_probe_command(subparsers) -> None:
+def register(subparsers) -> None:
+    """Add this module's command to the `sane-hf` parser."""
     parser = subparsers.add_parser(
         "probe",
         help="linear probes of SANE embeddings for model properties, next to s(W) and W baselines",
@@ -60,12 +59,3 @@ def _run_probe(args) -> int:
     if args.output_dir:
         print(f"results written to {args.output_dir}")
     return 0
-
-
-_COMMANDS.append(_add_probe_command)
-
-
-def register(subparsers) -> None:
-    """Add this module's commands to the `sane-hf` parser."""
-    for add_command in _COMMANDS:
-        add_command(subparsers)

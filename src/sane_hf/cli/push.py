@@ -4,10 +4,9 @@ and HTTP status for Hub failures: `sane_hf.hub.HubError`) and reported by the CL
 
 from __future__ import annotations
 
-_COMMANDS: list = []
 
-
-def _add_push_command(subparsers) -> None:
+def register(subparsers) -> None:
+    """Add this module's command to the `sane-hf` parser."""
     parser = subparsers.add_parser(
         "push",
         help="upload a saved SANE model folder or zoo dataset folder to the Hugging Face Hub",
@@ -27,12 +26,3 @@ def _run_push(args) -> int:
     )
     print(f"pushed {args.path} to {commit.commit_url}")
     return 0
-
-
-_COMMANDS.append(_add_push_command)
-
-
-def register(subparsers) -> None:
-    """Add this module's commands to the `sane-hf` parser."""
-    for add_command in _COMMANDS:
-        add_command(subparsers)

@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
-_COMMANDS: list = []
 _ZOO_COMMANDS: list = []  # sub-commands of `sane-hf zoo`
 
 
-def _add_zoo_command(subparsers) -> None:
+def register(subparsers) -> None:
+    """Add `sane-hf zoo` and its sub-commands to the `sane-hf` parser."""
     parser = subparsers.add_parser("zoo", help="train, import, build and inspect model zoos")
     zoo_subparsers = parser.add_subparsers(dest="zoo_command", required=True)
     for add_command in _ZOO_COMMANDS:
         add_command(zoo_subparsers)
-
-
-_COMMANDS.append(_add_zoo_command)
 
 
 def _add_zoo_train_command(zoo_subparsers) -> None:
@@ -195,9 +192,3 @@ def _run_zoo_info(args) -> int:
 
 
 _ZOO_COMMANDS.append(_add_zoo_info_command)
-
-
-def register(subparsers) -> None:
-    """Add this module's commands to the `sane-hf` parser."""
-    for add_command in _COMMANDS:
-        add_command(subparsers)
