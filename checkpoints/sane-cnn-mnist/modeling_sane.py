@@ -392,6 +392,30 @@ class SanePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, refusing weights that do not fit the config.
+
+        transformers initializes missing weights at random and only reports it in a load
+        table; a SANE with random layers embeds and decodes silently wrong, so a checkpoint
+        with missing or unexpected weights (more or fewer layers than ``config.json`` says) is
+        an error naming the first of them. Weights a class leaves out on purpose
+        (``_keys_to_ignore_on_load_missing`` / ``_unexpected``) pass.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            keys = sorted(str(key) for key in info.get(kind) or ())
+            if keys:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: the weights do not fit config.json "
+                    f"({len(keys)} {kind.replace('_', ' ')}, first {keys[0]!r}): the folder "
+                    "mixes files of different models"
+                )
+        return (model, info) if wants_info else model
+
     def set_position_checks(self, enabled: bool) -> None:
         """Turn the range check of positions on or off; see `set_position_checks`."""
         set_position_checks(self, enabled)

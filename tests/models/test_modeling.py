@@ -385,3 +385,16 @@ def test_model_card_template_ships_inside_the_package():
 
     assert Path(str(MODEL_CARD_TEMPLATE)).is_file()
     assert "{{ card_data }}" in MODEL_CARD_TEMPLATE.read_text()
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    """transformers would fill the missing layers at random and only print a load report."""
+    import json
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_layers"] += 1  # the folder's weights have one block fewer than its config says
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not fit config.json \(\d+ missing keys, first"):
+        SaneModel.from_pretrained(tmp_path)

@@ -171,6 +171,7 @@ class SaneForPropertyPrediction(SanePreTrainedModel):
     """
 
     _keys_to_ignore_on_load_unexpected = (r"^decoder\.", r"^projection_head\.")
+    _keys_to_ignore_on_load_missing = (r"^head\.",)  # a SaneModel checkpoint has no head yet
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
