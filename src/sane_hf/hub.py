@@ -369,7 +369,7 @@ def push_zoo_dataset(
 ) -> CommitInfo:
     """Push the splits (parquet), ``sane_zoo.json`` and the dataset card in ONE commit.
 
-    The parquet shards are written here (``data/<split>-XXXXX-of-YYYYY.parquet``, the layout of
+    The parquet shards are written here (``data/<split>-<shard>-of-<shards>.parquet``, the layout of
     datasets' own ``push_to_hub``) and committed together with ``sane_zoo.json`` and the card,
     whose ``configs`` point ``datasets.load_dataset(repo_id)`` at them; data files of an earlier
     push that this one does not overwrite are deleted in the same commit. A failure anywhere
