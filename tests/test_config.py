@@ -74,7 +74,7 @@ def test_demo_presets_build_every_section():
 
 def test_zoo_config_loads_presets_files_and_dicts_through_the_same_loader(tmp_path):
     (tmp_path / "zoo.yaml").write_text("num_models: 4\ninput_shape: [1, 8, 8]\nepochs: 2\n")
-    config = ZooConfig.from_file(tmp_path / "zoo.yaml")
+    config = ZooConfig.load(tmp_path / "zoo.yaml")
     assert config.num_models == 4 and config.input_shape == (1, 8, 8)
     assert ZooConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_model'\]"):

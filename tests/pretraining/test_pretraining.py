@@ -1,5 +1,6 @@
 """SANE pretraining end to end on a real tiny digits zoo (``tiny_digits_zoo``), on CPU."""
 
+import argparse
 import importlib
 import itertools
 import json
@@ -17,13 +18,14 @@ import yaml
 from safetensors.torch import load_file
 
 from sane_hf import ProbeHeads, SaneModel, SaneProcessor, cli
-from sane_hf.pretraining.config import PretrainingConfig, build_argument_parser, config_from_args
+from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import (
     build_model_config,
     one_cycle_schedule,
     read_metrics,
     split_tokens,
 )
+from sane_hf.utils.config import add_config_arguments, config_from_args
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
 
 
@@ -57,7 +59,10 @@ def training_losses(output_dir: Path) -> dict[int, float]:
 
 
 def parse(*argv: str) -> PretrainingConfig:
-    return config_from_args(build_argument_parser().parse_args(argv))
+    """The config `sane-hf pretrain` builds from ``argv`` (preset or file, flags, --set)."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainingConfig)
+    return config_from_args(PretrainingConfig, parser.parse_args(argv))
 
 
 def test_config_sources_apply_in_order(tmp_path):

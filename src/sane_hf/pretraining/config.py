@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-from sane_hf.utils.config import LoadableConfig, add_config_arguments, build_config
-from sane_hf.utils.config import config_from_args as _config_from_args
+from sane_hf.utils.config import LoadableConfig
 
 # Fields that say where a run reads and writes, not how it trains: a resume may change them.
 RUN_LOCATION_FIELDS = ("dataset", "output_dir", "resume_from_checkpoint", "allow_config_change")
@@ -157,17 +153,6 @@ class PretrainingConfig(LoadableConfig):
             message = str(error).splitlines()[0]
             raise ValueError(f"model: {message}") from None
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> PretrainingConfig:
-        """Build from plain values; ints are accepted for float fields. ``source`` names where
-        the values came from in error messages."""
-        return build_config(cls, values, source)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> PretrainingConfig:
-        """Read a YAML config and apply ``key=value`` overrides (dotted keys for ``model``)."""
-        return cls.load(Path(path), overrides=overrides)  # a Path is always a file
-
     def changed_fields(self, saved: Mapping[str, Any]) -> list[str]:
         """Training settings that differ from a saved run's config (``RESUMABLE_FIELDS`` aside)."""
         wanted = self.to_dict()
@@ -176,15 +161,3 @@ class PretrainingConfig(LoadableConfig):
             for name in saved.keys() | wanted.keys()
             if name not in RESUMABLE_FIELDS and saved.get(name) != wanted.get(name)
         )
-
-
-def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """``--config``, ``--set`` and one flag per top-level field (added to ``parser`` if given)."""
-    parser = parser or argparse.ArgumentParser(description="SANE pretraining with Accelerate")
-    add_config_arguments(parser, PretrainingConfig)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainingConfig:
-    """The config of parsed arguments: preset or file, then plain flags, then ``--set``."""
-    return _config_from_args(PretrainingConfig, args)

@@ -44,8 +44,8 @@ BASE_KEY = "base"
 
 
 class LoadableConfig:
-    """Mixin of the run configs: ``load`` (preset or file, flags, overrides), ``to_dict`` and
-    ``save``. ``CONFIG_KIND`` names the preset folder; ``DEFAULT_PRESET`` (if any) is what
+    """Mixin of the run configs: ``load`` (preset or file, flags, overrides), ``from_dict``,
+    ``to_dict`` and ``save``. ``CONFIG_KIND`` names the preset folder; ``DEFAULT_PRESET`` (if any) is what
     ``load()`` without a source reads."""
 
     CONFIG_KIND: ClassVar[str]
@@ -61,6 +61,12 @@ class LoadableConfig:
         """A preset name or YAML/JSON file (default ``DEFAULT_PRESET``, else the field
         defaults), then ``flags`` (field values), then dotted ``key=value`` overrides."""
         return load_config(cls, cls.DEFAULT_PRESET if source is None else source, flags, overrides)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config"):
+        """Build from plain values, keys and types checked; ``source`` names where the values
+        came from in error messages."""
+        return build_config(cls, values, source)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

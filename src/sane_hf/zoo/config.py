@@ -3,16 +3,13 @@ epochs, batch size), validated where it is made, and the protocol defaults of Mo
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from sane_hf.utils.config import build_config, load_config
+from sane_hf.utils.config import LoadableConfig
 from sane_hf.zoo.architectures import ACTIVATIONS, INITIALIZATIONS
 
 SEED_ZOO_HYPERPARAMETERS: dict[str, Any] = {
@@ -51,7 +48,7 @@ INPUT_KWARGS = {
 
 
 @dataclass
-class ZooConfig:
+class ZooConfig(LoadableConfig):
     """Everything that defines a zoo; ``train_zoo(config, dir)`` trains it, rerunning resumes it.
 
     ``hyperparameters`` holds the seed zoo's fixed values, and the values of any hyperparameter a
@@ -161,20 +158,6 @@ class ZooConfig:
             len(choices), self.num_models, replace=False
         )
         return [choices[i] for i in np.sort(picked)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable fields (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "ZooConfig") -> ZooConfig:
-        """Build from plain values, keys and types checked (`sane_hf.utils.config`)."""
-        return build_config(cls, values, source)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ZooConfig:
-        """Read a config from a YAML (``.yaml``/``.yml``) or JSON file, or a preset name."""
-        return load_config(cls, path)
 
 
 @dataclass(frozen=True)
