@@ -74,21 +74,17 @@ def _add_zoo_import_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_import(args) -> int:
-    from sane_hf.zoo.importing import ZooImportError, import_zoo
+    from sane_hf.zoo.importing import import_zoo
 
-    try:
-        report = import_zoo(
-            args.source,
-            args.output,
-            architecture=args.architecture,
-            architecture_kwargs=args.architecture_kwargs,
-            zoo_info=args.zoo_info,
-            strict=args.strict,
-            progress=not args.no_progress,
-        )
-    except ZooImportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = import_zoo(  # a ZooImportError becomes main's one line on stderr, exit 1
+        args.source,
+        args.output,
+        architecture=args.architecture,
+        architecture_kwargs=args.architecture_kwargs,
+        zoo_info=args.zoo_info,
+        strict=args.strict,
+        progress=not args.no_progress,
+    )
     print(report.summary())
     return 0
 
