@@ -89,11 +89,6 @@ def test_misclassified_matches_each_network_on_its_own():
 
 
 @pytest.fixture(scope="module")
-def zoo(synthetic_zoo):
-    return synthetic_zoo
-
-
-@pytest.fixture(scope="module")
 def sampler(zoo, synthetic_sane):
     return SaneSampler.from_zoo(
         synthetic_sane, zoo_metadata(zoo), hyperparameters={"activation": "tanh"}, window=8, halo=4

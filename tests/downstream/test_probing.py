@@ -218,16 +218,6 @@ def test_property_prediction_model_learns_a_property():
         model(tokens, positions, labels=torch.zeros(32, 2))
 
 
-@pytest.fixture(scope="module")
-def zoo(synthetic_zoo):
-    return synthetic_zoo
-
-
-@pytest.fixture(scope="module")
-def sane(synthetic_sane):
-    return synthetic_sane
-
-
 def test_probe_zoo_compares_sane_with_baselines_on_the_same_splits(zoo, sane):
     grid = (1e-3, 1e-1, 1e1, 1e3)  # a coarser grid keeps the test fast
     report = probe_zoo(

@@ -18,16 +18,6 @@ from sane_hf import (
 from synthetic_zoo import TOKENSIZE
 
 
-@pytest.fixture
-def zoo(synthetic_zoo):
-    return synthetic_zoo
-
-
-@pytest.fixture
-def sane(synthetic_sane):
-    return synthetic_sane
-
-
 def test_probe_heads_round_trip_and_predict_like_the_fitted_probes(zoo, sane, tmp_path):
     heads = fit_probe_heads(
         sane, zoo, properties=["test_acc", "epoch", "activation"], units={"epoch": "epochs"}

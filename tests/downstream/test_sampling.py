@@ -169,16 +169,6 @@ def test_nearest_neighbor_distances_rejects_layout_mismatch():
 
 
 @pytest.fixture(scope="module")
-def zoo(synthetic_zoo):
-    return synthetic_zoo
-
-
-@pytest.fixture(scope="module")
-def sane(synthetic_sane):
-    return synthetic_sane
-
-
-@pytest.fixture(scope="module")
 def sampler(zoo, sane):
     return SaneSampler.from_zoo(sane, zoo_metadata(zoo), window=8, halo=4)
 
