@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sane_hf.cli.common import device_argument
+from sane_hf.cli.common import add_device_argument, device_argument
 
 NETWORKS_HELP = (
     "networks: .safetensors files, folders of them, raw zoo folders, zoo dataset folders or Hub "
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 def _add_run_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
-    parser.add_argument("--device", help="where SANE runs (default: cuda when available, else cpu)")
+    add_device_argument(parser)
 
 
 def _run_embed(args) -> int:
