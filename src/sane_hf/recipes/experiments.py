@@ -64,7 +64,7 @@ from sane_hf.zoo.dataset import (
     save_zoo_dataset,
 )
 from sane_hf.zoo.distributed import my_share, zoo_processes
-from sane_hf.zoo.formats import DATASET_METADATA_FILE as METADATA_FILE
+from sane_hf.zoo.formats import DATASET_METADATA_FILE
 from sane_hf.zoo.statistics import plot_zoo_accuracy
 from sane_hf.zoo.tasks import ImageDataset
 from sane_hf.zoo.training import train_zoo
@@ -133,7 +133,7 @@ def build_dataset_stage(
     `build_zoo_dataset` (``epochs``, ``tokensize``, ``dtype``, ...).
     """
     dataset_dir = Path(dataset_dir)
-    if (dataset_dir / METADATA_FILE).is_file():
+    if (dataset_dir / DATASET_METADATA_FILE).is_file():
         print(f"    {dataset_dir} exists: loading it")
     else:
         partial = dataset_dir.with_name(dataset_dir.name + ".partial")
