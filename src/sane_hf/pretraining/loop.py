@@ -71,7 +71,7 @@ from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.weights.alignment import PermutationSpec
 from sane_hf.weights.tokenization import WeightLayout
 from sane_hf.zoo.dataset import ZooMetadata, load_zoo_dataset
-from sane_hf.zoo.formats import DATASET_METADATA_FILE as ZOO_METADATA_FILE
+from sane_hf.zoo.formats import DATASET_METADATA_FILE
 
 logger = get_logger(__name__)
 
@@ -565,7 +565,7 @@ def save_model(
     if not accelerator.is_main_process:
         return
     save_model_card(unwrapped, config.output_dir, metrics=card_metrics, repo_id=config.hub_model_id)
-    (Path(config.output_dir) / ZOO_METADATA_FILE).write_text(data.metadata.to_json())
+    (Path(config.output_dir) / DATASET_METADATA_FILE).write_text(data.metadata.to_json())
     SaneProcessor.from_zoo(config.dataset, config=unwrapped.config).save_pretrained(
         config.output_dir
     )
