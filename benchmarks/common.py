@@ -29,11 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from filelock import FileLock
 
 import sane_hf
 from sane_hf import build_model
 from sane_hf.utils.config import load_values
-from sane_hf.zoo.formats import write_checkpoint, write_zoo_info, write_zoo_metadata
+from sane_hf.zoo.formats import (
+    atomic_write_text,
+    write_checkpoint,
+    write_zoo_info,
+    write_zoo_metadata,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 WORK_ROOT = Path(__file__).parent.parent / "outputs" / "reproduce"
@@ -91,6 +97,16 @@ def write_results(name: str, results: dict[str, Any]) -> None:
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(text + "\n")
+
+
+def update_results_file(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read, change and rewrite a results JSON shared by parallel runs (one zoo each), under a
+    file lock so that no run's entry is lost, and atomically so that no reader sees half a file."""
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    with FileLock(WORK_ROOT / f"{path.name}.lock"):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        change(data)
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def summarize_ms(times_ms: list[float]) -> dict[str, float]:

@@ -42,6 +42,7 @@ from benchmarks.common import (
     WORK_ROOT,
     default_device,
     machine_info,
+    update_results_file,
 )
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
@@ -220,11 +221,10 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
 
 
 def save_entry(entry: dict[str, Any], path: Path = SUITE_FILE) -> None:
-    """Replace this zoo's entry of the suite file, keeping the others."""
-    suite = json.loads(path.read_text()) if path.is_file() else {"zoos": {}}
-    suite["zoos"][entry["name"]] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(suite, indent=1) + "\n")
+    """Replace this zoo's entry of the suite file, keeping the others (zoos may run in parallel)."""
+    update_results_file(
+        path, lambda suite: suite.setdefault("zoos", {}).__setitem__(entry["name"], entry)
+    )
     print(f"\n{entry['name']} written to {path}")
 
 

@@ -398,3 +398,34 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"do not fit config.json \(\d+ missing keys, first"):
         SaneModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cpu_autocast_keeps_attention_in_float32(monkeypatch, attn_implementation):
+    """Under CPU bf16 autocast the projections run in bf16 but attention gets float32 inputs:
+    the CPU's bf16 attention kernels are slower than float32 ones at SANE's head sizes."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import sane_hf.models.sane.modeling_sane as modeling
+
+    seen: list[torch.dtype] = []
+    backend = (
+        modeling.eager_attention_forward
+        if attn_implementation == "eager"
+        else ALL_ATTENTION_FUNCTIONS["sdpa"]
+    )
+
+    def recording_attention(module, query, *args, **kwargs):
+        seen.append(query.dtype)
+        return backend(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording_attention)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_attention)
+    model = tiny_model()
+    model.set_attn_implementation(attn_implementation)
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**batch)
+    assert seen and set(seen) == {torch.float32}
+    assert output.latents.dtype == torch.bfloat16  # the projection after attention is bf16
+    torch.testing.assert_close(output.latents.float(), model(**batch).latents, atol=0.05, rtol=0.05)

@@ -269,6 +269,7 @@ class ProbeResult:
     metric: str  # "r2" for numeric properties, "accuracy" for categorical ones
     score: float
     regularization: float  # ridge alpha or logistic C chosen on validation
+    validation_score: float  # the same metric on the validation split, at that regularization
     true: np.ndarray
     predicted: np.ndarray
     probe: RidgeProbe | LogisticProbe | None = None  # the fitted probe (for shipped probe heads)
@@ -280,6 +281,7 @@ class ProbeResult:
             "metric": self.metric,
             "score": self.score,
             "regularization": self.regularization,
+            "validation_score": self.validation_score,
         }
 
 
@@ -417,6 +419,7 @@ def probe_features(
                 metric=probe.metric,
                 score=probe.score(splits["test"], values["test"]),
                 regularization=probe.regularization,
+                validation_score=float(np.max(probe.validation_scores)),
                 true=values["test"],
                 predicted=probe.predict(splits["test"]),
                 probe=probe,

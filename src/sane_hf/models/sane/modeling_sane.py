@@ -13,6 +13,7 @@ free functions of `sane_hf.hub`.
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -255,15 +256,22 @@ class SaneAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attention_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-        )
+        # Under CPU autocast the projections run in bf16 (AMX matmuls, several times faster than
+        # fp32), but attention itself stays float32: the CPU's bf16 attention kernels on these
+        # small heads are slower than fp32 (SDPA's bf16 backward by about 15x).
+        cpu_autocast = hidden_states.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
+            if cpu_autocast:
+                query, key, value = query.float(), key.float(), value.float()
+            attention_output, _ = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+            )
         return self.o_proj(attention_output.reshape(batch_size, window, -1))
 
 
