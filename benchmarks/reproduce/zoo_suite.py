@@ -167,7 +167,7 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
         model = pretrain_stage(experiment_pretraining(SUITE_PRETRAINING, work))
         model = model.to(default_device())
     with log.stage("probing", "SANE vs s(W) vs W, test R^2"):
-        report = probe_stage(model, zoo, work, name="probe")
+        report = probe_stage(model, zoo, work, name="probe", include_layer_means=True)
         print(report.table())
     with log.stage("sampling", "samples, memorization baselines, prompts, from scratch"):
         sampling = cached_sampling(
@@ -208,6 +208,7 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
             for group, values in sampling.evaluation.accuracy.items()
         },
         "probes": r2_table(report.to_dict()),
+        "probes_validation": r2_table(report.to_dict(), "validation_score"),
         "novelty": novelty_figures(sampling),
         "prompt_distance_scale": sampling.evaluation.scale,
         "sampling_settings": dataclasses.asdict(SAMPLING),

@@ -53,6 +53,7 @@ from sane_hf.recipes.experiments import (
     compare_sampling,
     pretrain_stage,
     probe_stage,
+    r2_table,
     zoo_stage,
 )
 
@@ -64,9 +65,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "d128-fp32": {"model": {"d_model": 128}},
     "d128": {"model": {"d_model": 128}, "mixed_precision": "bf16"},
     "d256-l256": {"model": {"d_model": 256, "latent_dim": 256}, "mixed_precision": "bf16"},
+    "d256-l256-2+2": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+    },
 }
 CEILING_WIDTHS = (32, 64, 128, 192, 256)
 SAMPLING_MODES = ("token", "joint", "shared")
+SAMPLING_BANDWIDTHS = (0.1, 0.2, 0.4)
 
 
 def candidate_values(name: str) -> dict[str, Any]:
@@ -147,14 +153,11 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
     model = pretrain_stage(config)
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     report = probe_stage(model, zoo, output_dir, name="probe", include_layer_means=True)
-    validation = {}
-    for result in report.results:
-        validation.setdefault(result.property, {})[result.features] = result.validation_score
     return {
         "recipe": candidate_values(candidate),
         "val_r2": summary.get("val_r2"),
         "steps_per_second": summary.get("steps_per_second"),
-        "probe_validation_r2": validation,
+        "probe_validation_r2": r2_table(report.to_dict(), "validation_score"),
         "command": f"python -m benchmarks.reproduce.zoo_suite_selection --zoo {zoo_name} "
         f"--candidate {candidate}",
         "wall_time_s (this run)": round(time.perf_counter() - started, 1),
@@ -177,24 +180,29 @@ def run_sampling(zoo_name: str, candidate: str, work_root: Path) -> dict[str, An
     methods = [
         SamplingMethod(kind, mode) for kind in ("kde", "subsampled") for mode in SAMPLING_MODES
     ]
-    settings = dataclasses.replace(
-        SAMPLING, prompt_split="validation", finetune_epochs=0, noise_levels=[]
-    )
-    results = compare_sampling(model, zoo, methods, settings, include_prompts=True)
-    print(results.table())
-    evaluation = results.evaluation
-    prompts = float(evaluation.accuracy["prompts"][:, 0].mean())
-    by_method = {}
-    for method in methods:
-        accuracy = float(evaluation.accuracy[method.name][:, 0].mean())
-        noise = float(evaluation.accuracy[evaluation.matched[method.name]][:, 0].mean())
-        by_method[method.name] = {
-            "epoch0_acc": accuracy,
-            "of_prompts": accuracy / prompts,
-            "matched_noise_epoch0_acc": noise,
-            "over_matched_noise": accuracy - noise,
-            "novelty": evaluation.novelty_medians(method.name),
-        }
+    by_method, prompts = {}, None
+    for bandwidth in SAMPLING_BANDWIDTHS:
+        settings = dataclasses.replace(
+            SAMPLING,
+            prompt_split="validation",
+            bandwidth=bandwidth,
+            finetune_epochs=0,
+            noise_levels=[],
+        )
+        results = compare_sampling(model, zoo, methods, settings, include_prompts=True)
+        print(f"bandwidth {bandwidth}:\n{results.table()}")
+        evaluation = results.evaluation
+        prompts = float(evaluation.accuracy["prompts"][:, 0].mean())
+        for method in methods:
+            accuracy = float(evaluation.accuracy[method.name][:, 0].mean())
+            noise = float(evaluation.accuracy[evaluation.matched[method.name]][:, 0].mean())
+            by_method[f"{method.name}, bandwidth {bandwidth}"] = {
+                "epoch0_acc": accuracy,
+                "of_prompts": accuracy / prompts,
+                "matched_noise_epoch0_acc": noise,
+                "over_matched_noise": accuracy - noise,
+                "novelty": evaluation.novelty_medians(method.name),
+            }
     best = max(by_method, key=lambda name: by_method[name]["over_matched_noise"])
     return {
         "candidate": candidate,

@@ -221,11 +221,12 @@ def _save_report(report: ProbeReport, output_dir: str | Path, name: str, plot: b
         report.plot(output_dir / f"{name}.png")
 
 
-def r2_table(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{property: {features: score}}`` of a `ProbeReport.to_dict()`."""
+def r2_table(report: Mapping[str, Any], score: str = "score") -> dict[str, dict[str, float]]:
+    """``{property: {features: score}}`` of a `ProbeReport.to_dict()`: test scores, or with
+    ``score="validation_score"`` the validation scores the probes were chosen by."""
     table: dict[str, dict[str, float]] = {}
     for result in report["results"]:
-        table.setdefault(result["property"], {})[result["features"]] = result["score"]
+        table.setdefault(result["property"], {})[result["features"]] = result[score]
     return table
 
 
