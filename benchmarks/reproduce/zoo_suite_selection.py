@@ -2,7 +2,7 @@
 
     python -m benchmarks.reproduce.zoo_suite_selection --ceilings              # all four zoos
     python -m benchmarks.reproduce.zoo_suite_selection --zoo mnist_cnn_s_relu_kaiming --candidate d128
-    python -m benchmarks.reproduce.zoo_suite_selection --zoo digits_mlp_tanh_uniform --sampling
+    python -m benchmarks.reproduce.zoo_suite_selection --zoo digits_mlp_tanh_uniform --candidate d256-l256 --sampling
     python -m benchmarks.reproduce.zoo_suite_selection --markdown
 
 Three kinds of measurement, each written into ``benchmarks/results/zoo_suite_selection.json``:
@@ -242,7 +242,10 @@ def selection_markdown(data: dict[str, Any]) -> str:
         " | epoch | ggap |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, entry in data.get("candidates", {}).items():
+    candidates = data.get("candidates", {})
+    order = [f"{zoo}/{name}" for zoo in ZOOS for name in CANDIDATES]
+    for key in [key for key in order if key in candidates]:
+        entry, (zoo, candidate) = candidates[key], key.split("/")
         probes = entry["probe_validation_r2"]
         cells = [
             " / ".join(
@@ -250,12 +253,31 @@ def selection_markdown(data: dict[str, Any]) -> str:
             )
             for p in ("test_acc", "epoch", "ggap")
         ]
-        zoo, candidate = key.split("/")
         lines.append(
             f"| {zoo} | {candidate} | {entry['val_r2']:.3f} | {entry['steps_per_second']:.2f} | "
             + " | ".join(cells)
             + " |"
         )
+    for zoo, entry in data.get("sampling", {}).items():
+        lines += [
+            "",
+            f"{zoo}, {entry['candidate']}, validation prompts at "
+            f"{100 * entry['prompts_epoch0_acc']:.1f}%: epoch-0 accuracy % (of prompts) / over "
+            "matched noise, points, per KDE bandwidth",
+            "",
+            "| method | " + " | ".join(f"bandwidth {b}" for b in SAMPLING_BANDWIDTHS) + " |",
+            "|---|" + "---|" * len(SAMPLING_BANDWIDTHS),
+        ]
+        methods = dict.fromkeys(name.rsplit(", bandwidth", 1)[0] for name in entry["methods"])
+        for method in methods:
+            cells = []
+            for bandwidth in SAMPLING_BANDWIDTHS:
+                result = entry["methods"][f"{method}, bandwidth {bandwidth}"]
+                cells.append(
+                    f"{100 * result['epoch0_acc']:.1f} ({result['of_prompts']:.0%}) / "
+                    f"{100 * result['over_matched_noise']:+.1f}"
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -275,8 +297,8 @@ def main() -> None:
         for name in [args.zoo] if args.zoo else ZOOS:
             _, dataset_dir = _suite_dataset(name, work_root)
             update("ceilings", name, linear_ceilings(dataset_dir))
-    elif args.zoo and args.sampling:
-        update("sampling", args.zoo, run_sampling(args.zoo, args.candidate or "d128", work_root))
+    elif args.zoo and args.candidate and args.sampling:
+        update("sampling", args.zoo, run_sampling(args.zoo, args.candidate, work_root))
     elif args.zoo and args.candidate:
         update(
             "candidates",
@@ -284,7 +306,9 @@ def main() -> None:
             run_candidate(args.zoo, args.candidate, work_root),
         )
     else:
-        parser.error("give --ceilings, --markdown, or --zoo with --candidate and/or --sampling")
+        parser.error(
+            "give --ceilings, --markdown, or --zoo and --candidate (with --sampling: sampling)"
+        )
 
 
 if __name__ == "__main__":
