@@ -22,8 +22,16 @@ from sane_hf.zoo.config import ZooConfig
 
 
 def test_every_kind_of_config_has_its_presets_shipped_in_the_package():
-    assert {"tiny", "cnn", "resnet18"} <= set(preset_names("pretraining"))
+    assert {"tiny", "cpu", "cnn", "resnet18"} <= set(preset_names("pretraining"))
     assert {"default", "quick"} <= set(preset_names("demo"))
+
+
+@pytest.mark.parametrize("name", preset_names("pretraining"))
+def test_every_pretraining_preset_builds_its_sane_config(name):
+    config = PretrainingConfig.load(name)
+    model_config = config.model_config()
+    assert model_config.d_model % model_config.n_heads == 0
+    assert model_config.windowsize > 0 and config.mixed_precision in ("no", "bf16", "fp16")
 
 
 def test_sources_apply_in_order_preset_file_flags_overrides(tmp_path):

@@ -9,7 +9,8 @@ window 256, batch 32, 16,384 tokens/step) 210 ms, 32.8 GiB. Targets: 20 ms and 1
 The step is the lean one: both views in one batch, bf16 autocast over float32 weights and
 optimizer states (bf16 has float32's range: no grad scaler), fused AdamW, no host
 synchronization anywhere in the step (position range checks off, as in pretraining, which checks
-the zoo once; losses stay on the device until the end). Options:
+the zoo once; losses stay on the device until the end). On CPU, ``--dtype bf16`` runs the
+projections as bf16 (AMX) matmuls and attention in float32 (`SaneAttention`). Options:
 
 - ``--compile blocks`` compiles every transformer block in place (``nn.Module.compile``: the
   model's own forward calls the compiled blocks); ``--compile model`` compiles the whole forward
@@ -29,6 +30,8 @@ and the process' peak RSS on CPU.
 
     python -m benchmarks.speed.bench_train_step --preset tiny
     OMP_NUM_THREADS=1 python -m benchmarks.speed.bench_train_step --preset cpu --threads 1
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.bench_train_step --preset cpu --threads 1 \
+        --dtype bf16 --attn eager --compile model
     python -m benchmarks.speed.bench_train_step --preset cnn --compile model --cuda-graph
     python -m benchmarks.speed.bench_train_step --preset resnet18 --compile model
 
