@@ -56,6 +56,7 @@ from sane_hf.recipes.experiments import (
     r2_table,
     zoo_stage,
 )
+from sane_hf.zoo.dataset import ZooDataset
 
 SELECTION_FILE = RESULTS_DIR / "zoo_suite_selection.json"
 # Candidate recipes: changes to the cpu-scale recipe as it was before the suite (cnn-s-cpu,
@@ -126,7 +127,7 @@ def linear_ceilings(dataset_dir: Path) -> dict[str, Any]:
     }
 
 
-def _suite_dataset(name: str, work_root: Path):
+def _suite_dataset(name: str, work_root: Path) -> tuple[ZooDataset, Path]:
     """The suite zoo's dataset (built and cached by the suite's own stages)."""
     suite_zoo, work = ZOOS[name], work_root / "zoo_suite" / name
     zoo_stage(suite_zoo.zoo, work / "zoo", work / "zoo_accuracy.png")
