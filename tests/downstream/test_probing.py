@@ -156,11 +156,15 @@ def test_probe_features_report(tmp_path):
     assert report.score("test_acc", "noise") < 0.1
     assert report.score("optimizer", "good") > 0.9
     assert report.skipped == {"seed_zoo_lr": "constant on the train split"}
+    # the validation score the regularization was chosen by travels with each result
+    good = next(r for r in report.results if (r.property, r.features) == ("test_acc", "good"))
+    assert good.validation_score == max(good.probe.validation_scores) > 0.95
     table = report.table()
     assert "test_acc" in table and "good" in table and "skipped seed_zoo_lr" in table
 
     report.save_json(tmp_path / "probe.json")
     saved = json.loads((tmp_path / "probe.json").read_text())
+    assert all(-np.inf < r["validation_score"] <= 1 for r in saved["results"])
     assert {(r["property"], r["features"]) for r in saved["results"]} == {
         ("test_acc", "good"),
         ("test_acc", "noise"),
