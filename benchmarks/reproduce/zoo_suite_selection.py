@@ -70,6 +70,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
         "mixed_precision": "bf16",
     },
+    "d256-l256-2+2-noise0.05": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+        "noise_sigma": 0.05,
+    },
 }
 CEILING_WIDTHS = (32, 64, 128, 192, 256)
 SAMPLING_MODES = ("token", "joint", "shared")
@@ -157,6 +162,7 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
     return {
         "recipe": candidate_values(candidate),
         "val_r2": summary.get("val_r2"),
+        "decode_encode_of_validation_prompts": _autoencoded_share(model, zoo),
         "steps_per_second": summary.get("steps_per_second"),
         "probe_validation_r2": r2_table(report.to_dict(), "validation_score"),
         "command": f"python -m benchmarks.reproduce.zoo_suite_selection --zoo {zoo_name} "
@@ -164,6 +170,18 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
         "wall_time_s (this run)": round(time.perf_counter() - started, 1),
         "machine": machine_info(model.device),
     }
+
+
+def _autoencoded_share(model, zoo: ZooDataset) -> float:
+    """Epoch-0 accuracy of decode(encode(prompt)) over the validation prompts' own accuracy."""
+    kde = SamplingMethod("kde")
+    settings = dataclasses.replace(
+        SAMPLING, prompt_split="validation", bandwidth=0.0, finetune_epochs=0, baselines=False
+    )
+    accuracy = compare_sampling(model, zoo, [kde], settings, include_prompts=True).evaluation
+    return float(
+        accuracy.accuracy[kde.name][:, 0].mean() / accuracy.accuracy["prompts"][:, 0].mean()
+    )
 
 
 def run_sampling(zoo_name: str, candidate: str, work_root: Path) -> dict[str, Any]:
@@ -239,9 +257,9 @@ def selection_markdown(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| dev zoo | candidate | val. recon. R² | steps/s | val. probe R² acc SANE / layers / s(W)"
-        " | epoch | ggap |",
-        "|---|---|---|---|---|---|---|",
+        "| dev zoo | candidate | val. recon. R² | decode(encode), % of val. prompts | steps/s"
+        " | val. probe R² acc SANE / layers / s(W) | epoch | ggap |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     candidates = data.get("candidates", {})
     order = [f"{zoo}/{name}" for zoo in ZOOS for name in CANDIDATES]
@@ -255,9 +273,9 @@ def selection_markdown(data: dict[str, Any]) -> str:
             for p in ("test_acc", "epoch", "ggap")
         ]
         lines.append(
-            f"| {zoo} | {candidate} | {entry['val_r2']:.3f} | {entry['steps_per_second']:.2f} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {zoo} | {candidate} | {entry['val_r2']:.3f} | "
+            f"{100 * entry.get('decode_encode_of_validation_prompts', float('nan')):.1f} | "
+            f"{entry['steps_per_second']:.2f} | " + " | ".join(cells) + " |"
         )
     for zoo, entry in data.get("sampling", {}).items():
         lines += [
