@@ -56,9 +56,9 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.speed.bench_train_step import (
-    BENCH_PRESETS,
     DEFAULT_BATCH_SIZE,
     SEQUENCE_LENGTH,
+    bench_config,
     synthetic_views,
 )
 from sane_hf import SaneConfig
@@ -103,8 +103,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    base, overrides = BENCH_PRESETS["cpu"]
-    config = SaneConfig.from_preset(base, **{k: v for k, v in overrides.items() if k != "preset"})
+    config = bench_config("cpu")
     batch_size = DEFAULT_BATCH_SIZE["cpu"]
     reference = reference_config(config, batch_size)
     with contextlib.redirect_stdout(sys.stderr):  # its prints; stdout is for the JSON

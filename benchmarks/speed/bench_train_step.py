@@ -81,6 +81,13 @@ BENCH_PRESETS = {"cpu": ("tiny", CPU_PRETRAINING["model"])}
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 
 
+def bench_config(preset: str) -> SaneConfig:
+    """The SANE config a benchmark preset times: a model preset, or ``cpu`` (tiny widened to the
+    cpu-scale shape of ``CPU_PRETRAINING``)."""
+    base, overrides = BENCH_PRESETS.get(preset, (preset, {}))
+    return SaneConfig.from_preset(base, **{k: v for k, v in overrides.items() if k != "preset"})
+
+
 def synthetic_views(
     config: SaneConfig, batch_size: int, window: int, sequence_length: int, device: torch.device
 ) -> dict:
@@ -245,8 +252,7 @@ def main() -> None:
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA device")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    base, overrides = BENCH_PRESETS.get(args.preset, (args.preset, {}))
-    config = SaneConfig.from_preset(base, **{k: v for k, v in overrides.items() if k != "preset"})
+    config = bench_config(args.preset)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.preset]
     window = args.window or config.windowsize
     torch.manual_seed(0)
