@@ -143,6 +143,14 @@ SAMPLING = SamplingSettings(
 )
 
 
+def autoencode_settings(prompt_split: str) -> SamplingSettings:
+    """decode(encode(prompt)) for the prompts of a split: KDE at bandwidth 0, no fine-tuning,
+    no baselines (the suite scores test prompts, the recipe selection validation prompts)."""
+    return dataclasses.replace(
+        SAMPLING, prompt_split=prompt_split, bandwidth=0.0, finetune_epochs=0, baselines=False
+    )
+
+
 def epoch0(results: SamplingResults, group: str) -> float:
     """Mean test accuracy of a group before fine-tuning."""
     return float(results.evaluation.accuracy[group][:, 0].mean())
@@ -186,7 +194,7 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
                 model,
                 zoo,
                 [KDE],
-                dataclasses.replace(SAMPLING, bandwidth=0.0, finetune_epochs=0, baselines=False),
+                autoencode_settings("test"),
             ),
         )
     pretraining = json.loads((work / "sane" / SUMMARY_FILE).read_text())

@@ -44,7 +44,7 @@ from benchmarks.common import (
     machine_info,
     update_results_file,
 )
-from benchmarks.reproduce.zoo_suite import SAMPLING, ZOOS
+from benchmarks.reproduce.zoo_suite import SAMPLING, ZOOS, autoencode_settings
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
@@ -146,8 +146,9 @@ def _check_development(name: str) -> None:
         raise SystemExit(f"{name} is a held-out zoo: recipes are chosen on development zoos only")
 
 
-def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, Any]:
-    """Pretrain one candidate on a development zoo and score it on the validation split."""
+def _candidate_model(zoo_name: str, candidate: str, work_root: Path):
+    """A development zoo's dataset, the candidate's run folder and its SANE (pretrained there
+    first, or resumed, or loaded when finished)."""
     _check_development(zoo_name)
     zoo, dataset_dir = _suite_dataset(zoo_name, work_root)
     output_dir = work_root / "zoo_suite_selection" / zoo_name / candidate
@@ -155,8 +156,13 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
         candidate_values(candidate),
         flags={"dataset": str(dataset_dir), "output_dir": str(output_dir)},
     )
+    return zoo, output_dir, pretrain_stage(config)
+
+
+def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, Any]:
+    """Pretrain one candidate on a development zoo and score it on the validation split."""
     started = time.perf_counter()
-    model = pretrain_stage(config)
+    zoo, output_dir, model = _candidate_model(zoo_name, candidate, work_root)
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     report = probe_stage(model, zoo, output_dir, name="probe", include_layer_means=True)
     return {
@@ -175,9 +181,7 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
 def _autoencoded_share(model, zoo: ZooDataset) -> float:
     """Epoch-0 accuracy of decode(encode(prompt)) over the validation prompts' own accuracy."""
     kde = SamplingMethod("kde")
-    settings = dataclasses.replace(
-        SAMPLING, prompt_split="validation", bandwidth=0.0, finetune_epochs=0, baselines=False
-    )
+    settings = autoencode_settings("validation")
     accuracy = compare_sampling(model, zoo, [kde], settings, include_prompts=True).evaluation
     return float(
         accuracy.accuracy[kde.name][:, 0].mean() / accuracy.accuracy["prompts"][:, 0].mean()
@@ -187,15 +191,7 @@ def _autoencoded_share(model, zoo: ZooDataset) -> float:
 def run_sampling(zoo_name: str, candidate: str, work_root: Path) -> dict[str, Any]:
     """Every sampling kind and KDE mode around validation prompts: epoch-0 accuracy, matched
     noise and novelty, so the default is the one that beats prompts + noise by the most."""
-    _check_development(zoo_name)
-    zoo, dataset_dir = _suite_dataset(zoo_name, work_root)
-    output_dir = work_root / "zoo_suite_selection" / zoo_name / candidate
-    model = pretrain_stage(
-        PretrainingConfig.load(
-            candidate_values(candidate),
-            flags={"dataset": str(dataset_dir), "output_dir": str(output_dir)},
-        )
-    )
+    zoo, _, model = _candidate_model(zoo_name, candidate, work_root)
     methods = [
         SamplingMethod(kind, mode) for kind in ("kde", "subsampled") for mode in SAMPLING_MODES
     ]
