@@ -260,14 +260,13 @@ class SaneAttention(nn.Module):
         # fp32), but attention itself stays float32: the CPU's bf16 attention kernels on these
         # small heads are slower than fp32 (SDPA's bf16 backward by about 15x).
         cpu_autocast = hidden_states.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        dtype = torch.float32 if cpu_autocast else query.dtype
         with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
-            if cpu_autocast:
-                query, key, value = query.float(), key.float(), value.float()
             attention_output, _ = attention_interface(
                 self,
-                query,
-                key,
-                value,
+                query.to(dtype),
+                key.to(dtype),
+                value.to(dtype),
                 attention_mask,
                 dropout=self.attention_dropout if self.training else 0.0,
                 scaling=self.scaling,
