@@ -173,7 +173,9 @@ class ProbeHeads:
             raise ValueError(
                 f"{config_path}: not a {PROBE_HEADS_FORMAT} version {PROBE_HEADS_VERSION} file"
             )
-        tensors = load_file(tensors_path)
+        # Copies: safetensors hands out views at 8-byte offsets in its buffer, and BLAS rounds the
+        # last bit differently for unaligned inputs; aligned copies predict exactly as fitted.
+        tensors = {key: value.clone() for key, value in load_file(tensors_path).items()}
         heads = []
         for entry in description["heads"]:
             name = entry["name"]
