@@ -12,11 +12,16 @@ network), in a venv of its own since its modules import einops, torchmetrics and
     python -m venv --system-site-packages /tmp/sane-reference-venv
     /tmp/sane-reference-venv/bin/pip install einops torchmetrics lightning
 
-Back to back (both fp32, one thread, our synthetic batch of ``bench_train_step``):
+Side by side in one process (``--ours``): the reference's step and our step variants
+(`OUR_VARIANTS`, built as ``bench_train_step`` builds them) are timed in rounds, ``--steps``
+steps of each contender in turn with the order turned by one each round, so that a change in the
+shared machine's speed reaches all of them alike; each of ours reports its median step and its
+ratio to the reference's, round by round and as the median of the rounds (``vs_reference``).
+The venv sees our installed package (``--system-site-packages``):
 
-    OMP_NUM_THREADS=1 python -m benchmarks.speed.bench_train_step --preset cpu --threads 1
     OMP_NUM_THREADS=1 /tmp/sane-reference-venv/bin/python -m benchmarks.speed.bench_reference_step \
-        --reference-dir /tmp/sane-reference
+        --reference-dir /tmp/sane-reference \
+        --ours fp32 bf16 bf16-compiled bf16-eager-compiled --steps 15 --rounds 6
 
 What is timed is the reference's own ``AEModule.train_step(x_i, m_i, p_i, x_j, m_j, p_j)``, the
 call its training loop makes per batch: one ``def_AE.AE`` forward per view, the
@@ -34,7 +39,7 @@ Same shape, not the same model: the reference runs the two views as two forwards
 before their output layers; its MSE averages over all values of ``mask * output``; 676,509
 parameters against our 493,633.
 
-Prints JSON with ``step_median_ms`` and ``step_cpu_median_ms`` and writes
+Prints JSON with ``step_median_ms``, ``step_cpu_median_ms`` and ``ours`` and writes
 ``benchmarks/results/bench_reference_step_cpu.json``.
 """
 
@@ -42,13 +47,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
+    DTYPES,
     cpu_time_repeats,
     machine_info,
     summarize_ms,
@@ -59,6 +67,9 @@ from benchmarks.speed.bench_train_step import (
     DEFAULT_BATCH_SIZE,
     SEQUENCE_LENGTH,
     bench_config,
+    compile_model,
+    make_train_step,
+    model_and_optimizer,
     synthetic_views,
 )
 from sane_hf import SaneConfig
@@ -89,43 +100,114 @@ def reference_config(config: SaneConfig, batch_size: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference-dir", required=True, help="checkout of HSG-AIML/SANE")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    args = parser.parse_args()
+# Our step variants timed beside the reference with --ours (bench_train_step's options).
+OUR_VARIANTS = {
+    "fp32": {"dtype": "fp32", "attn": "sdpa", "compile": "none"},
+    "bf16": {"dtype": "bf16", "attn": "sdpa", "compile": "none"},
+    "bf16-compiled": {"dtype": "bf16", "attn": "sdpa", "compile": "model"},
+    "bf16-eager-compiled": {"dtype": "bf16", "attn": "eager", "compile": "model"},
+}
 
-    reference_dir = Path(args.reference_dir).resolve()
+
+def reference_train_step(
+    reference_dir: Path, config: SaneConfig, batch: dict, batch_size: int
+) -> tuple[Callable[[], torch.Tensor], dict]:
+    """The reference's ``AEModule.train_step`` on our batch (its two views), and its config."""
     sys.path.insert(0, str(reference_dir / "src"))
     from SANE.models.def_AE_module import AEModule  # the reference's code, from the checkout
 
-    torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    config = bench_config("cpu")
-    batch_size = DEFAULT_BATCH_SIZE["cpu"]
     reference = reference_config(config, batch_size)
     with contextlib.redirect_stdout(sys.stderr):  # its prints; stdout is for the JSON
         module = AEModule(reference)
     if module.scaler.is_enabled():
         raise RuntimeError("the reference's GradScaler is on: this would not be an fp32 step")
     module.model.train()  # what its train_epoch does
-
-    # our synthetic batch (views stacked on the batch axis), as the reference's two views
-    batch = synthetic_views(config, batch_size, config.windowsize, SEQUENCE_LENGTH["cpu"], device)
     tokens, mask = batch["tokens"].split(batch_size), batch["value_mask"].split(batch_size)
     positions = batch["positions"].to(torch.int).split(batch_size)  # its loop casts to int
     views = (tokens[0], mask[0], positions[0], tokens[1], mask[1], positions[1])
-    losses = []
+    reference["num_parameters"] = sum(p.numel() for p in module.model.parameters())
 
-    def train_step() -> None:
-        losses.append(module.train_step(*views)["loss/loss"].detach())
+    def train_step() -> torch.Tensor:
+        return module.train_step(*views)["loss/loss"].detach()
 
-    for _ in range(args.warmup):
-        train_step()
-    step_ms = time_repeats(train_step, args.steps, device)
-    cpu_step_ms = cpu_time_repeats(train_step, args.steps)
+    return train_step, reference
+
+
+def our_train_step(variant: str, config: SaneConfig, batch: dict) -> Callable[[], torch.Tensor]:
+    """Our step in one of `OUR_VARIANTS`, built as ``bench_train_step`` builds it."""
+    options = OUR_VARIANTS[variant]
+    model, optimizer = model_and_optimizer(config, torch.device("cpu"), options["attn"])
+    autocast = (
+        torch.autocast("cpu", dtype=DTYPES[options["dtype"]])
+        if options["dtype"] != "fp32"
+        else contextlib.nullcontext()
+    )
+    return make_train_step(compile_model(model, options["compile"]), optimizer, batch, autocast)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference-dir", required=True, help="checkout of HSG-AIML/SANE")
+    parser.add_argument(
+        "--ours",
+        nargs="*",
+        choices=sorted(OUR_VARIANTS),
+        default=[],
+        help="our step variants to time in the same process, round by round",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all contenders")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    args = parser.parse_args()
+
+    reference_dir = Path(args.reference_dir).resolve()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    config = bench_config("cpu")
+    batch_size = DEFAULT_BATCH_SIZE["cpu"]
+    # our synthetic batch (views stacked on the batch axis), as the reference's two views
+    batch = synthetic_views(config, batch_size, config.windowsize, SEQUENCE_LENGTH["cpu"], device)
+    reference_step, reference = reference_train_step(reference_dir, config, batch, batch_size)
+    steps = {"reference": reference_step}
+    for variant in args.ours:
+        steps[variant] = our_train_step(variant, config, batch)
+    losses: dict[str, list[torch.Tensor]] = {name: [] for name in steps}
+    for name, train_step in steps.items():  # compiles the compiled variants
+        for _ in range(args.warmup):
+            losses[name].append(train_step())
+
+    # Rounds: each contender's steps in turn, the order turned by one each round, so that a
+    # change in the machine's speed reaches all of them alike.
+    wall_ms: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in steps}
+    round_medians: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            step, kept = steps[name], losses[name]
+            times = time_repeats(
+                lambda step=step, kept=kept: kept.append(step()), args.steps, device
+            )
+            wall_ms[name] += times
+            cpu_ms[name] += cpu_time_repeats(step, args.steps)
+            round_medians[name].append(statistics.median(times))
+
+    def contender(name: str) -> dict:
+        ratios = [ours / ref for ours, ref in zip(round_medians[name], round_medians["reference"])]
+        return {
+            **({"options": OUR_VARIANTS[name]} if name in OUR_VARIANTS else {}),
+            **{f"step_{key}": value for key, value in summarize_ms(wall_ms[name]).items()},
+            **{f"step_cpu_{key}": value for key, value in summarize_ms(cpu_ms[name]).items()},
+            "round_median_ms": [round(ms, 1) for ms in round_medians[name]],
+            "vs_reference_per_round": [round(ratio, 3) for ratio in ratios],
+            "vs_reference": round(statistics.median(ratios), 3),
+            "loss_first_last": [
+                round(losses[name][0].item(), 4),
+                round(losses[name][-1].item(), 4),
+            ],
+        }
 
     commit = subprocess.run(
         ["git", "-C", str(reference_dir), "rev-parse", "HEAD"],
@@ -135,7 +217,8 @@ def main() -> None:
     ).stdout.strip()
     tokens_per_step = 2 * batch_size * config.windowsize
     results = {
-        "benchmark": "reference SANE train step (AEModule.train_step: 2 views, loss, backward, AdamW)",
+        "benchmark": "reference SANE train step (AEModule.train_step: 2 views, loss, backward, AdamW)"
+        + (", and ours in the same process, round by round" if args.ours else ""),
         "reference_repository": "github.com/HSG-AIML/SANE",
         "reference_commit": commit or "unknown (not a git checkout)",
         "reference_config": reference,
@@ -144,12 +227,13 @@ def main() -> None:
         "window": config.windowsize,
         "tokensize": config.tokensize,
         "tokens_per_step": tokens_per_step,
-        "num_parameters": sum(p.numel() for p in module.model.parameters()),
-        "steps": args.steps,
-        **{f"step_{key}": value for key, value in summarize_ms(step_ms).items()},
-        **{f"step_cpu_{key}": value for key, value in summarize_ms(cpu_step_ms).items()},
-        "tokens_per_s": round(tokens_per_step / summarize_ms(step_ms)["median_ms"] * 1e3),
-        "loss_first_last": [round(losses[0].item(), 4), round(losses[-1].item(), 4)],
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        **{key: value for key, value in contender("reference").items() if key != "vs_reference"},
+        "tokens_per_s": round(
+            tokens_per_step / summarize_ms(wall_ms["reference"])["median_ms"] * 1e3
+        ),
+        "ours": {name: contender(name) for name in args.ours},
         **machine_info(device),
     }
     write_results("bench_reference_step_cpu", results)

@@ -119,6 +119,30 @@ def synthetic_views(
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
+def model_and_optimizer(
+    config: SaneConfig,
+    device: torch.device,
+    attn: str = "sdpa",
+    adamw: str = "fused",
+    position_checks: bool = False,
+    capturable: bool = False,
+) -> tuple[SaneModel, torch.optim.Optimizer]:
+    """A seeded SANE in training mode and the reference's AdamW (lr 1e-4, weight decay 3e-9)."""
+    torch.manual_seed(0)
+    model = SaneModel(config).to(device).train()
+    model.set_attn_implementation(attn)
+    model.set_position_checks(position_checks)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        weight_decay=3e-9,
+        fused=adamw == "fused",
+        foreach=adamw == "foreach",
+        capturable=capturable,
+    )
+    return model, optimizer
+
+
 def compile_model(model: SaneModel, how: str) -> Callable[..., object]:
     """The callable a step runs: the model itself, with compiled blocks, or compiled whole."""
     if how == "blocks":
@@ -255,10 +279,9 @@ def main() -> None:
     config = bench_config(args.preset)
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.preset]
     window = args.window or config.windowsize
-    torch.manual_seed(0)
-    model = SaneModel(config).to(device).train()
-    model.set_attn_implementation(args.attn)
-    model.set_position_checks(args.position_checks)
+    model, optimizer = model_and_optimizer(
+        config, device, args.attn, args.adamw, args.position_checks, capturable=args.cuda_graph
+    )
     if args.activation_checkpointing:
         # transformers >= 5.23 name; older versions only have gradient_checkpointing_enable
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -266,14 +289,6 @@ def main() -> None:
     num_parameters = model.num_parameters()
     matmul_parameters = num_parameters - sum(
         p.numel() for name, p in model.named_parameters() if name.startswith("position_embeddings.")
-    )
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=1e-4,
-        weight_decay=3e-9,
-        fused=args.adamw == "fused",
-        foreach=args.adamw == "foreach",
-        capturable=args.cuda_graph,
     )
     batch = synthetic_views(config, batch_size, window, SEQUENCE_LENGTH[args.preset], device)
     # cache_enabled=False: autocast's weight-cast cache must not outlive a captured graph
