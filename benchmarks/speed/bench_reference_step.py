@@ -229,7 +229,11 @@ def main() -> None:
         "tokens_per_step": tokens_per_step,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
-        **{key: value for key, value in contender("reference").items() if key != "vs_reference"},
+        **{
+            key: value
+            for key, value in contender("reference").items()
+            if not key.startswith("vs_reference")
+        },
         "tokens_per_s": round(
             tokens_per_step / summarize_ms(wall_ms["reference"])["median_ms"] * 1e3
         ),
