@@ -1,6 +1,6 @@
 """The zoo suite's recipe and sampling choices, made on validation splits only (issue 14).
 
-    python -m benchmarks.reproduce.zoo_suite_selection --ceilings              # all four zoos
+    python -m benchmarks.reproduce.zoo_suite_selection --ceilings              # every zoo
     python -m benchmarks.reproduce.zoo_suite_selection --zoo mnist_cnn_s_relu_kaiming --candidate d128
     python -m benchmarks.reproduce.zoo_suite_selection --zoo digits_mlp_tanh_uniform --candidate d256-l256 --sampling
     python -m benchmarks.reproduce.zoo_suite_selection --markdown
@@ -21,7 +21,7 @@ Three kinds of measurement, each written into ``benchmarks/results/zoo_suite_sel
   every sampling kind and KDE mode and compares their epoch-0 accuracy with prompts plus noise
   at the same distance from the training checkpoints.
 
-Only the two development zoos of `benchmarks.reproduce.zoo_suite` run candidates and sampling
+Only the development zoos of `benchmarks.reproduce.zoo_suite` run candidates and sampling
 choices; their datasets are the suite's own (run the suite's zoo first, or ``--zoo`` builds it).
 """
 
@@ -68,6 +68,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "d256-l256": {"model": {"d_model": 256, "latent_dim": 256}, "mixed_precision": "bf16"},
     "d256-l256-2+2": {
         "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+    },
+    # for full tokens (mnist_mlp_tanh_uniform): a token embedding wider than the token (289)
+    "d384-l384-2+2": {
+        "model": {"d_model": 384, "latent_dim": 384, "n_layers": 2, "n_heads": 6},
+        "mixed_precision": "bf16",
+    },
+    # the cpu preset overfits full tokens (train MSE 0.02 against 0.16 on validation): dropout
+    "d256-l256-2+2-dropout0.1": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2, "dropout": 0.1},
         "mixed_precision": "bf16",
     },
     "d256-l256-2+2-noise0.05": {
