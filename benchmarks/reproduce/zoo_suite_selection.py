@@ -80,6 +80,22 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2, "dropout": 0.1},
         "mixed_precision": "bf16",
     },
+    # stronger augmentation and decoupled weight decay on the matrices (the cpu preset's is 3e-9)
+    "d256-l256-2+2-noise0.2": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+        "noise_sigma": 0.2,
+    },
+    "d256-l256-2+2-wd1": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+        "weight_decay": 1.0,
+    },
+    "d256-l256-2+2-wd3": {
+        "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
+        "mixed_precision": "bf16",
+        "weight_decay": 3.0,
+    },
     "d256-l256-2+2-noise0.05": {
         "model": {"d_model": 256, "latent_dim": 256, "n_layers": 2},
         "mixed_precision": "bf16",
