@@ -56,7 +56,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    DTYPES,
     cpu_time_repeats,
     machine_info,
     summarize_ms,
@@ -66,6 +65,7 @@ from benchmarks.common import (
 from benchmarks.speed.bench_train_step import (
     DEFAULT_BATCH_SIZE,
     SEQUENCE_LENGTH,
+    autocast_context,
     bench_config,
     compile_model,
     make_train_step,
@@ -136,12 +136,9 @@ def reference_train_step(
 def our_train_step(variant: str, config: SaneConfig, batch: dict) -> Callable[[], torch.Tensor]:
     """Our step in one of `OUR_VARIANTS`, built as ``bench_train_step`` builds it."""
     options = OUR_VARIANTS[variant]
-    model, optimizer = model_and_optimizer(config, torch.device("cpu"), options["attn"])
-    autocast = (
-        torch.autocast("cpu", dtype=DTYPES[options["dtype"]])
-        if options["dtype"] != "fp32"
-        else contextlib.nullcontext()
-    )
+    device = torch.device("cpu")
+    model, optimizer = model_and_optimizer(config, device, options["attn"])
+    autocast = autocast_context(options["dtype"], device)
     return make_train_step(compile_model(model, options["compile"]), optimizer, batch, autocast)
 
 

@@ -143,6 +143,13 @@ def model_and_optimizer(
     return model, optimizer
 
 
+def autocast_context(dtype_name: str, device: torch.device, cache_enabled: bool = True):
+    """Autocast to ``dtype_name`` (``DTYPES``) on ``device``, or nothing for fp32."""
+    if dtype_name == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype_name], cache_enabled=cache_enabled)
+
+
 def compile_model(model: SaneModel, how: str) -> Callable[..., object]:
     """The callable a step runs: the model itself, with compiled blocks, or compiled whole."""
     if how == "blocks":
@@ -292,11 +299,7 @@ def main() -> None:
     )
     batch = synthetic_views(config, batch_size, window, SEQUENCE_LENGTH[args.preset], device)
     # cache_enabled=False: autocast's weight-cast cache must not outlive a captured graph
-    autocast = (
-        torch.autocast(device.type, dtype=DTYPES[dtype_name], cache_enabled=not args.cuda_graph)
-        if dtype_name != "fp32"
-        else nullcontext()
-    )
+    autocast = autocast_context(dtype_name, device, cache_enabled=not args.cuda_graph)
     attention = sdpa_report(model, batch, autocast)
 
     forward = compile_model(model, args.compile)
