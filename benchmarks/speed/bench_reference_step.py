@@ -111,8 +111,9 @@ OUR_VARIANTS = {
 
 def reference_train_step(
     reference_dir: Path, config: SaneConfig, batch: dict, batch_size: int
-) -> tuple[Callable[[], torch.Tensor], dict]:
-    """The reference's ``AEModule.train_step`` on our batch (its two views), and its config."""
+) -> tuple[Callable[[], torch.Tensor], dict, int]:
+    """The reference's ``AEModule.train_step`` on our batch (its two views), its config and its
+    parameter count."""
     sys.path.insert(0, str(reference_dir / "src"))
     from SANE.models.def_AE_module import AEModule  # the reference's code, from the checkout
 
@@ -125,12 +126,11 @@ def reference_train_step(
     tokens, mask = batch["tokens"].split(batch_size), batch["value_mask"].split(batch_size)
     positions = batch["positions"].to(torch.int).split(batch_size)  # its loop casts to int
     views = (tokens[0], mask[0], positions[0], tokens[1], mask[1], positions[1])
-    reference["num_parameters"] = sum(p.numel() for p in module.model.parameters())
 
     def train_step() -> torch.Tensor:
         return module.train_step(*views)["loss/loss"].detach()
 
-    return train_step, reference
+    return train_step, reference, sum(p.numel() for p in module.model.parameters())
 
 
 def our_train_step(variant: str, config: SaneConfig, batch: dict) -> Callable[[], torch.Tensor]:
@@ -165,7 +165,9 @@ def main() -> None:
     batch_size = DEFAULT_BATCH_SIZE["cpu"]
     # our synthetic batch (views stacked on the batch axis), as the reference's two views
     batch = synthetic_views(config, batch_size, config.windowsize, SEQUENCE_LENGTH["cpu"], device)
-    reference_step, reference = reference_train_step(reference_dir, config, batch, batch_size)
+    reference_step, reference, num_parameters = reference_train_step(
+        reference_dir, config, batch, batch_size
+    )
     steps = {"reference": reference_step}
     for variant in args.ours:
         steps[variant] = our_train_step(variant, config, batch)
@@ -224,6 +226,7 @@ def main() -> None:
         "window": config.windowsize,
         "tokensize": config.tokensize,
         "tokens_per_step": tokens_per_step,
+        "num_parameters": num_parameters,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         **{
