@@ -33,7 +33,7 @@ from filelock import FileLock
 
 import sane_hf
 from sane_hf import build_model
-from sane_hf.utils.config import load_values
+from sane_hf.utils.config import add_overrides_argument, load_values
 from sane_hf.zoo.formats import (
     atomic_write_text,
     write_checkpoint,
@@ -270,6 +270,14 @@ GPU_PRETRAINING: dict[str, Any] = {
 CPU_PRETRAINING: dict[str, Any] = load_values("cnn-s-cpu", "pretraining")
 
 
+def experiment_spec(experiment: str, scale: str, overrides: Sequence[str] = ()):
+    """The `ExperimentSpec` preset ``<experiment>-<scale>`` (``sane_hf/presets/experiment/``)
+    with ``key=value`` overrides (``--set``)."""
+    from sane_hf.recipes.experiments import ExperimentSpec
+
+    return ExperimentSpec.load(f"{experiment}-{scale}", overrides=overrides)
+
+
 def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -284,6 +292,7 @@ def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argp
         ),
     )
     parser.add_argument("--work-dir", help="zoos, datasets and models (default outputs/reproduce/)")
+    add_overrides_argument(parser)  # changes to the experiment's spec: --set zoo.num_models=20
     return parser.parse_args()
 
 

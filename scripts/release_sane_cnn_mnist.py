@@ -38,9 +38,9 @@ from benchmarks.common import (
 from sane_hf import SaneModel, SaneProcessor
 from sane_hf.downstream.probe_heads import ProbeHeads, fit_probe_heads
 from sane_hf.hub import build_model_card, build_zoo_dataset_card
-from sane_hf.zoo.dataset import ZooDataset, load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
-from sane_hf.zoo.metadata import ZooMetadata
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
+from sane_hf.zoo.storage import load_zoo_dataset
 
 ROOT = Path(__file__).parent.parent
 MAX_BYTES = 15 * 2**20

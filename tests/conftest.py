@@ -144,7 +144,8 @@ def tiny_digits_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     `build_zoo_dataset` splits (5/1/2 models), aligns, normalizes and tokenizes them.
     """
     from sane_hf.zoo.config import ZooConfig
-    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset
+    from sane_hf.zoo.dataset import build_zoo_dataset
+    from sane_hf.zoo.storage import save_zoo_dataset
     from sane_hf.zoo.training import train_zoo
 
     root = tmp_path_factory.mktemp("tiny_digits_zoo")

@@ -40,14 +40,15 @@ def test_sources_apply_in_order_preset_file_flags_overrides(tmp_path):
     args = parser.parse_args(["--config", "tiny", "--max-steps", "7", "--set", "max_steps=9"])
     config = config_from_args(PretrainingConfig, args)
     assert config.max_steps == 9  # --set wins over the flag
-    assert config.model == {"preset": "tiny", "d_model": 64, "latent_dim": 32}  # from tiny.yaml
-    args = parser.parse_args(["--config", "tiny", "--learning-rate", "1"])
+    assert config.model.to_dict() == {"preset": "tiny"}  # from tiny.yaml: the tiny model as is
+    args = parser.parse_args(["--config", "tiny", "--learning-rate", "1", "--model.d-model", "64"])
+    assert config_from_args(PretrainingConfig, args).model.d_model == 64  # a model section flag
     assert config_from_args(PretrainingConfig, args).learning_rate == 1.0  # int read as float
     assert config_from_args(PretrainingConfig, parser.parse_args([])).max_steps is None
 
     (tmp_path / "run.json").write_text(json.dumps({"batch_size": 4, "model": {"preset": "cnn"}}))
     config = PretrainingConfig.load(tmp_path / "run.json", overrides=["model.n_layers=2"])
-    assert config.batch_size == 4 and config.model == {"preset": "cnn", "n_layers": 2}
+    assert config.batch_size == 4 and config.model.to_dict() == {"preset": "cnn", "n_layers": 2}
 
 
 def test_a_flag_absent_keeps_the_preset_value_and_a_bool_flag_alone_means_true():
@@ -71,11 +72,13 @@ def test_a_file_extends_a_preset_with_base(tmp_path):
 def test_demo_presets_build_every_section():
     quick = DemoConfig.quick()
     assert isinstance(quick.zoo, ZooConfig) and isinstance(quick.pretraining, PretrainingConfig)
-    assert quick.pretraining.max_steps == 10 and quick.pretraining.model == {"preset": "tiny"}
+    assert quick.pretraining.max_steps == 10 and quick.pretraining.model.to_dict() == {
+        "preset": "tiny"
+    }
     assert quick.sampling == SamplingSettings(
         num_prompts=3, num_samples=2, num_candidates=4, score_samples=100, finetune_epochs=1
     )
-    assert [m.kind for m in quick.methods] == ["kde", "subsampled"]
+    assert [m.kind for m in quick.sampling_runs[0].methods] == ["kde", "subsampled"]
     default = DemoConfig.load(overrides=["zoo.num_models=16"])
     assert default.zoo.num_models == 16 and default.zoo.epochs == 8
 
@@ -215,3 +218,22 @@ def test_the_default_token_size_is_written_once_and_the_model_file_agrees():
     assert WeightTokenizer().tokensize == DEFAULT_TOKENSIZE
     default = inspect.signature(build_zoo_dataset).parameters["tokensize"].default
     assert default == DEFAULT_TOKENSIZE
+
+
+def test_the_model_section_has_one_field_per_sane_config_field():
+    import dataclasses
+
+    from sane_hf.models.sane.configuration_sane import SaneConfig
+    from sane_hf.pretraining.config import ModelSection
+
+    own = set(SaneConfig.__annotations__) - {"model_type"}  # the fields SaneConfig adds
+    section = {f.name for f in dataclasses.fields(ModelSection)} - {"preset"}
+    assert section == own
+
+
+def test_tiny_means_the_tiny_model_everywhere():
+    from sane_hf.models.sane.configuration_sane import SaneConfig
+
+    tiny = SaneConfig.from_preset("tiny").to_dict()
+    for config in (PretrainingConfig.load("tiny"), DemoConfig.load("default").pretraining):
+        assert config.model_config().to_dict() == tiny

@@ -16,7 +16,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from sane_hf import SaneConfig, SaneModel
 from sane_hf.cli import main
 from sane_hf.hub import HubError, build_model_card, push_folder, save_model_card
-from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
+from sane_hf.zoo.dataset import build_zoo_dataset
+from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
 from synthetic_zoo import write_raw_zoo
 
 

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sane_hf.zoo.dataset import (
-    build_zoo_dataset,
-    load_zoo_dataset,
-    save_zoo_dataset,
-    split_models,
-)
+from sane_hf.zoo.dataset import build_zoo_dataset, split_models
 from sane_hf.zoo.distributed import shared_progress
 from sane_hf.zoo.formats import load_zoo_metadata
 from sane_hf.zoo.population import steps_per_epoch
+from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
 from sane_hf.zoo.tasks import load_dataset_by_name
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
 

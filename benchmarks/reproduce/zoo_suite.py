@@ -50,19 +50,16 @@ from benchmarks.common import (
 from sane_hf import ZooConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
-    SamplingMethod,
-    SamplingResults,
-    SamplingSettings,
     StageLog,
     build_dataset_stage,
-    cached_sampling,
-    compare_sampling,
     experiment_pretraining,
     pretrain_stage,
     probe_stage,
     r2_table,
     zoo_stage,
 )
+from sane_hf.recipes.sampling import SamplingResults, cached_sampling, compare_sampling
+from sane_hf.recipes.settings import SamplingMethod, SamplingSettings
 from sane_hf.utils.config import load_values
 
 SUITE_FILE = RESULTS_DIR / "zoo_suite.json"

@@ -48,15 +48,15 @@ from benchmarks.reproduce.zoo_suite import SAMPLING, ZOOS, autoencode_settings
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
-    SamplingMethod,
     build_dataset_stage,
-    compare_sampling,
     pretrain_stage,
     probe_stage,
     r2_table,
     zoo_stage,
 )
-from sane_hf.zoo.dataset import ZooDataset
+from sane_hf.recipes.sampling import compare_sampling
+from sane_hf.recipes.settings import SamplingMethod
+from sane_hf.zoo.metadata import ZooDataset
 
 SELECTION_FILE = RESULTS_DIR / "zoo_suite_selection.json"
 # Candidate recipes: changes to the cpu-scale recipe as it was before the suite (cnn-s-cpu,

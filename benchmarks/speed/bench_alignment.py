@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from sane_hf import PermutationSpec, align, apply_permutation, build_model, random_permutation
-from sane_hf.weights.alignment import invert_permutation
+from sane_hf import PermutationSpec, align, build_model
+from sane_hf.weights.alignment import apply_permutation, invert_permutation, random_permutation
 
 RESULTS = Path(__file__).parents[1] / "results" / "bench_alignment.json"
 

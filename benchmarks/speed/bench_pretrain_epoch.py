@@ -1,4 +1,4 @@
-"""End-to-end pretraining speed: epochs of ``sane_hf.pretraining.loop.pretrain`` on a zoo dataset
+"""End-to-end pretraining speed: epochs of ``sane_hf.pretraining.loop.train_sane`` on a zoo dataset
 against the pure step time of the same model, optimizer and batch shape.
 
 The end-to-end run is the real training loop: the zoo's tokens on the data device, random
@@ -44,13 +44,13 @@ from benchmarks.common import (
 )
 from benchmarks.speed.bench_embed import ARCHITECTURES
 from sane_hf import SaneModel, build_zoo_dataset, save_zoo_dataset
+from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import (
-    PretrainingConfig,
     create_optimizer,
     load_pretraining_data,
     one_cycle_schedule,
-    pretrain,
     read_metrics,
+    train_sane,
 )
 
 
@@ -66,8 +66,8 @@ def build_synthetic_zoo(work_dir: Path, args: argparse.Namespace) -> Path:
 
 
 def end_to_end(config: PretrainingConfig) -> dict[str, float]:
-    """Run ``pretrain`` and read its step time and data-wait fraction after the first epoch."""
-    summary = pretrain(config)
+    """Run ``train_sane`` and read its step time and data-wait fraction after the first epoch."""
+    summary = train_sane(config)
     intervals = [
         line
         for line in read_metrics(config.output_dir)
@@ -97,7 +97,7 @@ def pure_step_ms(config: PretrainingConfig, steps: int, warmup: int) -> list[flo
     data = load_pretraining_data(config, accelerator)
     batch = data.train.train_batch(epoch=0, index=0).model_inputs()
     model = SaneModel(data.model_config)
-    model.set_position_checks(False)  # as in pretrain
+    model.set_position_checks(False)  # as in train_sane
     optimizer = create_optimizer(model, config, accelerator.device)
     scheduler = one_cycle_schedule(optimizer, steps + warmup + 1, config.warmup_fraction)
     model, optimizer = accelerator.prepare(model, optimizer)

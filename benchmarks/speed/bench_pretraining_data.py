@@ -37,7 +37,8 @@ from benchmarks.common import (
     time_repeats,
     write_results,
 )
-from sane_hf import PermutationSpec, TokenPermutation, WeightTokenizer, WindowSampler, build_model
+from sane_hf import PermutationSpec, WeightTokenizer, build_model
+from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
 
 PRESETS = {
     # architecture, its kwargs, token size, window

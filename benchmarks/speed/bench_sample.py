@@ -32,9 +32,10 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.speed.bench_embed import ARCHITECTURES, sane_model
-from sane_hf import NormalizationStats, SaneSampler, WeightTokenizer, build_model
+from sane_hf import SaneSampler, WeightTokenizer, build_model
 from sane_hf.downstream.embedding import default_window_and_halo, halo_windows
 from sane_hf.downstream.sampling import draw_latents
+from sane_hf.weights.normalization import NormalizationStats
 
 
 def prompt_networks(architecture: str, num_prompts: int) -> list[torch.nn.Module]:

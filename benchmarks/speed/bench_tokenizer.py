@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sane_hf import WeightLayout, WeightTokenizer
+from sane_hf import WeightTokenizer
+from sane_hf.weights.layout import WeightLayout
 from sane_hf.zoo.architectures import build_model
 
 RESULTS = Path(__file__).parents[1] / "results" / "bench_tokenizer.json"

@@ -51,8 +51,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sane_hf import ZooConfig, load_dataset_by_name, train_zoo
-from sane_hf.zoo.training import data_order, initialize_zoo_model
+from sane_hf import ZooConfig, train_zoo
+from sane_hf.zoo.population import data_order, initialize_zoo_model
+from sane_hf.zoo.tasks import load_dataset_by_name
 
 PRESETS = {
     "cpu": ZooConfig(

@@ -263,11 +263,14 @@ def _pushed(relative: Path) -> bool:
     )
 
 
-def folder_model_card(folder: Path, repo_id: str) -> ModelCard:
+def folder_model_card(
+    folder: Path, repo_id: str, sections: dict[str, str] | None = None
+) -> ModelCard:
     """The card of a saved model folder, rendered for ``repo_id`` (a Hub id, or the folder itself):
-    the folder card's results plus the probe heads' test scores."""
+    the folder card's results and extra sections plus the probe heads' test scores, and
+    ``sections`` (title -> markdown) added or replaced."""
     config = SaneConfig.from_pretrained(folder)
-    metrics, sections = {}, {}
+    sections_update, metrics, sections = sections, {}, {}
     if (folder / "README.md").is_file():
         existing = ModelCard.load(folder / "README.md")
         for result in existing.data.eval_results or []:
@@ -279,7 +282,7 @@ def folder_model_card(folder: Path, repo_id: str) -> ModelCard:
         num_parameters=_num_parameters(folder),
         model_id=repo_id,
         metrics=metrics if config.zoo_dataset else None,
-        sections=sections,
+        sections=sections | (sections_update or {}),
         probe_properties=_probe_properties(folder),
     )
 

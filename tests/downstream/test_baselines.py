@@ -24,7 +24,7 @@ from sane_hf.downstream.novelty import (
     split_token_chunks,
 )
 from sane_hf.downstream.sampling import SaneSampler, select_prompts
-from sane_hf.zoo.dataset import zoo_metadata
+from sane_hf.zoo.metadata import zoo_metadata
 from synthetic_zoo import template as synthetic_template
 
 

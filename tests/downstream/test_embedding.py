@@ -13,7 +13,7 @@ from sane_hf.downstream.embedding import (
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.processing_sane import SaneProcessor
-from sane_hf.zoo.dataset import zoo_metadata
+from sane_hf.zoo.metadata import zoo_metadata
 from synthetic_zoo import template as synthetic_template
 
 NUM_TOKENS = 37

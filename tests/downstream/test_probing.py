@@ -10,16 +10,15 @@ from sane_hf.cli import main
 from sane_hf.downstream.probing import (
     LogisticProbe,
     RidgeProbe,
-    SaneForPropertyPrediction,
-    mask_from_counts,
     probe_features,
     probe_zoo,
     raw_weight_features,
     weight_statistics,
 )
 from sane_hf.models.sane.configuration_sane import SaneConfig
-from sane_hf.models.sane.modeling_sane import SaneModel
-from sane_hf.zoo.dataset import save_zoo_dataset
+from sane_hf.models.sane.modeling_sane import SaneForPropertyPrediction, SaneModel
+from sane_hf.weights.layout import real_entry_mask
+from sane_hf.zoo.storage import save_zoo_dataset
 
 
 def _splits(x, sizes=(200, 100, 100)):
@@ -39,7 +38,7 @@ def test_weight_statistics_match_numpy_on_hand_example():
     )
     counts = torch.tensor([3, 2, 2, 2])
     positions = torch.tensor([[0, 0, 0], [1, 0, 0], [2, 1, 0], [3, 1, 1]])
-    mask = mask_from_counts(counts, tokensize=3)
+    mask = real_entry_mask(counts, tokensize=3)
     features = weight_statistics(tokens, mask, positions)
 
     expected = []
@@ -54,7 +53,7 @@ def test_weight_statistics_batch_equals_one_by_one():
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(4, 6, 5, generator=generator)
     counts = torch.tensor([5, 2, 5, 5, 1, 3])
-    mask = mask_from_counts(counts, 5)
+    mask = real_entry_mask(counts, 5)
     positions = torch.tensor([[i, layer, 0] for i, layer in enumerate([0, 0, 1, 1, 1, 2])])
     batch = weight_statistics(tokens * mask, mask, positions)
     single = torch.stack([weight_statistics(t * mask, mask, positions) for t in tokens])
@@ -64,7 +63,7 @@ def test_weight_statistics_batch_equals_one_by_one():
 
 def test_padding_does_not_enter_statistics():
     tokens = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
-    mask = mask_from_counts(torch.tensor([2, 1]), 3)
+    mask = real_entry_mask(torch.tensor([2, 1]), 3)
     positions = torch.tensor([[0, 0, 0], [1, 0, 1]])
     padded_with_junk = tokens.masked_fill(~mask, 100.0)
     torch.testing.assert_close(
@@ -75,15 +74,15 @@ def test_padding_does_not_enter_statistics():
 
 def test_raw_weight_features_drop_padding_and_respect_size_limit():
     tokens = torch.tensor([[[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]])
-    mask = mask_from_counts(torch.tensor([2, 1]), 3)
+    mask = real_entry_mask(torch.tensor([2, 1]), 3)
     assert raw_weight_features(tokens, mask).tolist() == [[1.0, 2.0, 3.0]]
     with pytest.raises(ValueError, match="max_features=2"):
         raw_weight_features(tokens, mask, max_features=2)
 
 
-def test_mask_from_counts_rejects_counts_beyond_tokensize():
+def test_real_entry_mask_rejects_counts_beyond_tokensize():
     with pytest.raises(ValueError, match="tokensize=3"):
-        mask_from_counts(torch.tensor([4]), 3)
+        real_entry_mask(torch.tensor([4]), 3)
 
 
 def test_ridge_probe_recovers_linear_signal():

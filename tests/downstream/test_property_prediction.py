@@ -7,7 +7,6 @@ from sklearn.metrics import r2_score
 from transformers import Trainer, TrainingArguments
 
 from sane_hf import (
-    LabelStandardization,
     ProbeHeads,
     SaneConfig,
     SaneForPropertyPrediction,
@@ -15,6 +14,7 @@ from sane_hf import (
     fit_probe_heads,
     with_labels,
 )
+from sane_hf.downstream.property_prediction import LabelStandardization, predict_properties
 from synthetic_zoo import TOKENSIZE
 
 
@@ -97,5 +97,17 @@ def test_trainer_trains_a_few_steps_and_predicts_in_units(zoo, tmp_path):
     reloaded = SaneForPropertyPrediction.from_pretrained(tmp_path / "model")
     assert LabelStandardization.from_config(reloaded.config) == scale
     rows = test[:]
-    direct = reloaded.predict_properties(rows["tokens"], rows["positions"])
+    direct = predict_properties(reloaded, rows["tokens"], rows["positions"])
     np.testing.assert_allclose(direct["test_acc"], in_units[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_model_for_sequence_classification_builds_the_property_head():
+    from transformers import AutoModelForSequenceClassification
+
+    config = SaneConfig.from_preset("tiny", tokensize=TOKENSIZE, num_labels=3)
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert type(model) is SaneForPropertyPrediction and model.head.out_features == 3
+    shipped = SaneConfig.from_pretrained("checkpoints/sane-cnn-mnist")
+    assert shipped.auto_map["AutoModelForSequenceClassification"].endswith(
+        "SaneForPropertyPrediction"
+    )

@@ -33,9 +33,12 @@ from sane_hf.downstream.sampling import (
     select_prompts,
 )
 from sane_hf.weights.alignment import PermutationSpec, apply_permutation, random_permutation
-from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset, zoo_metadata
+from sane_hf.zoo.dataset import build_zoo_dataset
+from sane_hf.zoo.metadata import zoo_metadata
+from sane_hf.zoo.population import data_order
+from sane_hf.zoo.storage import save_zoo_dataset
 from sane_hf.zoo.tasks import dataset_from_tensors
-from sane_hf.zoo.training import data_order, fine_tune_population
+from sane_hf.zoo.training import fine_tune_population
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
 from synthetic_zoo import template as synthetic_template
 

@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from sane_hf import (
-    SaneConfig,
+from sane_hf import SaneConfig, SaneModel
+from sane_hf.models.sane.modeling_sane import (
     SaneDecoderModel,
     SaneEncoderModel,
-    SaneModel,
     SaneModelOutput,
+    masked_mse,
+    nt_xent,
 )
-from sane_hf.models.sane.modeling_sane import masked_mse, nt_xent
 
 TOKENSIZE = 289
 
@@ -315,12 +315,15 @@ import importlib.util, json, sys
 sys.path.extend(json.loads(sys.argv[1]))
 assert importlib.util.find_spec("sane_hf") is None, "sane_hf must not be importable here"
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForSequenceClassification
 model = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
 inputs = load_file(sys.argv[3])
 output = model(inputs["tokens"], inputs["positions"])
 save_file({"latents": output.latents.contiguous()}, sys.argv[4])
-print(type(model).__module__)
+head = AutoModelForSequenceClassification.from_pretrained(
+    sys.argv[2], trust_remote_code=True, num_labels=2
+)
+print(type(model).__module__, type(head).__name__, head(inputs["tokens"], inputs["positions"]).predictions.shape[-1])
 """
 
 
@@ -344,7 +347,9 @@ def test_remote_code_loads_without_sane_hf_installed(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().startswith("transformers_modules.")
+    module, head_class, num_labels = result.stdout.split()
+    assert module.startswith("transformers_modules.")
+    assert (head_class, num_labels) == ("SaneForPropertyPrediction", "2")
     torch.testing.assert_close(load_file(tmp_path / "out.st")["latents"], model(**batch).latents)
 
 

@@ -10,8 +10,8 @@ import torch
 import sane_hf.models.sane
 from sane_hf import SaneModel, SaneSampler
 from sane_hf.models.sane.modeling_sane import SaneDecoderModel, SaneEncoderModel
-from sane_hf.zoo.dataset import ZooMetadata
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.metadata import ZooMetadata
 
 RELEASE = Path(__file__).parents[2] / "checkpoints" / "sane-cnn-mnist"
 

@@ -8,9 +8,9 @@ from sane_hf.pretraining.augmentation import (
     WindowSampler,
     multiplicative_noise,
     random_erasing,
-    real_entry_mask,
 )
 from sane_hf.weights.alignment import PermutationSpec, apply_permutation
+from sane_hf.weights.layout import real_entry_mask
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 

@@ -14,10 +14,14 @@ import functools
 import pytest
 import torch
 
-from sane_hf import NormalizationStats, SaneConfig, SaneModel, SaneSampler, WeightTokenizer
+from sane_hf import SaneConfig, SaneModel, SaneSampler, WeightTokenizer
 from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
 from sane_hf.weights.alignment import PermutationSpec
-from sane_hf.weights.normalization import standardize_tokens, unstandardize_tokens
+from sane_hf.weights.normalization import (
+    NormalizationStats,
+    standardize_tokens,
+    unstandardize_tokens,
+)
 from sane_hf.zoo.architectures import build_model
 
 BATCH_SIZE = 4

@@ -26,7 +26,8 @@ from sane_hf.pretraining.loop import (
     split_tokens,
 )
 from sane_hf.utils.config import add_config_arguments, config_from_args
-from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset
+from sane_hf.zoo.dataset import build_zoo_dataset
+from sane_hf.zoo.storage import load_zoo_dataset
 
 
 def main(argv: list[str]) -> int:
@@ -84,9 +85,9 @@ def test_config_sources_apply_in_order(tmp_path):
     )
     assert config.learning_rate == 1e-3  # --set wins over the flag, the flag over the file
     assert config.weight_decay == 0.0 and isinstance(config.weight_decay, float)
-    assert config.model == {"preset": "tiny", "d_model": 64, "n_layers": 3}
+    assert config.model.to_dict() == {"preset": "tiny", "d_model": 64, "n_layers": 3}
     assert config.adam_betas == [0.9, 1.0]
-    assert parse("--config", "tiny").model["preset"] == "tiny"  # a preset by name
+    assert parse("--config", "tiny").model.preset == "tiny"  # a preset by name
 
 
 @pytest.mark.parametrize(
@@ -151,7 +152,7 @@ def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_pat
     assert zoo_metadata == json.loads((tiny_digits_zoo / "sane_zoo.json").read_text())
     assert "library_name: sane-hf" in (output_dir / "README.md").read_text()
     model = SaneModel.from_pretrained(output_dir)
-    assert (model.config.d_model, model.config.latent_dim, model.config.tokensize) == (64, 32, 289)
+    assert (model.config.d_model, model.config.latent_dim, model.config.tokensize) == (32, 16, 289)
     # the run writes its processor: the zoo's statistics and its alignment reference
     processor = SaneProcessor.from_pretrained(output_dir)
     assert processor.normalization.to_dict() == zoo_metadata["normalization"]

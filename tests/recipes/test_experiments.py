@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from sane_hf.downstream.evaluation import SampleEvaluation
-from sane_hf.pretraining.loop import PretrainingConfig
-from sane_hf.recipes.experiments import (
-    SamplingMethod,
+from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.recipes.experiments import ExperimentSpec, build_dataset_stage, pretrain_stage
+from sane_hf.recipes.sampling import (
     SamplingResults,
     aligned_to_zoo,
-    build_dataset_stage,
-    pretrain_stage,
     prompt_networks,
     zoo_reference_network,
 )
+from sane_hf.recipes.settings import SamplingMethod
+from sane_hf.utils.config import preset_names
 from sane_hf.weights.alignment import PermutationSpec, apply_permutation, random_permutation
 from synthetic_zoo import TOKENSIZE, write_raw_zoo
 
@@ -116,3 +116,33 @@ def test_pretrain_stage_refuses_a_folder_trained_with_another_config(tmp_path):
         pretrain_stage(changed)
     with pytest.raises(FileNotFoundError):  # same config: on to training, which needs the zoo
         pretrain_stage(moved)
+
+
+@pytest.mark.parametrize("name", preset_names("experiment"))
+def test_every_experiment_preset_loads_with_its_sampling_runs(name):
+    spec = ExperimentSpec.load(name)
+    assert spec.sampling_runs or spec.probing is not None  # it measures something
+    for run in spec.sampling_runs:
+        settings = spec.run_settings(run)
+        assert all(getattr(settings, key) == value for key, value in run.changes.items())
+
+
+def test_a_sampling_run_with_a_bad_change_is_refused_when_the_spec_is_loaded():
+    run = {"name": "modes", "methods": [{"kind": "kde"}], "changes": {"num_sample": 3}}
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['num_sample'\] in sampling run 'modes'"
+    ):
+        ExperimentSpec.from_dict({"sampling_runs": [run]})
+    with pytest.raises(ValueError, match="epoch_range must be"):
+        ExperimentSpec.from_dict({"dataset": {"epoch_range": [5, 1]}})
+
+
+def test_new_task_shares_the_mnist_stages_it_samples_with():
+    for scale in ("cpu", "gpu"):
+        mnist, new_task = (
+            ExperimentSpec.load(f"mnist-{scale}"),
+            ExperimentSpec.load(f"new_task-{scale}"),
+        )
+        assert (new_task.zoo, new_task.dataset) == (mnist.zoo, mnist.dataset)
+        assert new_task.pretraining == mnist.pretraining  # its SANE is the mnist experiment's
+        assert new_task.probing is None and new_task.prompt_zoo.dataset == "digits"

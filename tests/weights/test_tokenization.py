@@ -6,7 +6,9 @@ import torch
 import transformers
 from torch import nn
 
-from sane_hf import TokenizedWeights, WeightLayout, WeightTokenizer
+from sane_hf import WeightTokenizer
+from sane_hf.weights.layout import WeightLayout
+from sane_hf.weights.tokenization import TokenizedWeights
 from sane_hf.zoo.architectures import build_model
 
 

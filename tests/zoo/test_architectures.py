@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from sane_hf import build_model, list_architectures, register_architecture
+from sane_hf import build_model, register_architecture
+from sane_hf.zoo.architectures import list_architectures
 
 
 @pytest.mark.parametrize(

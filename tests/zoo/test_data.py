@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sane_hf import ImageDataset, dataset_from_tensors, load_dataset_by_name
+from sane_hf.zoo.tasks import ImageDataset, dataset_from_tensors, load_dataset_by_name
 
 
 def _class_counts(dataset: ImageDataset) -> dict[str, np.ndarray]:

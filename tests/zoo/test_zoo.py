@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sane_hf import ZooConfig, build_model, load_dataset_by_name, register_architecture, train_zoo
+from sane_hf import ZooConfig, build_model, register_architecture, train_zoo
 from sane_hf.cli import main
 from sane_hf.zoo.architectures import ACTIVATIONS
 from sane_hf.zoo.grouped import GroupedSequential
-from sane_hf.zoo.population import ChunkTrainer
-from sane_hf.zoo.training import data_order, initialize_zoo_model, structural_kwargs
+from sane_hf.zoo.population import ChunkTrainer, data_order, initialize_zoo_model, structural_kwargs
+from sane_hf.zoo.tasks import load_dataset_by_name
 
 TINY = {"dataset_kwargs": {"num_samples": 100}, "batch_size": 10}
 

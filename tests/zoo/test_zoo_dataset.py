@@ -15,20 +15,16 @@ from sane_hf.cli import main
 from sane_hf.hub import push_zoo_dataset
 from sane_hf.weights.normalization import NormalizationStats
 from sane_hf.zoo.card import build_zoo_dataset_card
-from sane_hf.zoo.dataset import (
-    build_zoo_dataset,
-    load_zoo_dataset,
-    save_zoo_dataset,
-    split_models,
-    zoo_metadata,
-)
+from sane_hf.zoo.dataset import build_zoo_dataset, split_models
 from sane_hf.zoo.formats import (
     checkpoint_file_name,
     write_checkpoint,
     write_zoo_info,
     write_zoo_metadata,
 )
+from sane_hf.zoo.metadata import zoo_metadata
 from sane_hf.zoo.statistics import zoo_statistics
+from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
 
 NUM_MODELS = 8
 EPOCHS = (0, 1, 2)

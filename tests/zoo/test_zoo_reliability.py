@@ -23,7 +23,7 @@ from sane_hf import ZooConfig, train_zoo
 from sane_hf.cli import main
 from sane_hf.hub import HubError, push_zoo_dataset
 from sane_hf.zoo import training
-from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
+from sane_hf.zoo.dataset import build_zoo_dataset
 from sane_hf.zoo.formats import (
     ZooBusyError,
     atomic_write_text,
@@ -33,6 +33,7 @@ from sane_hf.zoo.formats import (
     zoo_writer_lock,
 )
 from sane_hf.zoo.importing import ZooImportError, import_zoo
+from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
 from synthetic_zoo import TOKENSIZE, template, write_raw_zoo
 
 SRC = str(Path(__file__).parents[2] / "src")

@@ -24,9 +24,9 @@ def add_device_argument(parser) -> None:
 
 
 def device_argument(args) -> str:
-    import torch
+    from sane_hf.zoo.distributed import default_device
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args.device or default_device()
 
 
 def check_sources(**sources: str | None) -> None:

@@ -45,7 +45,8 @@ def _add_run_arguments(parser) -> None:
 
 
 def _run_embed(args) -> int:
-    from sane_hf.downstream.pretrained import embed_networks, is_main_process
+    from sane_hf.downstream.pretrained import embed_networks
+    from sane_hf.zoo.distributed import is_main_process
 
     embeddings = embed_networks(
         args.model,
@@ -62,7 +63,8 @@ def _run_embed(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from sane_hf.downstream.pretrained import is_main_process, predict_networks
+    from sane_hf.downstream.pretrained import predict_networks
+    from sane_hf.zoo.distributed import is_main_process
 
     predictions = predict_networks(
         args.model,

@@ -1,5 +1,5 @@
 """`sane-hf pretrain`: SANE pretraining with Accelerate, then the probe heads that ship with the model
-(`sane_hf.recipes.pretraining.pretrain_with_probe_heads`)."""
+(`sane_hf.recipes.pretraining.pretrain`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _run_pretrain(args) -> int:
     import logging
 
     from sane_hf.pretraining.config import PretrainingConfig
-    from sane_hf.recipes.pretraining import pretrain_with_probe_heads
+    from sane_hf.recipes.pretraining import pretrain
     from sane_hf.utils.config import config_from_args
 
     logging.basicConfig(
@@ -37,6 +37,6 @@ def _run_pretrain(args) -> int:
         datefmt="%H:%M:%S",
         level=logging.INFO,
     )
-    summary = pretrain_with_probe_heads(config_from_args(PretrainingConfig, args))
+    summary = pretrain(config_from_args(PretrainingConfig, args))
     print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sane_hf.cli.common import add_device_argument, check_sources
-from sane_hf.recipes.settings import DEFAULT_METHODS, KDE_MODES, SAMPLING_KINDS, SamplingSettings
+from sane_hf.downstream.kde_modes import KDE_MODES
+from sane_hf.recipes.settings import DEFAULT_METHODS, SAMPLING_KINDS, SamplingSettings
 from sane_hf.utils.config import add_config_arguments
 
 
@@ -40,10 +41,10 @@ def register(subparsers) -> None:
 
 
 def _run_sample(args) -> int:
-    from sane_hf.downstream.pretrained import is_main_process
     from sane_hf.recipes.sampling import sample_networks
     from sane_hf.recipes.settings import SamplingMethod
     from sane_hf.utils.config import config_from_args
+    from sane_hf.zoo.distributed import is_main_process
 
     check_sources(model=args.model, dataset=args.dataset, prompt_dataset=args.prompt_dataset)
     results = sample_networks(

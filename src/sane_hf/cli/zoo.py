@@ -128,8 +128,9 @@ def _run_zoo_build(args) -> int:
     from pathlib import Path
 
     from sane_hf.hub import push_zoo_dataset
-    from sane_hf.zoo.dataset import build_zoo_dataset, save_zoo_dataset
+    from sane_hf.zoo.dataset import build_zoo_dataset
     from sane_hf.zoo.statistics import format_zoo_statistics
+    from sane_hf.zoo.storage import save_zoo_dataset
 
     if args.output is None and args.push_to_hub is None:
         print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
@@ -174,8 +175,8 @@ def _add_zoo_info_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_info(args) -> int:
-    from sane_hf.zoo.dataset import load_zoo_records
     from sane_hf.zoo.statistics import format_zoo_statistics, plot_zoo_accuracy, zoo_statistics
+    from sane_hf.zoo.storage import load_zoo_records
 
     zoo, records, splits = load_zoo_records(args.path)
     print(format_zoo_statistics(zoo_statistics(records, splits), zoo))

@@ -445,3 +445,16 @@ def _column_array(values: list) -> np.ndarray:
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     return np.array(values)
+
+
+__all__ = [
+    "Embeddings",
+    "apply_in_halo_windows",
+    "decode_latents",
+    "default_window_and_halo",
+    "embed",
+    "encode_tokens",
+    "halo_windows",
+    "pool_latents",
+    "zoo_properties",
+]

@@ -137,8 +137,9 @@ class SampleEvaluation:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def plot(self, path: str | Path) -> None:
-        """Test accuracy vs fine-tuning epoch: mean line and ± std band per group (PNG)."""
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        """Test accuracy vs fine-tuning epoch: mean line and ± std band per group (PNG), under
+        ``title`` (which networks, on which task and split)."""
         from matplotlib.figure import Figure
 
         figure = Figure(figsize=(6, 4), dpi=120)
@@ -150,10 +151,12 @@ class SampleEvaluation:
         axes.set(xlabel="fine-tuning epoch", ylabel="test accuracy (%)")
         axes.set_xticks(self.epochs)
         axes.legend(fontsize="small")
+        if title:
+            axes.set_title(title, fontsize="medium")
         figure.tight_layout()
         figure.savefig(path)
 
-    def plot_novelty(self, path: str | Path) -> None:
+    def plot_novelty(self, path: str | Path, title: str | None = None) -> None:
         """Accuracy at epoch 0 against novelty (PNG): left the distance to the nearest training
         checkpoint, right the largest mistake IoU with a training network. The noise groups form
         a curve (medians, by distance), ensembles and every SANE method are points per network."""
@@ -167,10 +170,11 @@ class SampleEvaluation:
             (g for g, role in self.roles.items() if role == "noise" and g in self.novelty),
             key=lambda g: np.median(self.novelty[g]["distance"]),
         )
-        for axes, key, label in zip(
+        for axes, key, label, panel_title in zip(
             panels,
             ("distance", "iou"),
             ("distance to nearest training checkpoint", "largest mistake IoU with a training net"),
+            ("how far from the training networks", "how alike the mistakes are"),
         ):
             if noise:
                 x = [np.median(self.novelty[g][key]) for g in noise]
@@ -183,9 +187,11 @@ class SampleEvaluation:
                 axes.scatter(
                     figures[key], 100 * self.accuracy[group][:, 0], marker=marker, label=group
                 )
-            axes.set(xlabel=label)
+            axes.set(xlabel=label, title=panel_title)
         panels[0].set(ylabel="test accuracy at epoch 0 (%)")
         panels[1].legend(fontsize="x-small")
+        if title:
+            figure.suptitle(title)
         figure.tight_layout()
         figure.savefig(path)
 

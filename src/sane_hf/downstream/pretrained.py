@@ -31,7 +31,7 @@ from sane_hf.downstream.sharding import gather_embeddings, my_networks
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.network_inputs import NetworkInput
 from sane_hf.models.sane.processing_sane import SaneProcessor
-from sane_hf.zoo.distributed import process_device, zoo_processes
+from sane_hf.zoo.distributed import is_main_process, process_device, zoo_processes
 from sane_hf.zoo.formats import atomic_write_text
 
 EMBEDDING_SUFFIXES = (".parquet", ".npy")
@@ -203,12 +203,6 @@ def predict_networks(
     return predictions
 
 
-def is_main_process() -> bool:
-    """Whether this process writes results: the only one, or rank 0 of a launcher's processes
-    (all of them hold the gathered result)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _check_suffix(path: str | os.PathLike, allowed: Sequence[str]) -> None:
     suffix = Path(path).suffix
     if suffix not in allowed:
@@ -229,7 +223,6 @@ __all__ = [
     "PretrainedSane",
     "PropertyPredictions",
     "embed_networks",
-    "is_main_process",
     "predict_networks",
     "write_embeddings",
 ]

@@ -36,37 +36,23 @@ from sklearn.metrics import r2_score
 from torch import nn
 
 from sane_hf.downstream.embedding import embed
-
-# SaneForPropertyPrediction lives in property_prediction; importable from here as before.
-from sane_hf.downstream.property_prediction import (
-    PropertyPredictionOutput as PropertyPredictionOutput,
-)
-from sane_hf.downstream.property_prediction import (
-    SaneForPropertyPrediction as SaneForPropertyPrediction,
-)
+from sane_hf.weights.layout import real_entry_mask
 
 SPLITS = ("train", "validation", "test")
+# Panel titles: what a zoo column means, in words (other properties keep their column name).
+PROPERTY_LABELS = {
+    "test_acc": "test accuracy",
+    "val_acc": "validation accuracy",
+    "train_acc": "training accuracy",
+    "epoch": "training epoch",
+    "ggap": "generalization gap (train - test accuracy)",
+    "lr": "learning rate",
+    "weight_decay": "weight decay",
+    "dropout": "dropout",
+}
 REGULARIZATION_GRID = tuple(10.0**exponent for exponent in range(-5, 4))  # 1e-5 .. 1e3
 STATISTIC_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
 STATISTIC_NAMES = ("mean", "var", *(f"q{round(100 * q):02d}" for q in STATISTIC_QUANTILES))
-
-
-def mask_from_counts(counts: torch.Tensor, tokensize: int) -> torch.Tensor:
-    """Boolean ``[N, T]`` mask of real entries from the number of real values of every token.
-
-    Tokens hold their real values first and zero padding after them, so a per-token count is all
-    a zoo dataset needs to store.
-    """
-    counts = torch.as_tensor(counts)
-    if counts.dim() != 1:
-        raise ValueError(
-            f"counts must be 1-D (one count per token), got shape {tuple(counts.shape)}"
-        )
-    if counts.numel() and (counts.min() < 0 or counts.max() > tokensize):
-        raise ValueError(
-            f"counts must lie in [0, tokensize={tokensize}], got [{counts.min()}, {counts.max()}]"
-        )
-    return torch.arange(tokensize, device=counts.device) < counts[:, None]
 
 
 def _as_model_batch(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -331,8 +317,9 @@ class ProbeReport:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def plot(self, path: str | Path) -> None:
-        """Scatter plots of predicted vs true test values, one panel per numeric property."""
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        """Scatter plots of predicted vs true test values, one panel per numeric property
+        titled in words, under ``title`` (what was probed: split, architecture, dataset)."""
         from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global state
 
         regressions = [p for p in self.properties if self._metric(p) == "r2"]
@@ -353,10 +340,12 @@ class ProbeReport:
                 )
             low, high = axis.get_xlim()
             axis.plot([low, high], [low, high], color="black", linewidth=0.8)
-            axis.set(title=name, xlabel="true", ylabel="predicted")
+            axis.set(title=PROPERTY_LABELS.get(name, name), xlabel="true", ylabel="predicted")
             axis.legend(fontsize=8)
         for axis in list(axes.flat)[len(regressions) :]:
             axis.set_visible(False)
+        if title:
+            figure.suptitle(title)
         figure.tight_layout()
         figure.savefig(path)
 
@@ -460,7 +449,7 @@ def baseline_features(
         raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
     rows = split.with_format("torch", columns=["tokens", "positions", "counts"])
     first = rows[0]
-    mask = mask_from_counts(first["counts"].long(), first["tokens"].shape[-1])
+    mask = real_entry_mask(first["counts"].long(), first["tokens"].shape[-1])
     positions = first["positions"].long()
     features = {name: [] for name in baselines}
     for start in range(0, len(split), models_per_chunk):
@@ -553,3 +542,17 @@ def _categorical_hyperparameters(split: Dataset) -> list[str]:
         for name, feature in fields.items()
         if getattr(feature, "dtype", None) in ("string", "large_string")
     ]
+
+
+__all__ = [
+    "LogisticProbe",
+    "ProbeReport",
+    "ProbeResult",
+    "RidgeProbe",
+    "baseline_features",
+    "default_properties",
+    "probe_features",
+    "probe_zoo",
+    "raw_weight_features",
+    "weight_statistics",
+]

@@ -33,7 +33,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -41,42 +41,27 @@ from datasets import Dataset
 from torch import nn
 
 from sane_hf.downstream.embedding import decode_latents, encode_tokens
-from sane_hf.downstream.novelty import (  # moved there; still importable from here
-    NoveltyReport,
-    model_groups,
-    nearest_neighbor_distances,
-    novelty_report,
-    split_token_chunks,
-)
+from sane_hf.downstream.kde_modes import KDE_MODES, KDEMode
 from sane_hf.models.sane.modeling_sane import check_positions
+from sane_hf.weights.layout import WeightLayout
 from sane_hf.weights.normalization import standardize_tokens, unstandardize_tokens
-from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
+from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 
 if TYPE_CHECKING:
     from sane_hf.weights.normalization import NormalizationStats
-    from sane_hf.zoo.dataset import ZooMetadata
+    from sane_hf.zoo.metadata import ZooMetadata
 
 __all__ = [
-    "KDE_MODES",
-    "KDEMode",
     "LatentDraw",
-    "NoveltyReport",
     "Prompts",
     "SampledModels",
     "SaneSampler",
     "condition_batchnorm",
     "draw_latents",
     "gaussian_prior_latents",
-    "model_groups",
-    "nearest_neighbor_distances",
-    "novelty_report",
     "select_prompts",
-    "split_token_chunks",
 ]
-
-KDEMode = Literal["token", "joint", "shared"]
-KDE_MODES: tuple[str, ...] = ("token", "joint", "shared")
 
 
 class LatentDraw(NamedTuple):

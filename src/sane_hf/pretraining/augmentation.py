@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from sane_hf.weights.alignment import PermutationSpec
-from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
+from sane_hf.weights.layout import WeightLayout, real_entry_mask
+from sane_hf.weights.tokenization import WeightTokenizer
 
 
 def derive_seed(*keys: int) -> int:
@@ -44,11 +45,6 @@ def derive_seed(*keys: int) -> int:
 def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
     """A generator on ``device`` seeded with ``derive_seed(*keys)``."""
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
-
-
-def real_entry_mask(counts: Tensor, tokensize: int) -> Tensor:
-    """``[..., tokensize]`` bool mask of real (non-padding) entries from per-token value counts."""
-    return torch.arange(tokensize, device=counts.device) < counts.unsqueeze(-1)
 
 
 def gather_rows(table: Tensor, index: Tensor) -> Tensor:

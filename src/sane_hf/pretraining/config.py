@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from sane_hf.utils.config import LoadableConfig
+from sane_hf.utils.config import LoadableConfig, build_config
 
 # Fields that say where a run reads and writes, not how it trains: a resume may change them.
 RUN_LOCATION_FIELDS = ("dataset", "output_dir", "resume_from_checkpoint", "allow_config_change")
@@ -26,6 +26,43 @@ RESUMABLE_FIELDS = (
 
 
 @dataclass
+class ModelSection:
+    """The ``model`` section of a pretraining config: a `SaneConfig` preset
+    (``sane_hf/presets/model/<preset>.yaml``: ``tiny``, ``cnn``, ``resnet18``) and the
+    `SaneConfig` fields it changes (flags ``--model.d-model 64``, or ``--set model.d_model=64``).
+    A field left null keeps the preset's value; ``tokensize`` and ``zoo_dataset`` come from the
+    zoo dataset unless set. The fields are SaneConfig's, one for one (a test checks it)."""
+
+    preset: str | None = None
+    tokensize: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    n_layers: int | None = None
+    latent_dim: int | None = None
+    max_positions: list[int] | None = None
+    dropout: float | None = None
+    projection_dim: int | None = None
+    gamma: float | None = None
+    contrastive_temperature: float | None = None
+    windowsize: int | None = None
+    initializer_range: float | None = None
+    layer_norm_eps: float | None = None
+    zoo_dataset: str | None = None
+
+    def __post_init__(self):
+        if self.preset is None:
+            raise ValueError("the model section needs a `preset` (tiny, cnn or resnet18)")
+
+    def changes(self) -> dict[str, Any]:
+        """The fields set here: what the section changes in its preset."""
+        return {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``preset`` and the fields set (the unset ones are the preset's, not null)."""
+        return {"preset": self.preset, **self.changes()}
+
+
+@dataclass
 class PretrainingConfig(LoadableConfig):
     """Everything a pretraining run needs; the presets are ``sane_hf/presets/pretraining/*.yaml``
     (``tiny``, ``cnn``, ``resnet18``), loaded by `PretrainingConfig.load`.
@@ -33,8 +70,9 @@ class PretrainingConfig(LoadableConfig):
     Data:
         dataset: path of a zoo dataset (``sane-hf zoo build``); trains on its ``train`` split
             and validates on ``validation``.
-        model: ``SaneConfig`` preset (``preset: tiny|cnn|resnet18``) and field overrides. The
-            token size is taken from the dataset; ``windowsize`` is the training window.
+        model: `ModelSection`: a ``SaneConfig`` preset (``preset: tiny|cnn|resnet18``) and the
+            fields it changes. The token size is taken from the dataset; ``windowsize`` is the
+            training window.
         batch_size: windows per device and micro-batch (each gives two views).
         epoch_size: windows per epoch over all processes; default: every checkpoint
             ``ceil(num_tokens / windowsize)`` times, so each token is seen once per epoch.
@@ -74,7 +112,7 @@ class PretrainingConfig(LoadableConfig):
 
     dataset: str | None = None
     output_dir: str = "outputs/sane-pretraining"
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    model: ModelSection = field(default_factory=lambda: ModelSection("tiny"))
     batch_size: int = 32
     epoch_size: int | None = None
     noise_sigma: float = 0.1
@@ -103,6 +141,8 @@ class PretrainingConfig(LoadableConfig):
     hub_model_id: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.model, Mapping):  # PretrainingConfig(model={"preset": "cnn"})
+            self.model = build_config(ModelSection, self.model, "the model section")
         self.validate()
 
     def validate(self) -> None:
@@ -135,8 +175,6 @@ class PretrainingConfig(LoadableConfig):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
-        if "preset" not in self.model:
-            raise ValueError("the model section needs a `preset` (tiny, cnn or resnet18)")
         self.model_config()  # SaneConfig checks the model section (n_layers, n_heads, ...)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (the Hub repo to upload to)")
@@ -146,9 +184,10 @@ class PretrainingConfig(LoadableConfig):
         ``overrides`` on top; its own checks name a bad field as ``model.<field>``."""
         from sane_hf.models.sane.configuration_sane import SaneConfig
 
-        values = {k: v for k, v in self.model.items() if k != "preset"}
         try:
-            return SaneConfig.from_preset(self.model["preset"], **{**values, **overrides})
+            return SaneConfig.from_preset(
+                self.model.preset, **{**self.model.changes(), **overrides}
+            )
         except (ValueError, TypeError) as error:
             message = str(error).splitlines()[0]
             raise ValueError(f"model: {message}") from None
@@ -161,3 +200,9 @@ class PretrainingConfig(LoadableConfig):
             for name in saved.keys() | wanted.keys()
             if name not in RESUMABLE_FIELDS and saved.get(name) != wanted.get(name)
         )
+
+
+__all__ = [
+    "ModelSection",
+    "PretrainingConfig",
+]

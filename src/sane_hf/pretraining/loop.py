@@ -31,8 +31,10 @@ rate, steps/s, tokens/s, the fraction of a measured step spent waiting for data;
 and R^2 every epoch), tracker logs (``sane-pretraining/`` for TensorBoard),
 ``checkpoint-<step>/``, and at the end the model (``save_pretrained``: weights, config, remote
 code, model card), ``sane_zoo.json`` (the zoo's layout and normalization, which embedding and
-sampling need) and ``training_summary.json``, all written before the push (``push_to_hub``), so
-a failed upload loses nothing and is retried with ``sane-hf push``.
+sampling need) and ``training_summary.json``. The public entry point,
+`sane_hf.recipes.pretraining.pretrain`, runs `train_sane`, fits the probe heads and then pushes
+(``push_to_hub``) everything in one commit, so a failed upload loses nothing and is retried with
+``sane-hf push``.
 """
 
 import json
@@ -53,7 +55,7 @@ from accelerate.utils import gather_object, set_seed
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from sane_hf.hub import HubError, push_folder, save_model_card
+from sane_hf.hub import save_model_card
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.processing_sane import SaneProcessor
@@ -69,9 +71,10 @@ from sane_hf.pretraining.checkpointing import (
 )
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.weights.alignment import PermutationSpec
-from sane_hf.weights.tokenization import WeightLayout
-from sane_hf.zoo.dataset import ZooMetadata, load_zoo_dataset
+from sane_hf.weights.layout import WeightLayout
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.metadata import ZooMetadata
+from sane_hf.zoo.storage import load_zoo_dataset
 
 logger = get_logger(__name__)
 
@@ -84,13 +87,14 @@ def build_model_config(
 ) -> SaneConfig:
     """``SaneConfig`` of the ``model`` section; the token size comes from the zoo, and so does
     ``zoo_dataset`` (its Hub id, for the model card) unless the section sets it."""
-    if config.model.get("tokensize", tokensize) != tokensize:
+    if config.model.tokensize not in (None, tokensize):
         raise ValueError(
-            f"model.tokensize={config.model['tokensize']} but the zoo's tokens have {tokensize} "
+            f"model.tokensize={config.model.tokensize} but the zoo's tokens have {tokensize} "
             "values: leave model.tokensize unset"
         )
     defaults = {"zoo_dataset": zoo_dataset, "tokensize": tokensize}
-    return config.model_config(**{k: v for k, v in defaults.items() if k not in config.model})
+    changes = config.model.changes()
+    return config.model_config(**{k: v for k, v in defaults.items() if k not in changes})
 
 
 def check_positions_fit(model_config: SaneConfig, positions: torch.Tensor) -> None:
@@ -276,8 +280,9 @@ def _metric_lines(path: Path) -> list[dict[str, float]]:
 
 def _tracker_config(config: PretrainingConfig) -> dict[str, Any]:
     """Flat scalar config for trackers (TensorBoard's hparams take no lists or dicts)."""
-    values = {f"model.{k}": v for k, v in config.model.items()}
-    values.update({k: v for k, v in config.to_dict().items() if k != "model"})
+    plain = config.to_dict()
+    values = {f"model.{k}": v for k, v in plain["model"].items()}
+    values.update({k: v for k, v in plain.items() if k != "model"})
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
 
 
@@ -344,9 +349,10 @@ def load_pretraining_data(config: PretrainingConfig, accelerator: Accelerator) -
     return PretrainingData(sampler("train", config.seed), validation, model_config, metadata)
 
 
-def pretrain(config: PretrainingConfig) -> dict[str, Any]:
-    """Pretrain SANE on a zoo as ``config`` says; returns the run summary (also written to
-    ``output_dir/training_summary.json``)."""
+def train_sane(config: PretrainingConfig) -> dict[str, Any]:
+    """The Accelerate training run of ``config``: saves model, processor and summary (returned,
+    also in ``output_dir/training_summary.json``). The public entry point is
+    `sane_hf.recipes.pretraining.pretrain`, which adds the probe heads and the push."""
     if config.dataset is None:
         raise ValueError("no dataset: set `dataset` (--dataset PATH) to a zoo dataset folder")
 
@@ -507,22 +513,7 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     # forget them so that another run in this process (a notebook, a test) may change them.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    if finished and config.push_to_hub and accelerator.is_main_process:
-        push_run(config.output_dir, config.hub_model_id)  # last: everything is saved already
     return summary
-
-
-def push_run(output_dir: str | os.PathLike, repo_id: str) -> None:
-    """Upload a finished run's folder with `push_folder` (model, processor, card, zoo metadata,
-    config, logs; no checkpoints) in one commit. A failure is one line naming the repo and the
-    HTTP status; the folder is complete on disk, so ``sane-hf push`` retries it."""
-    try:
-        push_folder(output_dir, repo_id, commit_message="Upload SANE model pretrained with sane-hf")
-    except HubError as error:
-        raise HubError(
-            f"{error}; the run is saved in {output_dir}: retry with "
-            f"`sane-hf push {output_dir} {repo_id}`"
-        ) from None
 
 
 def replica_report(
@@ -551,7 +542,7 @@ def save_model(
     """``save_pretrained`` (weights, config, model card) plus the `SaneProcessor` (layout,
     training-split statistics, alignment reference: ``SaneProcessor.from_pretrained(output_dir)``
     prepares a user's networks like the zoo) and ``sane_zoo.json``, which sampling needs.
-    `push_run` uploads them later, with the config and the logs (the Hub shows TensorBoard logs
+    `sane_hf.recipes.pretraining.push_run` uploads them later, with the config and the logs (the Hub shows TensorBoard logs
     as training metrics). Probe heads are fitted above this layer, by the callers that have a
     zoo at hand (``sane-hf pretrain``, the recipes)."""
     unwrapped = plain_model(accelerator, model)

@@ -1,17 +1,19 @@
-"""Resumable stages of a SANE experiment, shared by ``sane-hf demo`` and ``benchmarks/reproduce_*.py``.
+"""Experiments as data: `ExperimentSpec` (a YAML file) and `run_experiment`, its stages in order.
 
 An experiment trains a zoo (`train_zoo` resumes by itself), builds its dataset, pretrains SANE,
 probes the embeddings for model properties (paper Table 1) and samples new networks (paper
-Table 3). Every stage writes into its own folder and is skipped when its output is complete, so
-an interrupted run picks up where it stopped. The functions are thin on purpose: they are the
-package API called in order, plus the bookkeeping that makes a run resumable and its numbers
-comparable (the same fine-tuning recipe for every group, novelty next to accuracy).
+Table 3), each sampling run with `sample_networks`. ``sane-hf demo`` and every
+``benchmarks/reproduce`` script are one spec each (``sane_hf/presets/experiment/*.yaml``, one
+file per experiment and scale) run by `run_experiment`; what a script adds is only how it
+reports the results. Every stage writes into its own folder and is skipped when its output is
+complete, so an interrupted run picks up where it stopped. The stage functions are thin on
+purpose: the package API called in order, plus the bookkeeping that makes a run resumable and
+its numbers comparable (the same fine-tuning recipe for every group, novelty next to accuracy).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
@@ -19,58 +21,35 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
-import torch
 import yaml
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from sane_hf.downstream.baselines import MemorizationBaselines
-from sane_hf.downstream.evaluation import (
-    SampleEvaluation,
-    accuracy_score,
-    evaluate_samples,
-    load_task_dataset,
-    random_batches,
-    scratch_models,
-)
 from sane_hf.downstream.probing import ProbeReport, probe_zoo
-from sane_hf.downstream.sampling import (
-    SampledModels,
-    SaneSampler,
-    nearest_neighbor_distances,
-    novelty_report,
-    select_prompts,
-    split_token_chunks,
-)
 from sane_hf.models.sane.modeling_sane import SaneEncoderModel, SaneModel
 from sane_hf.pretraining.checkpointing import CONFIG_FILE, list_checkpoints
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
-from sane_hf.recipes.pretraining import pretrain_with_probe_heads
-from sane_hf.recipes.settings import DEFAULT_METHODS as DEFAULT_METHODS
-from sane_hf.recipes.settings import SAMPLING_KINDS as SAMPLING_KINDS
-from sane_hf.recipes.settings import SamplingMethod as SamplingMethod
-from sane_hf.recipes.settings import SamplingSettings as SamplingSettings
-from sane_hf.weights.alignment import align
-from sane_hf.zoo.config import ZooConfig
-from sane_hf.zoo.dataset import (
-    ZooDataset,
-    build_zoo_dataset,
-    load_zoo_dataset,
-    load_zoo_records,
-    save_zoo_dataset,
+from sane_hf.recipes.pretraining import pretrain
+from sane_hf.recipes.sampling import (
+    NOVELTY_PLOT_FILE,
+    PLOT_FILE,
+    SamplingResults,
+    sample_networks,
 )
-from sane_hf.zoo.distributed import my_share, zoo_processes
+from sane_hf.recipes.settings import SamplingMethod, SamplingSettings
+from sane_hf.utils.config import LoadableConfig, build_config, merge
+from sane_hf.zoo.config import ZooConfig
+from sane_hf.zoo.dataset import build_zoo_dataset
+from sane_hf.zoo.distributed import default_device
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
-from sane_hf.zoo.statistics import plot_zoo_accuracy
-from sane_hf.zoo.tasks import ImageDataset
+from sane_hf.zoo.metadata import ZooDataset
+from sane_hf.zoo.statistics import describe_zoo, format_zoo_statistics, plot_zoo_accuracy
+from sane_hf.zoo.storage import load_zoo_dataset, load_zoo_records, save_zoo_dataset
 from sane_hf.zoo.training import train_zoo
 
 TABLE1_PROPERTIES = ("test_acc", "epoch", "ggap")
-RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "batch_size")
 
 
 class StageLog:
@@ -108,7 +87,9 @@ def zoo_stage(config: ZooConfig, zoo_dir: str | Path, plot_path: str | Path) -> 
     """Train (or resume) the raw zoo in ``zoo_dir`` and plot its test accuracy per epoch."""
     train_zoo(config, zoo_dir)
     _, records, _ = load_zoo_records(zoo_dir)
-    plot_zoo_accuracy(records, plot_path)
+    zoo = {"architecture": config.architecture, "dataset": config.dataset}
+    title = f"Zoo of {config.num_models} {describe_zoo(zoo)}: test split accuracy per epoch"
+    plot_zoo_accuracy(records, plot_path, title)
 
 
 def experiment_pretraining(
@@ -144,7 +125,7 @@ def build_dataset_stage(
 
 
 def pretrain_stage(config: PretrainingConfig) -> SaneModel:
-    """Pretrain SANE with `sane_hf.pretraining.loop.pretrain`, resuming from the newest checkpoint of
+    """Pretrain SANE with `sane_hf.recipes.pretraining.pretrain`, resuming from the newest checkpoint of
     ``config.output_dir``; a finished run (saved model and summary) is only loaded.
 
     A run started with another config is an error, not silently reused: the saved
@@ -158,7 +139,7 @@ def pretrain_stage(config: PretrainingConfig) -> SaneModel:
         if list_checkpoints(output_dir):
             config = dataclasses.replace(config, resume_from_checkpoint="latest")
             print(f"    resuming from the newest checkpoint in {output_dir}")
-        pretrain_with_probe_heads(config)
+        pretrain(config)
     return SaneModel.from_pretrained(output_dir).eval()
 
 
@@ -187,7 +168,7 @@ def probe_stage(
     report = probe_zoo(
         model, zoo.splits, properties=list(properties), baselines=baselines, **embed_options
     )
-    _save_report(report, output_dir, name, plot=True)
+    _save_report(report, output_dir, name, plot=True, zoo=zoo)
     return report
 
 
@@ -206,19 +187,25 @@ def probe_pretrained(
     if plot and output_dir is None:
         raise ValueError("plotting the probes needs an output folder (--output-dir)")
     encoder = SaneEncoderModel.from_pretrained(model)
-    encoder = encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report = probe_zoo(encoder, load_zoo_dataset(dataset).splits, **probe_options)
+    encoder = encoder.to(device or default_device())
+    zoo = load_zoo_dataset(dataset)
+    report = probe_zoo(encoder, zoo.splits, **probe_options)
     if output_dir is not None:
-        _save_report(report, output_dir, "probe", plot=plot)
+        _save_report(report, output_dir, "probe", plot=plot, zoo=zoo)
     return report
 
 
-def _save_report(report: ProbeReport, output_dir: str | Path, name: str, plot: bool) -> None:
+def _save_report(
+    report: ProbeReport, output_dir: str | Path, name: str, plot: bool, zoo: ZooDataset
+) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report.save_json(output_dir / f"{name}.json")
     if plot and any(result.metric == "r2" for result in report.results):
-        report.plot(output_dir / f"{name}.png")
+        title = (
+            f"Linear probes, predicted vs true on the test split: {describe_zoo(zoo.metadata.zoo)}"
+        )
+        report.plot(output_dir / f"{name}.png", title)
 
 
 def r2_table(report: Mapping[str, Any], score: str = "score") -> dict[str, dict[str, float]]:
@@ -231,305 +218,222 @@ def r2_table(report: Mapping[str, Any], score: str = "score") -> dict[str, dict[
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling (paper Table 3)
+# Experiments as data
 
 
 @dataclass
-class SamplingResults:
-    """Accuracy of every group per fine-tuning epoch, and the novelty of every sampled group."""
+class DatasetStage:
+    """How the zoo dataset is built (`build_zoo_dataset`; unset values keep its defaults):
+    ``epoch_range`` ``[first, last]`` keeps only the checkpoints of those epochs (inclusive),
+    ``tokensize`` and ``dtype`` (``float32``/``float16``) set the tokens."""
 
-    evaluation: SampleEvaluation
-    novelty: dict[str, dict[str, float]] = field(default_factory=dict)
+    epoch_range: list[int] | None = None
+    tokensize: int | None = None
+    dtype: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"evaluation": self.evaluation.to_dict(), "novelty": self.novelty}
+    def __post_init__(self):
+        if self.epoch_range is not None and (
+            len(self.epoch_range) != 2 or self.epoch_range[0] > self.epoch_range[1]
+        ):
+            raise ValueError(f"epoch_range must be [first, last], got {self.epoch_range}")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SamplingResults:
-        return cls(SampleEvaluation.from_dict(data["evaluation"]), dict(data["novelty"]))
-
-    def table(self, epochs: Sequence[int] | None = None) -> str:
-        """`SampleEvaluation.table`: Table 3 with the novelty of every group and the
-        matched-noise row after every SANE row."""
-        relative = {group: figures["relative"] for group, figures in self.novelty.items()}
-        return self.evaluation.table(epochs, relative)
-
-
-def training_recipe(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The fine-tuning arguments of `evaluate_samples` from a zoo row's hyperparameters."""
-    return {
-        name: hyperparameters[name] for name in RECIPE_KEYS if hyperparameters.get(name) is not None
-    }
+    def build_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"tokensize": self.tokensize, "dtype": self.dtype}
+        if self.epoch_range is not None:
+            options["epochs"] = range(self.epoch_range[0], self.epoch_range[1] + 1)
+        return {name: value for name, value in options.items() if value is not None}
 
 
-def prompt_networks(
-    prompt_zoo: ZooDataset, rows: Sequence[int], split: str = "train"
-) -> list[nn.Module]:
-    """Rows of a split of the prompt zoo as networks with their raw (de-normalized) weights."""
-    selected = prompt_zoo.splits[split].select(rows)
-    tokens = selected.with_format("torch", columns=["tokens"])["tokens"]
-    networks = []
-    for row_tokens, hyperparameters in zip(tokens, selected["hyperparameters"]):
-        network = prompt_zoo.metadata.build_model(hyperparameters)
-        network.load_state_dict(prompt_zoo.metadata.decode(row_tokens))
-        networks.append(network.eval())
-    return networks
+@dataclass
+class ProbingStage:
+    """Linear probes of the embeddings (`probe_zoo`) for ``properties``, next to ``baselines``."""
+
+    properties: list[str] = field(default_factory=lambda: list(TABLE1_PROPERTIES))
+    baselines: list[str] = field(default_factory=lambda: ["s(W)", "W"])
 
 
-def zoo_reference_network(zoo: ZooDataset) -> nn.Module:
-    """The checkpoint every model of ``zoo`` was aligned to (it is in the train split)."""
-    alignment = zoo.metadata.alignment
-    if not alignment["aligned"]:
-        raise ValueError("the zoo was built without alignment: it has no reference model")
-    columns = zoo.splits["train"].select_columns(["model_id", "epoch"]).to_dict()
-    pairs = list(zip(columns["model_id"], columns["epoch"]))
-    row = pairs.index((alignment["reference_model_id"], alignment["reference_epoch"]))
-    return prompt_networks(zoo, [row])[0]
+@dataclass
+class SamplingRun:
+    """One `sample_networks` call: ``methods`` with the experiment's sampling settings plus
+    ``changes`` (field values of `SamplingSettings`, checked when the spec is loaded).
 
-
-def choose_prompts(prompt_zoo: ZooDataset, settings: SamplingSettings) -> list[int]:
-    """Rows of the best ``num_prompts`` checkpoints of ``prompt_split`` at ``prompt_epoch``, or
-    of all of them when the split has fewer (a small zoo, or its test split), saying so."""
-    if settings.prompt_split not in prompt_zoo.splits:
-        raise ValueError(
-            f"prompt_split {settings.prompt_split!r} is not a split of the prompt zoo "
-            f"(splits: {list(prompt_zoo.splits)})"
-        )
-    split = prompt_zoo.splits[settings.prompt_split]
-    epochs = np.array(split["epoch"])
-    epoch = int(epochs.max()) if settings.prompt_epoch is None else settings.prompt_epoch
-    available = int((epochs == epoch).sum())
-    if available == 0:
-        raise ValueError(
-            f"prompt_epoch {epoch} has no checkpoint in the {settings.prompt_split} split "
-            f"(epochs {sorted(set(epochs.tolist()))})"
-        )
-    if available < settings.num_prompts:
-        print(
-            f"    {settings.num_prompts} prompts asked for, the {settings.prompt_split} split has "
-            f"{available} checkpoints at epoch {epoch}: using all {available}"
-        )
-    count = min(settings.num_prompts, available)
-    return select_prompts(split, count, epoch, settings.prompt_metric)
-
-
-def aligned_to_zoo(networks: Sequence[nn.Module], zoo: ZooDataset) -> list[nn.Module]:
-    """Copies of ``networks`` permuted onto the ordering of ``zoo``'s alignment reference.
-
-    SANE only saw aligned networks; networks from elsewhere (another zoo, another task) are
-    encoded the way the zoo was once they are aligned to the same reference. Permutations do
-    not change what a network computes.
+    Its files go to ``<work_dir>/<name>/``, its plot to ``<prefix><name>.png``; ``description``
+    heads its stage, ``table_epochs`` are the fine-tuning epochs its table prints (default 0, 1
+    and the last), ``include_prompts`` also fine-tunes the prompts themselves.
     """
-    reference = zoo_reference_network(zoo)
-    aligned = []
-    for network in networks:
-        permuted = copy.deepcopy(network)
-        permuted.load_state_dict(align(network, reference).state_dict)
-        aligned.append(permuted.eval())
-    return aligned
+
+    name: str
+    methods: list[SamplingMethod]
+    changes: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    table_epochs: list[int] | None = None
+    include_prompts: bool = False
 
 
-def zoo_prompts(
-    zoo: ZooDataset, prompt_zoo: ZooDataset, rows: Sequence[int], split: str = "train"
-) -> torch.Tensor | list[nn.Module]:
-    """Prompts for SANE pretrained on ``zoo`` from ``rows`` of a split of ``prompt_zoo``.
+@dataclass
+class ExperimentSpec(LoadableConfig):
+    """The stages of an experiment, in the order `run_experiment` runs them: the ``zoo``, its
+    ``dataset``, SANE's ``pretraining`` (dataset and output folder are the experiment's), the
+    ``probing`` (null: none), a ``prompt_zoo`` of another task to take the prompts from (null:
+    the zoo itself), and the ``sampling_runs`` with their shared ``sampling`` settings.
 
-    Rows of ``zoo`` itself are its tokens, aligned and normalized as SANE saw them. Rows of
-    another zoo are its networks, permuted onto ``zoo``'s alignment reference when ``zoo`` is
-    aligned; `SaneSampler.prompt_tokens` then normalizes them with ``zoo``'s statistics (the
-    other zoo's tokens are normalized with its own, and its networks in their own unit order).
+    Presets: ``sane_hf/presets/experiment/<experiment>-<scale>.yaml``, loaded like every config
+    (`ExperimentSpec.load("mnist-cpu", overrides=["zoo.num_models=20"])`).
     """
-    if prompt_zoo is zoo:
-        tokens = zoo.splits[split].with_format("torch", columns=["tokens"])[rows]["tokens"]
-        return tokens.float()
-    networks = prompt_networks(prompt_zoo, rows, split)
-    return aligned_to_zoo(networks, zoo) if zoo.metadata.alignment["aligned"] else networks
+
+    CONFIG_KIND: ClassVar[str] = "experiment"
+
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    dataset: DatasetStage = field(default_factory=DatasetStage)
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
+    probing: ProbingStage | None = field(default_factory=ProbingStage)
+    prompt_zoo: ZooConfig | None = None
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling_runs: list[SamplingRun] = field(default_factory=list)
+
+    def __post_init__(self):
+        names = [run.name for run in self.sampling_runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sampling run names must differ, got {names}")
+        for run in self.sampling_runs:
+            self.run_settings(run)  # a bad change is an error when the spec is loaded
+
+    def run_settings(self, run: SamplingRun) -> SamplingSettings:
+        """The experiment's sampling settings with ``run.changes``."""
+        values = merge(self.sampling.to_dict(), run.changes)
+        return build_config(SamplingSettings, values, f"sampling run {run.name!r}")
 
 
-def draw_samples(
-    sampler: SaneSampler,
-    method: SamplingMethod,
-    prompts: torch.Tensor | Sequence[nn.Module],
-    settings: SamplingSettings,
-    score_fn,
-    bn_batches,
-) -> SampledModels:
-    """``settings.num_samples`` networks drawn the way ``method`` says (seeded)."""
-    options = {
-        "mode": method.mode,
-        "bandwidth": settings.bandwidth,
-        "generator": torch.Generator().manual_seed(settings.seed),
-        "bn_batches": bn_batches,
-    }
-    if method.kind == "kde":
-        return sampler.sample(prompts, settings.num_samples, **options)
-    if method.kind == "subsampled":
-        return sampler.subsample(
-            prompts, settings.num_samples, settings.num_candidates, score_fn, **options
-        )
-    return sampler.bootstrap(
-        None if method.kind == "prior" else prompts,
-        settings.num_samples,
-        settings.num_candidates,
-        score_fn,
-        settings.rounds,
-        prior_sigma=settings.prior_sigma,
-        **options,
-    )
+@dataclass
+class ExperimentResults:
+    """What `run_experiment` measured: the zoo dataset and SANE, the pretraining summary, the
+    probe report (None without probing), the results of every sampling run by name, and the
+    wall time per stage (over all runs of the experiment)."""
+
+    zoo: ZooDataset
+    model: SaneModel
+    pretraining: dict[str, Any]
+    probes: ProbeReport | None
+    sampling: dict[str, SamplingResults]
+    seconds: dict[str, float]
+    prompt_zoo: ZooDataset | None = None
 
 
-def sample_novelty(
-    samples: SampledModels, prompt_tokens: torch.Tensor, zoo: ZooDataset, mask: torch.Tensor
-) -> dict[str, float]:
-    """Medians, in normalized weight space, of the distance of every sample to its nearest
-    training checkpoint (any epoch) and to its nearest prompt, and of every prompt to its
-    nearest other prompt (the scale: how far apart distinct trained networks are)."""
-    report = novelty_report(samples.tokens, split_token_chunks(zoo.splits["train"]), mask)
-    to_prompts, _ = nearest_neighbor_distances(samples.tokens, prompt_tokens, mask)
-    between_prompts, _ = nearest_neighbor_distances(
-        prompt_tokens, prompt_tokens, mask, exclude_identical=True
-    )
-    sample_distance = float(report.sample_distances.median())
-    prompt_distance = float(between_prompts.median())
-    return {
-        "sample_to_nearest_training_model": sample_distance,
-        "sample_to_nearest_prompt": float(to_prompts.median()),
-        "prompt_to_nearest_prompt": prompt_distance,
-        "relative": sample_distance / prompt_distance,
-    }
-
-
-def compare_sampling(
-    model: SaneModel,
-    zoo: ZooDataset,
-    methods: Sequence[SamplingMethod],
-    settings: SamplingSettings,
+def run_experiment(
+    spec: ExperimentSpec,
+    work_dir: str | Path,
+    results_dir: str | Path | None = None,
+    prefix: str = "",
     *,
-    prompt_zoo: ZooDataset | None = None,
-    task: ImageDataset | None = None,
-    extra_groups: Mapping[str, Sequence[nn.Module]] | None = None,
-    include_prompts: bool = False,
-    on_samples: Callable[[str, SampledModels], None] | None = None,
-) -> SamplingResults:
-    """Sample networks with every method, fine-tune them next to from-scratch networks.
+    sane_dir: str | Path | None = None,
+    extra_groups: Callable[[ZooDataset], Mapping[str, Sequence[nn.Module]]] | None = None,
+    device: str | None = None,
+) -> ExperimentResults:
+    """Run (or resume) the stages of ``spec`` and print their tables.
 
     Args:
-        model: SANE pretrained on ``zoo`` (whose normalization decodes the samples).
-        zoo: the zoo dataset SANE was trained on; the novelty reference is its train split.
-        methods: the sampling methods, one evaluated group each.
-        settings: prompts, sample counts, KDE bandwidth and fine-tuning.
-        prompt_zoo: the zoo the prompts come from (default ``zoo``); another task's zoo samples
-            for that task (its networks are aligned to ``zoo``'s reference and normalized with
-            ``zoo``'s statistics).
-        task: the data to score candidates on and fine-tune on (default: the prompt zoo's task).
-        extra_groups: further networks to fine-tune the same way (e.g. transfer baselines).
-        include_prompts: also fine-tune the prompt networks themselves (a "prompt" group).
-        on_samples: called with each method's name and samples before fine-tuning (e.g. to save
-            the networks, as `sample_networks` does).
+        spec: the experiment.
+        work_dir: zoo, dataset, SANE and every sampling run's folder (``stage_times.json``).
+        results_dir: the plots and the probe report, named ``<prefix>zoo_accuracy.png``,
+            ``<prefix>probe.{json,png}``, ``<prefix><run>.png`` and ``<prefix><run>_novelty.png``
+            (default ``work_dir``).
+        sane_dir: where zoo, dataset and SANE live when they are another experiment's (an
+            experiment that samples with the SANE of another reuses its finished stages).
+        extra_groups: networks fine-tuned next to the samples in every run (e.g. transfer
+            baselines), made from the zoo dataset once it is built.
+        device: where SANE runs (default: cuda when available, else cpu).
     """
-    prompt_zoo = prompt_zoo or zoo
-    prompt_split = prompt_zoo.splits[settings.prompt_split]
-    rows = choose_prompts(prompt_zoo, settings)
-    hyperparameters = prompt_split[rows[0]]["hyperparameters"]
-    sampler = SaneSampler.from_zoo(
-        model,
-        zoo.metadata,
-        architecture_kwargs=settings.architecture_kwargs,
-        hyperparameters=hyperparameters,
-        window=settings.window,
-        halo=settings.halo,
-    )
-    prompt_tokens = sampler.prompt_tokens(zoo_prompts(zoo, prompt_zoo, rows, settings.prompt_split))
-    task = task or load_task_dataset(prompt_zoo.metadata.zoo)
-    score_fn = accuracy_score(task, settings.score_samples, settings.seed)
-    has_norm = any(isinstance(m, _BatchNorm) for m in sampler.template.modules())
-    bn_batches = (
-        random_batches(task, settings.bn_batches, seed=settings.seed)
-        if has_norm and settings.condition_bn
-        else None
-    )
+    work = Path(work_dir)
+    results = Path(results_dir) if results_dir is not None else work
+    sane_work = Path(sane_dir) if sane_dir is not None else work
+    results.mkdir(parents=True, exist_ok=True)
+    num_stages = 3 + (spec.probing is not None) + (spec.prompt_zoo is not None)
+    log = StageLog(num_stages + len(spec.sampling_runs), record=work / "stage_times.json")
 
-    groups: dict[str, SampledModels | Sequence[nn.Module]] = {}
-    novelties = {}
-    with zoo_processes() as ranks:  # under a launcher: the methods are drawn on several ranks
-        drawn = {}
-        for method in my_share(list(methods), ranks):  # each draw is seeded on its own
-            samples = draw_samples(sampler, method, prompt_tokens, settings, score_fn, bn_batches)
-            novelty = sample_novelty(samples, prompt_tokens, zoo, sampler.mask)
-            drawn[method.name] = (samples, novelty)
-        drawn = {name: draw for part in ranks.all_gather(drawn) for name, draw in part.items()}
-        for method in methods:  # the order of one process
-            samples, novelties[method.name] = drawn[method.name]
-            groups[method.name] = samples  # SampledModels: the baselines need tokens
-            if on_samples is not None and ranks.rank == 0:
-                on_samples(method.name, samples)
-    init = hyperparameters.get("init") or "default"
-    groups["from scratch"] = scratch_models(
-        sampler.template, settings.num_samples, init, settings.seed
-    )
-    if include_prompts:
-        groups["prompts"] = prompt_networks(
-            prompt_zoo, rows[: settings.num_samples], settings.prompt_split
+    with log.stage("zoo", f"training {_zoo_size(spec.zoo)} -> {sane_work / 'zoo'} (resumes)"):
+        zoo_stage(spec.zoo, sane_work / "zoo", results / f"{prefix}zoo_accuracy.png")
+    epochs = spec.dataset.epoch_range
+    with log.stage(
+        "dataset",
+        "building the zoo dataset: split by model, align, tokenize"
+        + (f" (epochs {epochs[0]}..{epochs[1]})" if epochs else ""),
+    ):
+        zoo = build_dataset_stage(
+            sane_work / "zoo", sane_work / "dataset", **spec.dataset.build_options()
         )
-    groups.update(extra_groups or {})
-    with zoo_processes() as ranks:
-        evaluation = None
-        if ranks.rank == 0:  # one population: its dropout masks are drawn for all networks
-            baselines = None
-            if settings.baselines:
-                baselines = MemorizationBaselines(
-                    sampler,
-                    prompt_tokens,
-                    lambda: split_token_chunks(zoo.splits["train"]),
-                    training_checkpoints(zoo, prompt_split_epoch(prompt_zoo, settings), settings),
-                    settings.noise_levels,
-                    settings.num_samples,
-                    settings.seed,
-                    bn_batches,
-                )
-            evaluation = evaluate_samples(
-                groups,
-                task,
-                settings.finetune_epochs,
-                seed=settings.seed,
-                device=model.device,
-                baselines=baselines,
-                **training_recipe(hyperparameters),
+        print(format_zoo_statistics(zoo.metadata.statistics, zoo.metadata.zoo))
+    with log.stage(
+        "pretraining", f"pretraining SANE ({spec.pretraining.model.to_dict()}) -> sane/"
+    ):
+        pretraining = experiment_pretraining(spec.pretraining, sane_work)
+        model = pretrain_stage(pretraining).to(device or default_device())
+    report = None
+    if spec.probing is not None:
+        with log.stage(
+            "probing", "property prediction: SANE vs " + ", ".join(spec.probing.baselines)
+        ):
+            report = probe_stage(
+                model,
+                zoo,
+                results,
+                name=f"{prefix}probe",
+                properties=spec.probing.properties,
+                baselines=spec.probing.baselines,
             )
-        evaluation = ranks.from_rank_0(evaluation)
-    return SamplingResults(evaluation, novelties)
+            print(report.table())
+    prompt_zoo = None
+    if spec.prompt_zoo is not None:
+        with log.stage("prompt_zoo", f"the prompts' zoo: training {_zoo_size(spec.prompt_zoo)}"):
+            zoo_stage(spec.prompt_zoo, work / "prompt_zoo", results / f"{prefix}prompt_zoo.png")
+            prompt_zoo = build_dataset_stage(work / "prompt_zoo", work / "prompt_dataset")
+
+    sampled = {}
+    groups = extra_groups(zoo) if extra_groups is not None and spec.sampling_runs else None
+    for run in spec.sampling_runs:
+        settings = spec.run_settings(run)
+        with log.stage(run.name, run.description or f"sampling: {run.name}"):
+            sampled[run.name] = sample_networks(
+                model,
+                zoo,
+                work / run.name,
+                settings,
+                run.methods,
+                prompt_dataset=prompt_zoo,
+                include_prompts=run.include_prompts,
+                extra_groups=groups,
+                device=device,
+                resume=True,
+            )
+            for plot, suffix in ((PLOT_FILE, ""), (NOVELTY_PLOT_FILE, "_novelty")):
+                if (work / run.name / plot).is_file():
+                    target = results / f"{prefix}{run.name}{suffix}.png"
+                    shutil.copyfile(work / run.name / plot, target)
+            last = settings.finetune_epochs
+            print(sampled[run.name].table(run.table_epochs or sorted({0, min(1, last), last})))
+    summary = json.loads((sane_work / "sane" / SUMMARY_FILE).read_text())
+    return ExperimentResults(zoo, model, summary, report, sampled, log.seconds, prompt_zoo)
 
 
-def prompt_split_epoch(prompt_zoo: ZooDataset, settings: SamplingSettings) -> int:
-    """The epoch the prompts are taken at (``prompt_epoch``, default the split's last)."""
-    if settings.prompt_epoch is not None:
-        return settings.prompt_epoch
-    return int(max(prompt_zoo.splits[settings.prompt_split]["epoch"]))
+def _zoo_size(config: ZooConfig) -> str:
+    return (
+        f"{config.num_models} {config.architecture} networks on {config.dataset} "
+        f"for {config.epochs} epochs"
+    )
 
 
-def training_checkpoints(
-    zoo: ZooDataset, epoch: int, settings: SamplingSettings
-) -> torch.Tensor | None:
-    """Normalized tokens of up to ``novelty_networks`` train-split checkpoints at ``epoch`` (the
-    first ones by row; all epochs if none is at ``epoch``): whose mistakes samples should not
-    copy. None when ``novelty_networks`` is 0."""
-    if settings.novelty_networks <= 0:
-        return None
-    train = zoo.splits["train"]
-    epochs = np.array(train["epoch"])
-    rows = np.flatnonzero(epochs == epoch)
-    rows = rows if len(rows) else np.arange(len(train))
-    rows = rows[: settings.novelty_networks].tolist()
-    return train.with_format("torch", columns=["tokens"])[rows]["tokens"].float()
-
-
-def cached_sampling(path: str | Path, run) -> SamplingResults:
-    """``run()`` once: its results are saved to ``path`` (JSON) and loaded on later calls."""
-    path = Path(path)
-    if path.is_file():
-        print(f"    {path} exists: loading the results")
-        return SamplingResults.from_dict(json.loads(path.read_text()))
-    results = run()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results.to_dict(), indent=1) + "\n")
-    return results
+__all__ = [
+    "DatasetStage",
+    "ExperimentResults",
+    "ExperimentSpec",
+    "ProbingStage",
+    "SamplingRun",
+    "StageLog",
+    "build_dataset_stage",
+    "experiment_pretraining",
+    "pretrain_stage",
+    "probe_pretrained",
+    "probe_stage",
+    "r2_table",
+    "run_experiment",
+    "zoo_stage",
+]

@@ -1,5 +1,6 @@
-"""Pretraining as a user runs it (`sane-hf pretrain`, the demo, the reproductions): the run of
-`sane_hf.pretraining.loop.pretrain`, then the probe heads that ship with the model.
+"""`pretrain`, the one pretraining entry point (`sane-hf pretrain`, the demo, the experiments):
+the Accelerate run of `sane_hf.pretraining.loop.train_sane`, then the probe heads that ship with
+the model, then the push.
 
 The heads are fitted here, not in the pretraining layer, because fitting them embeds the zoo with
 the trained model (a downstream task). The push, when asked for, comes last, so the Hub repo holds
@@ -8,25 +9,29 @@ the model, its processor and its heads in one commit.
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 
 from sane_hf.downstream.probe_heads import fit_probe_heads
-from sane_hf.hub import folder_model_card
+from sane_hf.hub import HubError, folder_model_card, push_folder
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.pretraining.config import PretrainingConfig
-from sane_hf.pretraining.loop import SUMMARY_FILE, pretrain, push_run
+from sane_hf.pretraining.loop import SUMMARY_FILE, train_sane
 from sane_hf.zoo.storage import load_zoo_dataset
 
 
-def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
-    """`pretrain(config)`, then, on the main process of a finished run, probe heads fitted on the
-    zoo's splits saved beside the model (``ProbeHeads.from_pretrained(output_dir)``), then the
-    push. Returns pretraining's summary, with the heads' test scores under ``probe_heads``."""
-    summary = pretrain(dataclasses.replace(config, push_to_hub=False))
+def pretrain(config: PretrainingConfig) -> dict[str, Any]:
+    """Pretrain SANE as ``config`` says and write model, processor and probe heads.
+
+    `train_sane(config)`, then, on the main process of a finished run, probe heads fitted on the
+    zoo's splits saved beside the model (``ProbeHeads.from_pretrained(output_dir)``), then with
+    ``push_to_hub`` the push of the whole folder in one commit. Returns the training summary,
+    with the heads' test scores under ``probe_heads``.
+    """
+    summary = train_sane(config)
     output_dir = Path(config.output_dir)
     finished = (output_dir / "model.safetensors").is_file() and (
         output_dir / SUMMARY_FILE
@@ -44,3 +49,19 @@ def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     if config.push_to_hub:
         push_run(output_dir, config.hub_model_id)
     return summary
+
+
+def push_run(output_dir: str | os.PathLike, repo_id: str) -> None:
+    """Upload a finished run's folder with `push_folder` (model, processor, heads, card, zoo
+    metadata, config, logs; no checkpoints) in one commit. A failure is one line naming the repo
+    and the HTTP status; the folder is complete on disk, so ``sane-hf push`` retries it."""
+    try:
+        push_folder(output_dir, repo_id, commit_message="Upload SANE model pretrained with sane-hf")
+    except HubError as error:
+        raise HubError(
+            f"{error}; the run is saved in {output_dir}: retry with "
+            f"`sane-hf push {output_dir} {repo_id}`"
+        ) from None
+
+
+__all__ = ["pretrain", "push_run"]

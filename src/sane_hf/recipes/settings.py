@@ -1,6 +1,6 @@
 """The settings of sampling experiments: `SamplingMethod` and `SamplingSettings`.
 
-Kept apart from `sane_hf.recipes.experiments` because they are plain config dataclasses (loaded
+Kept apart from `sane_hf.recipes.sampling` because they are plain config dataclasses (loaded
 by `sane_hf.utils.config`): the CLI builds its flags from them without importing torch.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from sane_hf.downstream.kde_modes import KDE_MODES, KDEMode
 from sane_hf.utils.config import LoadableConfig
 
 SAMPLING_KINDS = ("kde", "subsampled", "bootstrapped", "prior")
-KDE_MODES = ("token", "joint", "shared")
 # The sampling methods compared by default (the demo and `sane-hf sample`).
 DEFAULT_METHODS = ("kde", "subsampled")
 
@@ -24,11 +24,11 @@ class SamplingMethod:
     ``kind``: ``kde`` (draws around the prompts), ``subsampled`` (draw ``num_candidates``, keep
     the best), ``bootstrapped`` (subsample, then refit the KDE on the kept latents for more
     rounds) or ``prior`` (bootstrapping that starts from Gaussian latents, no prompts).
-    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.downstream.sampling`).
+    ``mode``: the KDE mode (``token``/``joint``/``shared``, see `sane_hf.downstream.kde_modes`).
     """
 
     kind: Literal["kde", "subsampled", "bootstrapped", "prior"]
-    mode: Literal["token", "joint", "shared"] = "shared"
+    mode: KDEMode = "shared"
 
     def __post_init__(self):
         if self.kind not in SAMPLING_KINDS:
@@ -59,8 +59,8 @@ class SamplingSettings(LoadableConfig):
     a noise curve at ``noise_levels`` times the median distance between prompts, and averages of
     two prompts; mistake overlaps are measured against the prompts and up to
     ``novelty_networks`` training checkpoints at the prompts' epoch. Loaded like every sane-hf
-    config (`SamplingSettings.load`: preset ``default`` in ``sane_hf/presets/sampling/``, files, flags,
-    overrides); the values are checked where they are set, for the API and the CLI alike.
+    config (`SamplingSettings.load`: these field defaults, then a YAML/JSON file, flags and
+    overrides; no sampling presets ship); the values are checked where they are set, for the API and the CLI alike.
     """
 
     CONFIG_KIND: ClassVar[str] = "sampling"
@@ -103,3 +103,6 @@ class SamplingSettings(LoadableConfig):
             raise ValueError(f"prior_sigma must be > 0, got {self.prior_sigma}")
         if any(not level > 0 for level in self.noise_levels):
             raise ValueError(f"noise_levels must be > 0, got {self.noise_levels}")
+
+
+__all__ = ["DEFAULT_METHODS", "SAMPLING_KINDS", "SamplingMethod", "SamplingSettings"]

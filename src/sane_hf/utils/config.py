@@ -269,8 +269,22 @@ def _type_name(hint: Any) -> str:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A config as plain JSON/YAML data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """A config as plain JSON/YAML data (tuples become lists); a section whose class defines its
+    own ``to_dict`` (a model section listing only the fields it sets) is written by it."""
+    return json.loads(json.dumps(_plain(config)))
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        own = getattr(type(value), "to_dict", None)
+        if own is not None and own is not LoadableConfig.to_dict:
+            return own(value)
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def save_config(config: Any, path: str | Path) -> None:
@@ -315,6 +329,11 @@ def add_source_arguments(parser: argparse.ArgumentParser, kind: str, what: str) 
     the first and last sources of `load_config`."""
     names = ", ".join(preset_names(kind)) or "none shipped"
     parser.add_argument("--config", help=f"preset name ({names}) or a YAML/JSON file of {what}")
+    add_overrides_argument(parser)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable, ``args.overrides``): the last source of `load_config`."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -335,24 +354,42 @@ def add_config_arguments(
     config_flag: bool = True,
 ) -> None:
     """``--config`` (preset name or file), ``--set KEY=VALUE`` and one flag per scalar field of
-    ``cls`` (``learning_rate`` -> ``--learning-rate``). Flags default to "not given", so the
-    preset's values stay unless a flag is on the command line."""
+    ``cls`` (``learning_rate`` -> ``--learning-rate``) and of its sections (``model.d_model`` ->
+    ``--model.d-model``). Flags default to "not given", so the preset's values stay unless a
+    flag is on the command line."""
     if config_flag:
         add_source_arguments(parser, getattr(cls, "CONFIG_KIND", cls.__name__), cls.__name__)
+    _add_field_flags(parser, cls, "", skip, help_overrides or {})
+
+
+def _add_field_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str,
+    skip: Sequence[str],
+    help_overrides: Mapping[str, str],
+) -> None:
     hints = typing.get_type_hints(cls)
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    for name, config_field in defaults.items():
-        if name in skip or not config_field.init or _flag_type(hints[name]) is None:
+    for config_field in dataclasses.fields(cls):
+        name, hint = config_field.name, hints[config_field.name]
+        if name in skip or not config_field.init:
+            continue
+        sections = [o for o in _union_options(hint) if dataclasses.is_dataclass(o)]
+        if sections:  # a typed section (``model``): a flag per field of it
+            _add_field_flags(parser, sections[0], f"{prefix}{name}.", (), help_overrides)
+            continue
+        if _flag_type(hint) is None:
             continue
         if config_field.default_factory is not dataclasses.MISSING:
             default = config_field.default_factory()
         else:
             default = config_field.default
-        text = (help_overrides or {}).get(name, f"{name} (default: {json.dumps(default)})")
-        is_flag = bool in _union_options(hints[name])  # --push-to-hub alone means true
+        key = prefix + name
+        text = help_overrides.get(key, f"{key} (default: {json.dumps(default)})")
+        is_flag = bool in _union_options(hint)  # --push-to-hub alone means true
         parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=f"field_{name}",
+            "--" + key.replace("_", "-"),
+            dest=f"field_{key}",
             nargs="?" if is_flag else None,
             const=True if is_flag else None,
             type=parse_value,
@@ -363,12 +400,18 @@ def add_config_arguments(
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given as flags (``add_config_arguments``) in parsed arguments."""
-    return {
-        name.removeprefix("field_"): value
-        for name, value in vars(args).items()
-        if name.startswith("field_")
-    }
+    """The config fields given as flags (``add_config_arguments``) in parsed arguments; flags of
+    a section (``--model.d-model``) become a nested mapping."""
+    flags: dict[str, Any] = {}
+    for name, value in vars(args).items():
+        if not name.startswith("field_"):
+            continue
+        *sections, key = name.removeprefix("field_").split(".")
+        target = flags
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return flags
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

@@ -22,6 +22,20 @@ LAYOUT_FORMAT = "sane_hf.WeightLayout"
 LAYOUT_VERSION = 1
 
 
+def real_entry_mask(counts: Tensor, tokensize: int) -> Tensor:
+    """Bool mask ``[..., tokensize]`` of real entries from the number of real values per token.
+
+    Tokens hold their real values first and zero padding after them, so a per-token count is
+    all a zoo dataset stores; this is the one place that turns counts back into a mask.
+    """
+    counts = torch.as_tensor(counts)
+    if counts.numel() and (counts.min() < 0 or counts.max() > tokensize):
+        raise ValueError(
+            f"counts must lie in [0, tokensize={tokensize}], got [{counts.min()}, {counts.max()}]"
+        )
+    return torch.arange(tokensize, device=counts.device) < counts.unsqueeze(-1)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A state_dict entry: its key, shape and dtype (e.g. ``"float32"``)."""
@@ -116,7 +130,7 @@ class WeightLayout:
 
     def mask(self) -> Tensor:
         """Bool tensor ``[N, T]``, True on real values: the tokens' mask, without any weights."""
-        return torch.arange(self.tokensize) < self.row_counts()[:, None]
+        return real_entry_mask(self.row_counts(), self.tokensize)
 
     def positions(self) -> Tensor:
         """Long tensor ``[N, 3]`` of (global index, layer index, row index), without any weights."""

@@ -60,12 +60,7 @@ from sane_hf.weights.layout import (
 )
 
 __all__ = [
-    "KeptTensor",
-    "LayerSpec",
-    "ParameterSpec",
-    "TensorSpec",
     "TokenizedWeights",
-    "WeightLayout",
     "WeightTokenizer",
 ]
 

@@ -310,3 +310,20 @@ def initialize(
         if module.bias is not None:
             module.bias.zero_()
     return model
+
+
+__all__ = [
+    "MLP",
+    "BasicBlock",
+    "Bottleneck",
+    "CNNMedium",
+    "CNNSmall",
+    "ResNet",
+    "build_model",
+    "initialize",
+    "list_architectures",
+    "make_activation",
+    "register_architecture",
+    "resnet18",
+    "resnet_bottleneck",
+]

@@ -187,3 +187,9 @@ def _check_hyperparameters(values: dict[str, Any], where: str, is_grid: bool = F
                 )
             if name in ("dropout", "lr", "weight_decay") and not option >= 0:
                 raise ValueError(f"{where}[{name!r}] must be >= 0, got {option!r}")
+
+
+__all__ = [
+    "ModelSpec",
+    "ZooConfig",
+]

@@ -81,15 +81,9 @@ from sane_hf.zoo.formats import (
     load_zoo_metadata,
     resolve_in_zoo,
 )
-from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, attach_metadata, zoo_metadata
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata, attach_metadata
 from sane_hf.zoo.statistics import zoo_statistics
-from sane_hf.zoo.storage import (
-    as_splits,
-    content_fingerprint,
-    load_zoo_dataset,
-    load_zoo_records,
-    save_zoo_dataset,
-)
+from sane_hf.zoo.storage import content_fingerprint
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -523,14 +517,4 @@ def _check_complete(root: Path, zoo: Mapping[str, Any], records: Sequence[Mappin
         )
 
 
-__all__ = [
-    "ZooDataset",
-    "ZooMetadata",
-    "as_splits",
-    "build_zoo_dataset",
-    "load_zoo_dataset",
-    "load_zoo_records",
-    "save_zoo_dataset",
-    "split_models",
-    "zoo_metadata",
-]
+__all__ = ["build_zoo_dataset", "split_models"]

@@ -82,6 +82,17 @@ class Ranks:
         return resolved
 
 
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``: where sane-hf runs when no device is given."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_main_process() -> bool:
+    """Whether this process writes results: the only one, or rank 0 of a launcher's processes
+    (all of them hold the gathered result)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def process_device(device: str | None) -> str | None:
     """``device`` for this process: under a launcher ``cuda`` means its own GPU (``LOCAL_RANK``),
     so processes that load a model before joining the group do not all pile onto GPU 0."""

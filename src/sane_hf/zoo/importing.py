@@ -537,7 +537,6 @@ def import_zoo(
 
 
 __all__ = [
-    "CheckpointProblem",
     "ImportReport",
     "SkippedItem",
     "ZooImportError",

@@ -17,11 +17,12 @@ from datasets import (
 )
 from torch import nn
 
+from sane_hf.weights.layout import WeightLayout
 from sane_hf.weights.normalization import (
     NormalizationStats,
     unstandardize_tokens,
 )
-from sane_hf.weights.tokenization import WeightLayout, WeightTokenizer
+from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 
 METADATA_FORMAT = "sane_hf.ZooDataset"
@@ -214,3 +215,12 @@ def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) ->
                 f"{where}: the layout has {metadata.layout.num_tokens} tokens per model, the "
                 f"{split!r} rows have {len(rows[0]['counts'])}"
             )
+
+
+__all__ = [
+    "ZooDataset",
+    "ZooMetadata",
+    "attach_metadata",
+    "check_zoo_dataset",
+    "zoo_metadata",
+]

@@ -49,6 +49,11 @@ def zoo_statistics(
     return statistics
 
 
+def describe_zoo(zoo: Mapping[str, Any]) -> str:
+    """``cnn_s networks on digits``: a zoo's architecture and task, for titles."""
+    return f"{zoo.get('architecture', '?')} networks on {zoo.get('dataset', '?')}"
+
+
 def format_zoo_statistics(statistics: Mapping[str, Any], zoo: Mapping[str, Any]) -> str:
     """A terminal summary: what the zoo is, split sizes, test accuracy per epoch."""
     kind = f", {zoo['kind']} zoo" if "kind" in zoo else ""
@@ -76,8 +81,11 @@ def format_zoo_statistics(statistics: Mapping[str, Any], zoo: Mapping[str, Any])
     return "\n".join(lines)
 
 
-def plot_zoo_accuracy(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Test accuracy vs epoch: one thin line per model, the population mean and min-max band."""
+def plot_zoo_accuracy(
+    records: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None
+) -> None:
+    """Test accuracy vs epoch: one thin line per model, the population mean and min-max band,
+    under ``title`` (default: the number of models)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, Agg renders the png
     from matplotlib.ticker import MaxNLocator
 
@@ -102,7 +110,8 @@ def plot_zoo_accuracy(records: Sequence[Mapping[str, Any]], path: str | os.PathL
     axes.plot(
         epochs, [row["test_acc"]["mean"] for row in statistics], color="tab:orange", label="mean"
     )
-    axes.set(xlabel="epoch", ylabel="test accuracy", title=f"{len(by_model)} models, one line each")
+    axes.set(xlabel="training epoch", ylabel="test accuracy (test split)")
+    axes.set_title(title or f"{len(by_model)} models, one line each", fontsize="medium")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     figure.tight_layout()

@@ -232,3 +232,13 @@ def load_zoo_records(
             splits[split] = sorted(set(columns["model_id"]))
         return zoo.metadata.zoo, records, splits
     return load_zoo_info(path), load_zoo_metadata(path), None
+
+
+__all__ = [
+    "as_splits",
+    "content_fingerprint",
+    "dataset_fingerprint",
+    "load_zoo_dataset",
+    "load_zoo_records",
+    "save_zoo_dataset",
+]

@@ -101,8 +101,6 @@ from sane_hf.zoo.formats import (
 from sane_hf.zoo.grouped import keep_freed_memory_on_the_heap
 from sane_hf.zoo.population import (
     ChunkTrainer,
-    data_order,
-    initialize_zoo_model,
     steps_per_epoch,
     structural_kwargs,
 )
@@ -415,10 +413,7 @@ def _read_metadata(output_dir: Path) -> list[dict]:
 
 
 __all__ = [
-    "data_order",
     "fine_tune_population",
-    "initialize_zoo_model",
     "network_structure",
-    "structural_kwargs",
     "train_zoo",
 ]

@@ -1,36 +1,12 @@
 """Configuration of SANE, the sequential autoencoder over weight tokens (Schürholt et al., ICML 2024).
 
 This file is copied next to the weights by ``save_pretrained`` (``trust_remote_code`` loading),
-so it imports nothing from ``sane_hf``.
+so it imports nothing from ``sane_hf``; only `SaneConfig.from_preset` reads sane-hf's preset
+files (``sane_hf/presets/model/*.yaml``).
 """
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-
-# Overrides of the defaults, per preset. The defaults themselves are the CNN preset.
-PRESETS: dict[str, dict] = {
-    # For CPU tests: a few hundred thousand parameters, still the CNN-zoo token size.
-    "tiny": {
-        "d_model": 32,
-        "n_heads": 2,
-        "n_layers": 2,
-        "latent_dim": 16,
-        "projection_dim": 16,
-        "windowsize": 16,
-        "max_positions": (1024, 64, 256),
-    },
-    # CNN zoos (CNN-s, CNN-m), the shapes of the reference code: T=289, window 64, 8+8 layers.
-    "cnn": {},
-    # ResNet-18 zoos: T=288 (a multiple of 9 and 32), window 256, d=2048, 16 heads. A ResNet-18
-    # with BatchNorm kept is 53,704 tokens in 41 layers of at most 512 rows.
-    "resnet18": {
-        "tokensize": 288,
-        "d_model": 2048,
-        "n_heads": 16,
-        "windowsize": 256,
-        "max_positions": (55_000, 128, 1024),
-    },
-}
 
 
 @strict
@@ -131,13 +107,23 @@ class SaneConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SaneConfig":
-        """A configuration of the preset `name` (`"tiny"`, `"cnn"` or `"resnet18"`), with
-        `overrides` applied on top (for example `tokensize=288`)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown SANE preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        """A configuration of the preset `name` (`"tiny"`, `"cnn"` or `"resnet18"`: the YAML files
+        of `sane_hf/presets/model/`, so it needs sane-hf installed), with `overrides` applied on
+        top (for example `tokensize=288`)."""
+        from importlib import resources
+
+        import yaml
+
+        folder = resources.files("sane_hf") / "presets" / "model"
+        names = sorted(
+            p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+        )
+        if name not in names:
+            raise ValueError(f"unknown SANE preset {name!r}; choose one of {names}")
+        values = yaml.safe_load((folder / f"{name}.yaml").read_text()) or {}
+        return cls(**{**values, **overrides})
 
 
 SaneConfig.register_for_auto_class()
 
-__all__ = ["PRESETS", "SaneConfig"]
+__all__ = ["SaneConfig"]

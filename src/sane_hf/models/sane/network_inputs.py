@@ -30,9 +30,9 @@ from huggingface_hub import HfApi, snapshot_download
 from safetensors.torch import load_file
 from torch import nn
 
-from sane_hf.zoo.dataset import load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE, ZOO_FILE, load_zoo_metadata
 from sane_hf.zoo.metadata import zoo_metadata
+from sane_hf.zoo.storage import load_zoo_dataset
 
 
 @dataclass(frozen=True)

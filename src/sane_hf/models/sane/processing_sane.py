@@ -43,9 +43,9 @@ from sane_hf.weights.layout import WeightLayout
 from sane_hf.weights.normalization import NormalizationStats
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.dataset import ZooDataset, as_splits, load_zoo_dataset
 from sane_hf.zoo.formats import ALIGNMENT_REFERENCE_FILE, atomic_save_safetensors
-from sane_hf.zoo.metadata import ZooMetadata
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
+from sane_hf.zoo.storage import as_splits, load_zoo_dataset
 
 from .configuration_sane import SaneConfig
 from .network_inputs import NetworkInput, iter_networks
@@ -478,3 +478,8 @@ def _reference_row(splits: Any, metadata: ZooMetadata) -> dict[str, torch.Tensor
 
 AutoFeatureExtractor.register(SaneConfig, SaneProcessor, exist_ok=True)
 AutoProcessor.register(SaneConfig, SaneProcessor, exist_ok=True)
+
+
+__all__ = [
+    "SaneProcessor",
+]
