@@ -104,6 +104,9 @@ class SaneConfig(PreTrainedConfig):
                 f"contrastive_temperature must be positive, got {self.contrastive_temperature}"
             )
         super().__post_init__(**kwargs)
+        # Every SANE checkpoint also loads as its property head with trust_remote_code.
+        head = {"AutoModelForSequenceClassification": "modeling_sane.SaneForPropertyPrediction"}
+        self.auto_map = head | (getattr(self, "auto_map", None) or {})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SaneConfig":
