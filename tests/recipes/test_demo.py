@@ -128,19 +128,30 @@ def test_the_closing_line_says_where_sane_wins_and_where_it_loses():
             "SANE kde (shared)": {"mean": [0.30, 0.60]},
             "noise matched to SANE kde (shared)": {"mean": [0.40, 0.50]},
             "from scratch": {"mean": [0.10, 0.70]},
+            "SANE subsampled (shared)": {"mean": [0.10, 0.70]},
+            "noise matched to SANE subsampled (shared)": {"mean": [0.05, 0.70]},
         },
-        "matched_noise": {"SANE kde (shared)": "noise matched to SANE kde (shared)"},
+        "matched_noise": {
+            "SANE kde (shared)": "noise matched to SANE kde (shared)",
+            "SANE subsampled (shared)": "noise matched to SANE subsampled (shared)",
+        },
     }
     outcome = verdict(r2, sampling)
     assert outcome["wins"] == [
         "predicting test accuracy (R^2 0.90 vs 0.50 with s(W))",
         "SANE kde (shared) before fine-tuning (30.0% vs 10.0% from scratch)",
+        "SANE subsampled (shared) before fine-tuning (10.0% vs 5.0% prompts plus matched noise)",
     ]
     assert outcome["losses"] == [
         "predicting training epoch (R^2 0.20 vs 0.80 with s(W))",
         "SANE kde (shared) before fine-tuning (30.0% vs 40.0% prompts plus matched noise)",
         "SANE kde (shared) after 5 fine-tuning epochs (60.0% vs 70.0% from scratch)",
     ]
+    assert outcome["ties"] == [
+        "SANE subsampled (shared) before fine-tuning (10.0% vs 10.0% from scratch)",
+        "SANE subsampled (shared) after 5 fine-tuning epochs (70.0% vs 70.0% from scratch)",
+    ]
     line = closing_line(outcome)
     assert line.startswith("At this scale SANE wins on: predicting test accuracy")
     assert "It loses on: predicting training epoch" in line and "\n" not in line
+    assert line.endswith("Ties: " + "; ".join(outcome["ties"]) + ".")

@@ -90,18 +90,24 @@ def verdict(
     """Where SANE wins and where it loses in a demo summary: every probe against the best
     baseline (test R^2), every SANE group before fine-tuning and after the last fine-tuning
     epoch against the networks trained from scratch, and before fine-tuning against its
-    matched-noise baseline (prompts plus noise at the same distance)."""
+    matched-noise baseline (prompts plus noise at the same distance); equal numbers are ties."""
     wins: list[str] = []
     losses: list[str] = []
+    ties: list[str] = []
+
+    def record(ours: float, theirs: float, text: str) -> None:
+        (wins if ours > theirs else losses if ours < theirs else ties).append(text)
+
     for name, scores in r2.items():
         baselines = {features: score for features, score in scores.items() if features != "SANE"}
         if "SANE" not in scores or not baselines:
             continue
         best = max(baselines, key=baselines.get)
-        outcome = wins if scores["SANE"] > baselines[best] else losses
-        outcome.append(
+        record(
+            scores["SANE"],
+            baselines[best],
             f"predicting {PROPERTY_LABELS.get(name, name)} (R^2 {scores['SANE']:.2f} vs "
-            f"{baselines[best]:.2f} with {best})"
+            f"{baselines[best]:.2f} with {best})",
         )
     accuracy, epochs = sampling["accuracy"], sampling["epochs"]
     scratch = accuracy.get("from scratch")
@@ -119,16 +125,18 @@ def verdict(
                 if column
                 else "before fine-tuning"
             )
-            outcome = wins if ours > theirs else losses
-            outcome.append(f"{group} {when} ({100 * ours:.1f}% vs {100 * theirs:.1f}% {label})")
-    return {"wins": wins, "losses": losses}
+            record(
+                ours, theirs, f"{group} {when} ({100 * ours:.1f}% vs {100 * theirs:.1f}% {label})"
+            )
+    return {"wins": wins, "losses": losses, "ties": ties}
 
 
 def closing_line(outcome: Mapping[str, list[str]]) -> str:
-    """One line: ``At this scale SANE wins on ...; it loses on ...``."""
+    """One line: ``At this scale SANE wins on ... It loses on ... (Ties: ...)``."""
     wins = "; ".join(outcome["wins"]) or "nothing"
     losses = "; ".join(outcome["losses"]) or "nothing"
-    return f"At this scale SANE wins on: {wins}. It loses on: {losses}."
+    ties = f" Ties: {'; '.join(outcome['ties'])}." if outcome.get("ties") else ""
+    return f"At this scale SANE wins on: {wins}. It loses on: {losses}.{ties}"
 
 
 def run_demo(output_dir: str | Path = "demo_outputs", config: DemoConfig | None = None) -> dict:
