@@ -32,7 +32,7 @@ from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.network_inputs import NetworkInput
 from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.distributed import process_device, zoo_processes
-from sane_hf.zoo.formats import atomic_write_text
+from sane_hf.zoo.formats import atomic_output, atomic_write_text
 
 EMBEDDING_SUFFIXES = (".parquet", ".npy")
 PREDICTION_SUFFIXES = (".json", ".csv")
@@ -57,6 +57,7 @@ class PretrainedSane:
         """
         source = str(path_or_repo_id)
         model = SaneModel.from_pretrained(source).eval()
+        check_finite_parameters(model, f"{source}/model.safetensors")
         model = model.to(device or "cpu", torch.float32)
         processor = SaneProcessor.from_pretrained(source)
         return cls(model, processor, ProbeHeads.from_pretrained(source) if heads else None)
@@ -114,9 +115,6 @@ def write_embeddings(
     _check_suffix(path, EMBEDDING_SUFFIXES)
     path.parent.mkdir(parents=True, exist_ok=True)
     mean = embeddings.mean.reshape(-1, embeddings.mean.shape[-1]).float().numpy()
-    if path.suffix == ".npy":
-        np.save(path, mean)
-        return
     columns: dict[str, Any] = {
         "id": embeddings.ids or [f"network_{i}" for i in range(len(mean))],
         "embedding": list(mean),
@@ -124,7 +122,21 @@ def write_embeddings(
     if layer_means:
         per_layer = embeddings.layer_means.reshape(len(mean), -1, mean.shape[1]).float().numpy()
         columns["layer_means"] = [list(layers) for layers in per_layer]
-    pq.write_table(pa.table(columns), path)
+    # through a temporary file: a kill during the write leaves the previous output whole
+    with atomic_output(path) as temporary:
+        if path.suffix == ".npy":
+            with temporary.open("wb") as file:
+                np.save(file, mean)
+        else:
+            pq.write_table(pa.table(columns), temporary)
+
+
+def check_finite_parameters(model: torch.nn.Module, where: str) -> None:
+    """``ValueError`` naming ``where`` and the first parameter holding NaN/Inf: a SANE with
+    such weights embeds every network as NaN."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: parameter {name!r} holds non-finite values (NaN/Inf)")
 
 
 @dataclass

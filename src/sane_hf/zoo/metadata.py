@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -166,21 +165,11 @@ def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) ->
     Decoding with a wrong description yields silently wrong (or NaN) weights; these checks cost
     one pass over the ``model_id`` column and one row.
     """
-    stats = metadata.normalization
-    for name, values in (("mean", stats.mean), ("std", stats.std)):
-        for key, value in values.items():
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(
-                    f"{where}: normalization {name} of {key!r} is {value!r}, not finite"
-                )
-            if name == "std" and value <= 0:
-                raise ValueError(f"{where}: normalization std of {key!r} is {value!r}, must be > 0")
-    tokenized = {spec.key for layer in metadata.layout.layers for spec in layer.parameters}
-    if set(stats.mean) != tokenized or set(stats.std) != tokenized:
-        raise ValueError(
-            f"{where}: normalization statistics cover {sorted(stats.mean)[:3]}..., the layout "
-            f"tokenizes {sorted(tokenized)[:3]}... ({len(stats.mean)} vs {len(tokenized)} keys)"
-        )
+    tokenized = [spec.key for layer in metadata.layout.layers for spec in layer.parameters]
+    try:
+        metadata.normalization.check(tokenized)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     listed = metadata.split.get("models", {})
     if set(listed) != set(splits):
         raise ValueError(
