@@ -2,6 +2,7 @@
 fingerprinted dataset saves, float-only weights, checked dataset metadata, one-commit dataset
 pushes with one-line Hub errors, unfinished zoos, seed overlaps and file permissions."""
 
+import importlib
 import json
 import os
 import random
@@ -13,9 +14,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi
+from huggingface_hub.utils import _http as hub_http
 from safetensors.torch import save_file
 
 from fake_hub import HubError as FakeHubError
@@ -26,8 +29,10 @@ from sane_hf.zoo import training
 from sane_hf.zoo.dataset import build_zoo_dataset, load_zoo_dataset, save_zoo_dataset
 from sane_hf.zoo.formats import (
     ZooBusyError,
+    atomic_save_safetensors,
     atomic_write_text,
     load_zoo_metadata,
+    write_checkpoint,
     write_zoo_info,
     write_zoo_metadata,
     zoo_writer_lock,
@@ -169,7 +174,8 @@ def test_saving_over_a_dataset_replaces_it_whole_and_refuses_other_folders(two_b
     save_zoo_dataset(first, tmp_path / "zoo")
     save_zoo_dataset(second, tmp_path / "zoo")
     assert load_zoo_dataset(tmp_path / "zoo").metadata.split == second.metadata.split
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["zoo"]  # no temporary left
+    # no temporary left, only the lock file of the folder's writers
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".zoo.lock", "zoo"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="is not a zoo dataset"):
@@ -434,3 +440,64 @@ def test_ray_trial_files_linked_from_outside_the_source_are_refused(tmp_path):
     (source / "params.json").symlink_to(tmp_path / "elsewhere" / "params.json")
     with pytest.raises(ZooImportError, match=r"model model_0000: file 'trial_a/params\.json'"):
         import_zoo(tmp_path / "ray", tmp_path / "raw", architecture="mlp", progress=False)
+
+
+def _disconnect(*args, **kwargs):
+    """What the Hub client raises when the server drops the connection mid-commit."""
+    from huggingface_hub import errors as hub_errors
+
+    http = importlib.import_module(hub_errors.Response.__module__.split(".")[0])
+    raise http.RemoteProtocolError("Server disconnected without sending a response.")
+
+
+@pytest.mark.parametrize("failure", ["lfs_upload_500", "disconnect"])
+def test_cli_build_keeps_the_dataset_when_the_upload_fails(
+    fake_hub, monkeypatch, tmp_path, capsys, failure
+):
+    raw = small_raw_zoo(tmp_path / "raw")
+    monkeypatch.chdir(tmp_path)
+    if failure == "lfs_upload_500":
+        _fail(fake_hub, monkeypatch, "_lfs_upload", 500)
+        monkeypatch.setattr(
+            hub_http, "time", SimpleNamespace(sleep=lambda seconds: None)
+        )  # retries
+    else:
+        monkeypatch.setattr(HfApi, "create_commit", _disconnect)
+    argv = ["zoo", "build", str(raw), "--push-to-hub", "fake-user/lost", "--no-align"]
+    assert main([*argv, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "push of zoo dataset fake-user/lost failed:" in error
+    assert ("HTTP 500" if failure == "lfs_upload_500" else "Server disconnected") in error
+    assert "the built dataset is kept in lost-zoo-dataset" in error
+    assert load_zoo_dataset(tmp_path / "lost-zoo-dataset").metadata.layout.tokensize == TOKENSIZE
+
+
+def test_safetensors_files_get_the_permissions_of_the_users_umask(tmp_path):
+    """safetensors writes 0600 files; checkpoints, references, heads and samples should not be."""
+    previous = os.umask(0o022)
+    try:
+        write_checkpoint(tmp_path, "m0", 0, template().state_dict())
+        atomic_save_safetensors(template().state_dict(), tmp_path / "reference.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (
+        tmp_path / "checkpoints" / "m0_epoch_000.safetensors",
+        tmp_path / "reference.safetensors",
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_second_build_to_one_output_is_refused_at_once(two_builds, tmp_path, capsys):
+    raw = small_raw_zoo(tmp_path / "raw", num_models=7)
+    output = tmp_path / "zoo"
+    with zoo_writer_lock(tmp_path, ".zoo.lock"):  # a first build to --output, still running
+        start = time.perf_counter()
+        argv = ["zoo", "build", str(raw), "--output", str(output), "--no-align", "--no-progress"]
+        assert main([*argv, "--tokensize", str(TOKENSIZE)]) == 1
+        assert time.perf_counter() - start < 5
+        assert "being written by another process" in capsys.readouterr().err
+        with pytest.raises(ZooBusyError):
+            save_zoo_dataset(two_builds[0], output)
+    assert not output.exists()
+    assert main([*argv, "--tokensize", str(TOKENSIZE)]) == 0  # the lock is the build's, not left
+    assert load_zoo_dataset(output).metadata.layout.tokensize == TOKENSIZE

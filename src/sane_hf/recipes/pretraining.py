@@ -19,13 +19,20 @@ from sane_hf.hub import folder_model_card
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE, pretrain, push_run
+from sane_hf.pretraining.run_lock import pretraining_run_lock
 from sane_hf.zoo.storage import load_zoo_dataset
 
 
 def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     """`pretrain(config)`, then, on the main process of a finished run, probe heads fitted on the
     zoo's splits saved beside the model (``ProbeHeads.from_pretrained(output_dir)``), then the
-    push. Returns pretraining's summary, with the heads' test scores under ``probe_heads``."""
+    push. Returns pretraining's summary, with the heads' test scores under ``probe_heads``. The
+    output folder stays locked until the heads are saved (`pretraining_run_lock`)."""
+    with pretraining_run_lock(config):
+        return _pretrain_with_probe_heads(config)
+
+
+def _pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     summary = pretrain(dataclasses.replace(config, push_to_hub=False))
     output_dir = Path(config.output_dir)
     finished = (output_dir / "model.safetensors").is_file() and (

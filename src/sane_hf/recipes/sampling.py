@@ -13,8 +13,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from sane_hf.downstream.evaluation import load_task_dataset
 from sane_hf.downstream.pretrained import is_main_process
 from sane_hf.downstream.sampling import SampledModels
@@ -28,6 +26,7 @@ from sane_hf.recipes.experiments import (
 )
 from sane_hf.zoo.dataset import load_zoo_dataset
 from sane_hf.zoo.distributed import process_device
+from sane_hf.zoo.formats import atomic_save_safetensors
 
 SAMPLES_DIR = "samples"
 RESULTS_FILE = "sampling.json"
@@ -100,7 +99,7 @@ def save_samples(samples: SampledModels, folder: str | os.PathLike) -> list[Path
     paths = []
     for index, network in enumerate(samples.models):
         path = folder / f"sample_{index:03d}.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()}, path)
+        atomic_save_safetensors({k: v.detach() for k, v in network.state_dict().items()}, path)
         paths.append(path)
     return paths
 

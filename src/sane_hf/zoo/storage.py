@@ -9,6 +9,7 @@ not match the recorded fingerprint and a description that does not fit its rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from sane_hf.zoo.formats import (
     load_zoo_info,
     load_zoo_metadata,
     resolve_in_zoo,
+    zoo_writer_lock,
 )
 from sane_hf.zoo.metadata import (
     ZooDataset,
@@ -48,6 +51,28 @@ def as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetada
     return dataset, zoo_metadata(dataset)
 
 
+# Zoo dataset folders this process is writing (`dataset_writer_lock` is reentrant per process:
+# `sane-hf zoo build` holds it for the build and the save inside it).
+_WRITING: set[Path] = set()
+
+
+@contextlib.contextmanager
+def dataset_writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """One writer per zoo dataset folder: a second build or save to ``path`` while one runs is
+    refused at once (`ZooBusyError`) instead of the last swap silently winning. The lock file is
+    ``.<name>.lock`` beside the folder, since saving swaps the folder itself."""
+    path = Path(path).resolve()
+    if path in _WRITING:
+        yield
+        return
+    with zoo_writer_lock(path.parent, f".{path.name}.lock"):
+        _WRITING.add(path)
+        try:
+            yield
+        finally:
+            _WRITING.discard(path)
+
+
 def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike) -> None:
     """``save_to_disk`` plus ``sane_zoo.json`` and a dataset card (``README.md``) beside it.
 
@@ -58,8 +83,12 @@ def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike)
     of the Arrow files that `load_zoo_dataset` checks. An existing folder that is not a zoo
     dataset is never replaced.
     """
+    with dataset_writer_lock(path):
+        _save_zoo_dataset(dataset, Path(path))
+
+
+def _save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: Path) -> None:
     splits, metadata = as_splits(dataset)
-    path = Path(path)
     _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
