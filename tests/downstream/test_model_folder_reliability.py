@@ -6,8 +6,6 @@ are replaced whole."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from sane_hf import build_model
 from sane_hf.cli import main
+from sane_hf.downstream.pretrained import PretrainedSane, embed_networks
+from sane_hf.zoo.dataset import save_zoo_dataset
 from sane_hf.zoo.formats import write_zoo_info, write_zoo_metadata
 
 RELEASED = Path(__file__).parents[2] / "checkpoints" / "sane-cnn-mnist"
-SRC = str(Path(__file__).parents[2] / "src")
 
 
 def cnn_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -330,26 +329,57 @@ def test_embed_replaces_its_output_atomically(tmp_path, capsys, suffix, monkeypa
 
 
 def test_embed_streams_a_folder_in_chunks(tmp_path):
-    """Embed reads, prepares and encodes a folder chunk by chunk, writing rows as it goes: the
-    result equals one big batch, and the rows keep the order of the files."""
+    """Embed reads, prepares and encodes a folder chunk by chunk: the result equals one big
+    batch, and the rows keep the order of the files."""
     nets = tmp_path / "nets"
     nets.mkdir()
     for seed in range(5):
         save_file(cnn_state(seed), nets / f"n{seed}.safetensors")
-    code = (
-        "import sys; from sane_hf.downstream.pretrained import embed_networks; "
-        f"embed_networks({str(RELEASED)!r}, [{str(nets)!r}], output=sys.argv[1], chunk_size=int(sys.argv[2]))"
-    )
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    for size, name in ((2, "a.parquet"), (256, "b.parquet")):
-        subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / name), str(size)], check=True, env=env
-        )
-    a, b = (
-        pq.read_table(tmp_path / "a.parquet").to_pydict(),
-        pq.read_table(tmp_path / "b.parquet").to_pydict(),
-    )
-    assert a["id"] == b["id"] == [f"n{seed}" for seed in range(5)]
-    np.testing.assert_allclose(
-        np.array(a["embedding"]), np.array(b["embedding"]), rtol=1e-5, atol=1e-6
-    )
+    sane = PretrainedSane.from_pretrained(RELEASED)
+    chunked = embed_networks(sane, [nets], output=tmp_path / "a.parquet", chunk_size=2)
+    whole = embed_networks(sane, [nets], output=tmp_path / "b.parquet", chunk_size=256)
+    assert chunked.ids == whole.ids == [f"n{seed}" for seed in range(5)]
+    torch.testing.assert_close(chunked.mean, whole.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.layer_means, whole.layer_means, rtol=1e-5, atol=1e-6)
+    assert pq.read_table(tmp_path / "a.parquet").to_pydict()["id"] == chunked.ids
+
+
+def test_cli_probe_without_baselines(zoo, sane, tmp_path, capsys):
+    sane.save_pretrained(tmp_path / "sane")
+    save_zoo_dataset(zoo, tmp_path / "zoo")
+    argv = ["probe", "--model", str(tmp_path / "sane"), "--dataset", str(tmp_path / "zoo")]
+    argv += ["--properties", "epoch", "--baselines", "none", "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert {r["features"] for r in saved["results"]} == {"SANE"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (
+            ["--num-candidates", "2", "--num-samples", "3"],
+            "num_candidates (2) must be >= num_samples",
+        ),
+        (["--prompt-split", "val"], "prompt_split must be train, validation or test"),
+        (["--prompt-metric", "flops"], "prompt_metric 'flops' is not a column of the prompt zoo"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
+        (["--set", "architecture_kwargs={hidden_units: 3}"], "architecture_kwargs"),
+    ],
+)
+def test_sample_settings_are_checked_before_the_model_loads(zoo, tmp_path, capsys, argv, message):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    save_zoo_dataset(zoo, tmp_path / "zoo")
+    (tmp_path / "not-a-model").mkdir()  # loading it would fail: the settings must fail first
+    command = [
+        "sample",
+        "--model",
+        str(tmp_path / "not-a-model"),
+        "--dataset",
+        str(tmp_path / "zoo"),
+    ]
+    status, error = run(capsys, *command, "--output-dir", str(tmp_path / "out"), *argv)
+    assert status == 1 and message in error
+    assert not (tmp_path / "out").exists()

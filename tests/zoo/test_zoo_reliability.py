@@ -159,6 +159,18 @@ def two_builds(tmp_path_factory):
     return build(raw), build(raw, seed=1)
 
 
+def test_a_same_size_arrow_file_of_another_build_is_refused(two_builds, tmp_path):
+    first, second = two_builds
+    save_zoo_dataset(first, tmp_path / "a")
+    save_zoo_dataset(second, tmp_path / "b")
+    [arrow] = sorted((tmp_path / "a" / "train").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[-100] ^= 0xFF  # same size, other content (state.json untouched)
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"do not match the fingerprint in sane_zoo\.json"):
+        load_zoo_dataset(tmp_path / "a")
+
+
 def test_a_folder_mixing_two_builds_is_refused(two_builds, tmp_path):
     first, second = two_builds
     save_zoo_dataset(first, tmp_path / "a")
@@ -281,6 +293,16 @@ def _tamper(description: dict, how: str) -> None:
     elif how == "tokensize":
         description["layout"]["tokensize"] += 1
         description["tokenizer"]["tokensize"] += 1
+    elif how == "std_tiny":
+        description["normalization"]["std"][key] = 1e-300
+    elif how == "no_fingerprint":
+        del description["fingerprint"]
+    elif how == "reference_from_test":
+        description["alignment"].update(aligned=True, reference_model_id=models["test"][0])
+    elif how == "num_classes":
+        description["zoo"]["architecture_kwargs"]["num_classes"] = 7
+    elif how == "unknown_architecture":
+        description["zoo"]["architecture"] = "transformer_xl"
 
 
 @pytest.mark.parametrize(
@@ -292,6 +314,11 @@ def _tamper(description: dict, how: str) -> None:
         ("swapped_splits", "split 'train' lists other models than its rows"),
         ("overlapping_splits", "is listed in 'train' and 'test'"),
         ("tokensize", "layout tokensize 14 .* does not match the 'train' tokens of size 13"),
+        ("std_tiny", r"normalization std of .* is 1e-300, must be > 0"),
+        ("no_fingerprint", "records no content fingerprint of the Arrow files"),
+        ("reference_from_test", "is not a model of the train split"),
+        ("num_classes", "the layout does not match the zoo architecture 'mlp'"),
+        ("unknown_architecture", "zoo architecture 'transformer_xl' .* cannot be built"),
     ],
 )
 def test_a_tampered_sane_zoo_json_is_refused(two_builds, tmp_path, how, message):

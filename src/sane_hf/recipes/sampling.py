@@ -24,7 +24,8 @@ from sane_hf.recipes.experiments import (
     SamplingSettings,
     compare_sampling,
 )
-from sane_hf.zoo.dataset import load_zoo_dataset
+from sane_hf.zoo.architectures import build_model
+from sane_hf.zoo.dataset import ZooDataset, load_zoo_dataset
 from sane_hf.zoo.distributed import process_device
 from sane_hf.zoo.formats import atomic_save_safetensors
 
@@ -66,11 +67,12 @@ def sample_networks(
     settings = settings or SamplingSettings.load()
     methods = [m if isinstance(m, SamplingMethod) else SamplingMethod(m) for m in methods]
     device = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    zoo = load_zoo_dataset(dataset)
+    prompt_zoo = load_zoo_dataset(prompt_dataset) if prompt_dataset else zoo
+    check_sampling_inputs(settings, zoo, prompt_zoo, device)
     if not isinstance(model, SaneModel):
         model = SaneModel.from_pretrained(model)
     model = model.to(device).eval()
-    zoo = load_zoo_dataset(dataset)
-    prompt_zoo = load_zoo_dataset(prompt_dataset) if prompt_dataset else zoo
     task = load_task_dataset(prompt_zoo.metadata.zoo, task_dataset) if task_dataset else None
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,38 @@ def sample_networks(
         if results.evaluation.novelty:  # accuracy against novelty, next to the baselines
             results.evaluation.plot_novelty(output / NOVELTY_PLOT_FILE)
     return results
+
+
+def check_sampling_inputs(
+    settings: SamplingSettings, zoo: ZooDataset, prompt_zoo: ZooDataset, device: str
+) -> None:
+    """The settings that need the zoos or the machine, checked before SANE loads and anything
+    is sampled: the device, the prompts' split and ranking column, the architecture variant."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use --device cpu)")
+    if settings.prompt_split not in prompt_zoo.splits:
+        raise ValueError(
+            f"prompt_split {settings.prompt_split!r} is not a split of the prompt zoo "
+            f"(splits: {list(prompt_zoo.splits)})"
+        )
+    columns = prompt_zoo.splits[settings.prompt_split].column_names
+    if settings.prompt_metric not in columns:
+        raise ValueError(
+            f"prompt_metric {settings.prompt_metric!r} is not a column of the prompt zoo "
+            f"(numeric columns: {[c for c in columns if c.endswith(('_acc', '_loss', 'ggap'))]})"
+        )
+    if settings.architecture_kwargs:
+        described = zoo.metadata.zoo
+        kwargs = {**described.get("architecture_kwargs", {}), **settings.architecture_kwargs}
+        try:
+            build_model(described["architecture"], **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"architecture_kwargs {settings.architecture_kwargs}: {described['architecture']} "
+                f"cannot be built with them ({str(error).splitlines()[0]})"
+            ) from None
 
 
 def save_samples(samples: SampledModels, folder: str | os.PathLike) -> list[Path]:

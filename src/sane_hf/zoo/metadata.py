@@ -156,6 +156,28 @@ def attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
         split.info.description = description
 
 
+def _check_architecture(metadata: ZooMetadata, where: str) -> None:
+    """The described architecture must build, and tokenize to the stored layout (an edited
+    ``num_classes`` or an unknown architecture would otherwise fail only when decoding, or in
+    pretraining)."""
+    architecture = metadata.zoo.get("architecture")
+    try:
+        model = metadata.build_model()
+    except Exception as error:  # unknown name, bad kwargs: whatever the builder raises
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{where}: zoo architecture {architecture!r} with "
+            f"{metadata.zoo.get('architecture_kwargs', {})} cannot be built ({message})"
+        ) from None
+    layout = metadata.build_tokenizer().layout(model)
+    if layout.to_dict() != metadata.layout.to_dict():
+        raise ValueError(
+            f"{where}: the layout does not match the zoo architecture {architecture!r} with "
+            f"{metadata.zoo.get('architecture_kwargs', {})} ({layout.num_tokens} tokens vs "
+            f"{metadata.layout.num_tokens} stored, or other parameter shapes)"
+        )
+
+
 def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) -> None:
     """Refuse (``ValueError``, one line naming ``where`` and the problem) a description that does
     not fit its rows: non-finite or non-positive normalization statistics, statistics for other
@@ -170,7 +192,14 @@ def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) ->
         metadata.normalization.check(tokenized)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+    _check_architecture(metadata, where)
     listed = metadata.split.get("models", {})
+    reference = metadata.alignment.get("reference_model_id")
+    if metadata.alignment.get("aligned") and reference not in listed.get("train", []):
+        raise ValueError(
+            f"{where}: the alignment reference {reference!r} is not a model of the train split "
+            "(a reference must be a training checkpoint)"
+        )
     if set(listed) != set(splits):
         raise ValueError(
             f"{where}: split lists {sorted(listed)} but the dataset has {sorted(splits)}"

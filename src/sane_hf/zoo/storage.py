@@ -124,13 +124,19 @@ def _swap_in(staging: Path, path: Path) -> None:
     shutil.rmtree(old)
 
 
+# Fingerprints over the Arrow files' bytes; older sane-hf versions recorded sizes only.
+FINGERPRINT_PREFIX = "sha256-content:"
+
+
 def dataset_fingerprint(folder: str | os.PathLike) -> str:
-    """A cheap but real fingerprint of a ``save_to_disk`` folder: sha256 over each split's
-    datasets fingerprint and the names and sizes of its Arrow files.
+    """A real fingerprint of a ``save_to_disk`` folder: sha256 over each split's datasets
+    fingerprint and the names and sha256 digests of its Arrow files.
 
     A split's datasets fingerprint is its `content_fingerprint`, so Arrow files of a build from
-    other inputs or settings (or a truncated copy) do not match the ``sane_zoo.json`` written
-    with them, while a serial and a parallel build of one zoo get the same fingerprint.
+    other inputs or settings (or a truncated copy, or a same-size file of another build) do not
+    match the ``sane_zoo.json`` written with them, while a serial and a parallel build of one zoo
+    get the same fingerprint. Reading the files costs about a second per GB (and warms the page
+    cache that memory-mapping them reads from anyway).
     """
     folder = Path(folder)
     splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
@@ -138,9 +144,12 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
     for split in splits:
         state = json.loads((folder / split / "state.json").read_text())
         files = [entry["filename"] for entry in state["_data_files"]]
-        sizes = [(folder / split / name).stat().st_size for name in files]
-        parts.append([split, state["_fingerprint"], list(zip(files, sizes))])
-    return "sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        digests = []
+        for name in files:
+            with (folder / split / name).open("rb") as file:
+                digests.append(hashlib.file_digest(file, "sha256").hexdigest())
+        parts.append([split, state["_fingerprint"], list(zip(files, digests))])
+    return FINGERPRINT_PREFIX + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 # Bump when the rows a build writes change for the same inputs (the encoding, the columns).
@@ -220,14 +229,18 @@ def load_zoo_dataset(
 
 
 def _check_fingerprint(path: Path, metadata_text: str) -> None:
-    """Refuse Arrow files that are not the ones ``sane_zoo.json`` was written with (datasets
-    saved before fingerprints were recorded carry none and are not checked)."""
+    """Refuse Arrow files that are not the ones ``sane_zoo.json`` was written with, and a local
+    ``sane_zoo.json`` without a fingerprint of this version (removed, or an older save)."""
     try:
         recorded = json.loads(metadata_text).get("fingerprint")
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path / DATASET_METADATA_FILE} is not a JSON object") from None
-    if recorded is None:
-        return
+    if not isinstance(recorded, str) or not recorded.startswith(FINGERPRINT_PREFIX):
+        raise ValueError(
+            f"{path / DATASET_METADATA_FILE} records no content fingerprint of the Arrow files "
+            f"(got {recorded!r}: removed, or saved by an older sane-hf): re-save the dataset "
+            "with save_zoo_dataset or rebuild it"
+        )
     try:
         found = dataset_fingerprint(path)
     except (OSError, KeyError, TypeError, ValueError) as error:
