@@ -35,6 +35,12 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return status, lines[-1] if lines else ""
 
 
+def embed_one(capsys, model: Path, tmp_path: Path) -> tuple[int, str]:
+    """`sane-hf embed MODEL net.safetensors` (a CNN-s written beforehand) into ``e.npy``."""
+    net, output = str(tmp_path / "net.safetensors"), str(tmp_path / "e.npy")
+    return run(capsys, "embed", str(model), net, "--output", output)
+
+
 def model_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
     shutil.copytree(RELEASED, folder)
@@ -181,14 +187,7 @@ def test_processor_statistics_are_checked_on_load(tmp_path, capsys, field, value
         config["normalization"][field]["0.weight"] = value
 
     edit_json(model / "preprocessor_config.json", change)
-    status, error = run(
-        capsys,
-        "embed",
-        str(model),
-        str(tmp_path / "net.safetensors"),
-        "--output",
-        str(tmp_path / "e.npy"),
-    )
+    status, error = embed_one(capsys, model, tmp_path)
     assert status == 1
     assert "preprocessor_config.json" in error and f"normalization {field} of '0.weight'" in error
     assert message in error
@@ -284,14 +283,7 @@ def test_non_finite_sane_weights_are_refused_on_load(tmp_path, capsys):
     key = next(iter(weights))
     weights[key] = weights[key].clone().fill_(float("nan"))
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    status, error = run(
-        capsys,
-        "embed",
-        str(model),
-        str(tmp_path / "net.safetensors"),
-        "--output",
-        str(tmp_path / "e.npy"),
-    )
+    status, error = embed_one(capsys, model, tmp_path)
     assert status == 1 and "model.safetensors" in error and key in error and "NaN" in error
 
 

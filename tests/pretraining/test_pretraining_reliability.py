@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_pretraining import arguments as pretrain_arguments
 
 from sane_hf import cli
 from sane_hf.pretraining.config import PretrainingConfig
@@ -18,20 +19,8 @@ from sane_hf.zoo.formats import PRETRAINING_LOCK_FILE, zoo_writer_lock
 
 
 def arguments(zoo: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "pretrain",
-        "--config",
-        "tiny",
-        "--dataset",
-        str(zoo),
-        "--output-dir",
-        str(output_dir),
-        "--report-to",
-        "none",
-        "--logging-steps",
-        "1",
-        *extra,
-    ]
+    """``sane-hf pretrain`` with the tiny preset, logging every step, without trackers."""
+    return ["pretrain", *pretrain_arguments(zoo, output_dir, *extra)]
 
 
 def error_line(capsys) -> str:

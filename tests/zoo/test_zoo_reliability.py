@@ -528,3 +528,11 @@ def test_a_second_build_to_one_output_is_refused_at_once(two_builds, tmp_path, c
     assert not output.exists()
     assert main([*argv, "--tokensize", str(TOKENSIZE)]) == 0  # the lock is the build's, not left
     assert load_zoo_dataset(output).metadata.layout.tokensize == TOKENSIZE
+
+
+def test_a_save_removes_the_staging_folders_of_killed_saves(two_builds, tmp_path):
+    stale = tmp_path / ".zoo.building-abc123"
+    (stale / "train").mkdir(parents=True)
+    save_zoo_dataset(two_builds[0], tmp_path / "zoo")
+    assert not stale.exists()
+    assert load_zoo_dataset(tmp_path / "zoo").metadata.split == two_builds[0].metadata.split

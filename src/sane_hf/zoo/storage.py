@@ -91,6 +91,8 @@ def _save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: Path) -> None:
     splits, metadata = as_splits(dataset)
     _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.building-*"):  # of a killed save: we hold
+        shutil.rmtree(stale, ignore_errors=True)  # the folder's lock, no one else writes them
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     try:
         apply_umask(staging, directory=True)  # mkdtemp makes 0700 folders
