@@ -536,3 +536,46 @@ def test_a_save_removes_the_staging_folders_of_killed_saves(two_builds, tmp_path
     save_zoo_dataset(two_builds[0], tmp_path / "zoo")
     assert not stale.exists()
     assert load_zoo_dataset(tmp_path / "zoo").metadata.split == two_builds[0].metadata.split
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_parallel_build_leaves_no_process_behind(tmp_path):
+    raw = small_raw_zoo(tmp_path / "raw", num_models=40)
+    command = [sys.executable, "-m", "sane_hf", "zoo", "build", str(raw), "--output"]
+    command += [str(tmp_path / "zoo"), "--tokensize", str(TOKENSIZE), "--num-proc", "2"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    build = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(children := _children(build.pid)) < 3 and time.time() < deadline:
+        time.sleep(0.2)  # the manager and both workers
+    assert len(children) >= 3 and build.poll() is None
+    build.kill()
+    build.wait()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; its new parent reaps it

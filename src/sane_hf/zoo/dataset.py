@@ -72,7 +72,7 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.distributed import WorkerReports, shared_progress
+from sane_hf.zoo.distributed import WorkerReports, die_with_parent, shared_progress
 from sane_hf.zoo.formats import (
     RAW_METADATA_FILE,
     check_checkpoint_tensors,
@@ -276,6 +276,7 @@ def _generate_rows(
     """The rows of ``model_ids`` in order; run in a worker process of a parallel build (a
     contiguous share of the models each, so the concatenated shards keep the serial order)."""
     if threads is not None:  # a worker: its share of the cores, not all of them
+        die_with_parent()  # and it ends with the build, also a killed one
         torch.set_num_threads(threads)
     try:
         for model_id in model_ids:
