@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -579,3 +580,21 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")  # a zombie has ended; its new parent reaps it
+
+
+def test_a_build_removes_the_temporary_caches_of_killed_builds(tmp_path, monkeypatch):
+    from sane_hf.zoo import dataset as zoo_dataset
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # datasets' and ours
+    killed = tmp_path / "hf_datasets-killed" / "sane_zoo_abc"
+    running = tmp_path / "hf_datasets-running" / "sane_zoo_def"
+    unowned = tmp_path / "hf_datasets-old" / "sane_zoo_ghi"  # no owner lock: not ours to judge
+    for folder in (killed, running, unowned):
+        folder.mkdir(parents=True)
+        (folder / "data.arrow").write_bytes(b"x" * 100)
+    (killed / ".owner.lock").touch()  # its owner was killed: the OS released the lock
+    with zoo_writer_lock(running.parent, "sane_zoo_def/.owner.lock"):  # its owner still runs
+        fresh = Path(zoo_dataset._temporary_cache_dir())
+        assert not killed.exists()
+        assert (running / "data.arrow").exists() and (unowned / "data.arrow").exists()
+    assert fresh.is_dir() and fresh.name.startswith("sane_zoo_")
