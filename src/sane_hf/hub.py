@@ -10,6 +10,7 @@ transformers' own `push_to_hub` keeps an existing card or writes one with
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -346,12 +347,21 @@ def _http_errors(repo_id: str) -> Iterator[None]:
     """Turn the Hub client's HTTP errors into a one-line `HubError` naming repo and status."""
     try:
         yield
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, RuntimeError, *_connection_errors()) as error:
         raise HubError(f"push of model {repo_id} failed: {_describe(error)}") from None
 
 
 def _describe(error: Exception) -> str:
-    """``HTTP <status> (<first line of the server's message>)`` or the error's first line."""
+    """``HTTP <status> (<first line of the server's message>)`` or the error's first line.
+
+    The client wraps a failed file upload in ``RuntimeError("Error while uploading ...")``: the
+    HTTP error it comes from (its ``__cause__``) says what went wrong.
+    """
+    cause = error
+    while getattr(cause, "response", None) is None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if getattr(cause, "response", None) is not None:
+        error = cause
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -409,12 +419,22 @@ def push_zoo_dataset(
             return api.create_commit(
                 repo_id, operations, commit_message=commit_message, repo_type="dataset"
             )
-    except (HfHubHTTPError, OSError) as error:
+    except (HfHubHTTPError, OSError, RuntimeError, *_connection_errors()) as error:
+        # RuntimeError: the client's "Error while uploading" around a failed LFS upload
         kept = ""
         if keep_on_failure is not None:
             save_zoo_dataset(ZooDataset(splits, metadata), keep_on_failure)
             kept = f"; the built dataset is kept in {keep_on_failure}"
         raise HubError(f"push of zoo dataset {repo_id} failed: {_describe(error)}{kept}") from None
+
+
+def _connection_errors() -> tuple[type[Exception], ...]:
+    """The HTTP library's transport errors (a dropped connection, a timeout): ``httpx`` or
+    ``httpx2``, whichever this huggingface_hub uses."""
+    from huggingface_hub import errors as hub_errors
+
+    http = importlib.import_module(hub_errors.Response.__module__.split(".")[0])
+    return (http.TransportError,)
 
 
 def _metadata_bytes(metadata: ZooMetadata) -> bytes:

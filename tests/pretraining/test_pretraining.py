@@ -81,12 +81,12 @@ def test_config_sources_apply_in_order(tmp_path):
         "--set",
         "model.n_layers=3",
         "--set",
-        "adam_betas=[0.9, 1]",
+        "adam_betas=[0, 0.99]",
     )
     assert config.learning_rate == 1e-3  # --set wins over the flag, the flag over the file
     assert config.weight_decay == 0.0 and isinstance(config.weight_decay, float)
     assert config.model.to_dict() == {"preset": "tiny", "d_model": 64, "n_layers": 3}
-    assert config.adam_betas == [0.9, 1.0]
+    assert config.adam_betas == [0.0, 0.99] and isinstance(config.adam_betas[0], float)
     assert parse("--config", "tiny").model.preset == "tiny"  # a preset by name
 
 

@@ -225,7 +225,7 @@ def test_save_and_load_round_trip_is_bit_exact(built, tmp_path):
     assert "Test accuracy per epoch" in (tmp_path / "saved" / "README.md").read_text()
 
     loaded = load_zoo_dataset(tmp_path / "saved")
-    assert loaded.metadata.fingerprint.startswith("sha256:")
+    assert loaded.metadata.fingerprint.startswith("sha256-content:")
     fingerprint = {"fingerprint": loaded.metadata.fingerprint}
     assert loaded.metadata.to_dict() == zoo_metadata(built).to_dict() | fingerprint
     assert zoo_metadata(loaded.splits) == loaded.metadata

@@ -2,6 +2,7 @@
 fingerprinted dataset saves, float-only weights, checked dataset metadata, one-commit dataset
 pushes with one-line Hub errors, unfinished zoos, seed overlaps and file permissions."""
 
+import importlib
 import json
 import os
 import random
@@ -10,12 +11,15 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi
+from huggingface_hub.utils import _http as hub_http
 from safetensors.torch import save_file
 
 from fake_hub import HubError as FakeHubError
@@ -26,8 +30,10 @@ from sane_hf.zoo import training
 from sane_hf.zoo.dataset import build_zoo_dataset
 from sane_hf.zoo.formats import (
     ZooBusyError,
+    atomic_save_safetensors,
     atomic_write_text,
     load_zoo_metadata,
+    write_checkpoint,
     write_zoo_info,
     write_zoo_metadata,
     zoo_writer_lock,
@@ -155,6 +161,18 @@ def two_builds(tmp_path_factory):
     return build(raw), build(raw, seed=1)
 
 
+def test_a_same_size_arrow_file_of_another_build_is_refused(two_builds, tmp_path):
+    first, second = two_builds
+    save_zoo_dataset(first, tmp_path / "a")
+    save_zoo_dataset(second, tmp_path / "b")
+    [arrow] = sorted((tmp_path / "a" / "train").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[-100] ^= 0xFF  # same size, other content (state.json untouched)
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"do not match the fingerprint in sane_zoo\.json"):
+        load_zoo_dataset(tmp_path / "a")
+
+
 def test_a_folder_mixing_two_builds_is_refused(two_builds, tmp_path):
     first, second = two_builds
     save_zoo_dataset(first, tmp_path / "a")
@@ -170,7 +188,8 @@ def test_saving_over_a_dataset_replaces_it_whole_and_refuses_other_folders(two_b
     save_zoo_dataset(first, tmp_path / "zoo")
     save_zoo_dataset(second, tmp_path / "zoo")
     assert load_zoo_dataset(tmp_path / "zoo").metadata.split == second.metadata.split
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["zoo"]  # no temporary left
+    # no temporary left, only the lock file of the folder's writers
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".zoo.lock", "zoo"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="is not a zoo dataset"):
@@ -180,7 +199,7 @@ def test_saving_over_a_dataset_replaces_it_whole_and_refuses_other_folders(two_b
 
 SAVE_LOOP = """
 import sys
-from sane_hf.zoo.dataset import load_zoo_dataset, save_zoo_dataset
+from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
 builds = [load_zoo_dataset(path) for path in sys.argv[1:3]]
 print("ready", flush=True)
 for i in range(10**6):
@@ -276,6 +295,16 @@ def _tamper(description: dict, how: str) -> None:
     elif how == "tokensize":
         description["layout"]["tokensize"] += 1
         description["tokenizer"]["tokensize"] += 1
+    elif how == "std_tiny":
+        description["normalization"]["std"][key] = 1e-300
+    elif how == "no_fingerprint":
+        del description["fingerprint"]
+    elif how == "reference_from_test":
+        description["alignment"].update(aligned=True, reference_model_id=models["test"][0])
+    elif how == "num_classes":
+        description["zoo"]["architecture_kwargs"]["num_classes"] = 7
+    elif how == "unknown_architecture":
+        description["zoo"]["architecture"] = "transformer_xl"
 
 
 @pytest.mark.parametrize(
@@ -287,6 +316,11 @@ def _tamper(description: dict, how: str) -> None:
         ("swapped_splits", "split 'train' lists other models than its rows"),
         ("overlapping_splits", "is listed in 'train' and 'test'"),
         ("tokensize", "layout tokensize 14 .* does not match the 'train' tokens of size 13"),
+        ("std_tiny", r"normalization std of .* is 1e-300, must be > 0"),
+        ("no_fingerprint", "records no content fingerprint of the Arrow files"),
+        ("reference_from_test", "is not a model of the train split"),
+        ("num_classes", "the layout does not match the zoo architecture 'mlp'"),
+        ("unknown_architecture", "zoo architecture 'transformer_xl' .* cannot be built"),
     ],
 )
 def test_a_tampered_sane_zoo_json_is_refused(two_builds, tmp_path, how, message):
@@ -435,3 +469,133 @@ def test_ray_trial_files_linked_from_outside_the_source_are_refused(tmp_path):
     (source / "params.json").symlink_to(tmp_path / "elsewhere" / "params.json")
     with pytest.raises(ZooImportError, match=r"model model_0000: file 'trial_a/params\.json'"):
         import_zoo(tmp_path / "ray", tmp_path / "raw", architecture="mlp", progress=False)
+
+
+def _disconnect(*args, **kwargs):
+    """What the Hub client raises when the server drops the connection mid-commit."""
+    from huggingface_hub import errors as hub_errors
+
+    http = importlib.import_module(hub_errors.Response.__module__.split(".")[0])
+    raise http.RemoteProtocolError("Server disconnected without sending a response.")
+
+
+@pytest.mark.parametrize("failure", ["lfs_upload_500", "disconnect"])
+def test_cli_build_keeps_the_dataset_when_the_upload_fails(
+    fake_hub, monkeypatch, tmp_path, capsys, failure
+):
+    raw = small_raw_zoo(tmp_path / "raw")
+    monkeypatch.chdir(tmp_path)
+    if failure == "lfs_upload_500":
+        _fail(fake_hub, monkeypatch, "_lfs_upload", 500)
+        monkeypatch.setattr(
+            hub_http, "time", SimpleNamespace(sleep=lambda seconds: None)
+        )  # retries
+    else:
+        monkeypatch.setattr(HfApi, "create_commit", _disconnect)
+    argv = ["zoo", "build", str(raw), "--push-to-hub", "fake-user/lost", "--no-align"]
+    assert main([*argv, "--tokensize", str(TOKENSIZE), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "push of zoo dataset fake-user/lost failed:" in error
+    assert ("HTTP 500" if failure == "lfs_upload_500" else "Server disconnected") in error
+    assert "the built dataset is kept in lost-zoo-dataset" in error
+    assert load_zoo_dataset(tmp_path / "lost-zoo-dataset").metadata.layout.tokensize == TOKENSIZE
+
+
+def test_safetensors_files_get_the_permissions_of_the_users_umask(tmp_path):
+    """safetensors writes 0600 files; checkpoints, references, heads and samples should not be."""
+    previous = os.umask(0o022)
+    try:
+        write_checkpoint(tmp_path, "m0", 0, template().state_dict())
+        atomic_save_safetensors(template().state_dict(), tmp_path / "reference.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (
+        tmp_path / "checkpoints" / "m0_epoch_000.safetensors",
+        tmp_path / "reference.safetensors",
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_second_build_to_one_output_is_refused_at_once(two_builds, tmp_path, capsys):
+    raw = small_raw_zoo(tmp_path / "raw", num_models=7)
+    output = tmp_path / "zoo"
+    with zoo_writer_lock(tmp_path, ".zoo.lock"):  # a first build to --output, still running
+        start = time.perf_counter()
+        argv = ["zoo", "build", str(raw), "--output", str(output), "--no-align", "--no-progress"]
+        assert main([*argv, "--tokensize", str(TOKENSIZE)]) == 1
+        assert time.perf_counter() - start < 5
+        assert "being written by another process" in capsys.readouterr().err
+        with pytest.raises(ZooBusyError):
+            save_zoo_dataset(two_builds[0], output)
+    assert not output.exists()
+    assert main([*argv, "--tokensize", str(TOKENSIZE)]) == 0  # the lock is the build's, not left
+    assert load_zoo_dataset(output).metadata.layout.tokensize == TOKENSIZE
+
+
+def test_a_save_removes_the_staging_folders_of_killed_saves(two_builds, tmp_path):
+    stale = tmp_path / ".zoo.building-abc123"
+    (stale / "train").mkdir(parents=True)
+    save_zoo_dataset(two_builds[0], tmp_path / "zoo")
+    assert not stale.exists()
+    assert load_zoo_dataset(tmp_path / "zoo").metadata.split == two_builds[0].metadata.split
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_parallel_build_leaves_no_process_behind(tmp_path):
+    raw = small_raw_zoo(tmp_path / "raw", num_models=40)
+    command = [sys.executable, "-m", "sane_hf", "zoo", "build", str(raw), "--output"]
+    command += [str(tmp_path / "zoo"), "--tokensize", str(TOKENSIZE), "--num-proc", "2"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    build = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(children := _children(build.pid)) < 3 and time.time() < deadline:
+        time.sleep(0.2)  # the manager and both workers
+    assert len(children) >= 3 and build.poll() is None
+    build.kill()
+    build.wait()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; its new parent reaps it
+
+
+def test_a_build_removes_the_temporary_caches_of_killed_builds(tmp_path, monkeypatch):
+    from sane_hf.zoo import dataset as zoo_dataset
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # datasets' and ours
+    killed = tmp_path / "hf_datasets-killed" / "sane_zoo_abc"
+    running = tmp_path / "hf_datasets-running" / "sane_zoo_def"
+    unowned = tmp_path / "hf_datasets-old" / "sane_zoo_ghi"  # no owner lock: not ours to judge
+    for folder in (killed, running, unowned):
+        folder.mkdir(parents=True)
+        (folder / "data.arrow").write_bytes(b"x" * 100)
+    (killed / ".owner.lock").touch()  # its owner was killed: the OS released the lock
+    with zoo_writer_lock(running.parent, "sane_zoo_def/.owner.lock"):  # its owner still runs
+        fresh = Path(zoo_dataset._temporary_cache_dir())
+        assert not killed.exists()
+        assert (running / "data.arrow").exists() and (unowned / "data.arrow").exists()
+    assert fresh.is_dir() and fresh.name.startswith("sane_zoo_")

@@ -48,7 +48,7 @@ def _run_probe(args) -> int:
         plot=args.plot,
         device=device_argument(args),
         properties=args.properties,
-        baselines=args.baselines,
+        baselines=[] if args.baselines == ["none"] else args.baselines,
         max_raw_features=args.max_raw_features,
         include_layer_means=args.layer_means,
         window=args.window,

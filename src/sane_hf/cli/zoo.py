@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -125,6 +126,17 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
 
 
 def _run_zoo_build(args) -> int:
+    from sane_hf.zoo.storage import dataset_writer_lock
+
+    if args.output is None and args.push_to_hub is None:
+        print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
+        return 2
+    # the whole build holds --output's lock: a second build to it is refused at once
+    with dataset_writer_lock(args.output) if args.output else contextlib.nullcontext():
+        return _build(args)
+
+
+def _build(args) -> int:
     from pathlib import Path
 
     from sane_hf.hub import push_zoo_dataset
@@ -132,9 +144,6 @@ def _run_zoo_build(args) -> int:
     from sane_hf.zoo.statistics import format_zoo_statistics
     from sane_hf.zoo.storage import save_zoo_dataset
 
-    if args.output is None and args.push_to_hub is None:
-        print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
-        return 2
     dataset = build_zoo_dataset(
         args.raw_zoo_dir,
         **({} if args.tokensize is None else {"tokensize": args.tokensize}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -24,17 +25,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from sane_hf.downstream.embedding import Embeddings, embed
 from sane_hf.downstream.probe_heads import ProbeHeads
-from sane_hf.downstream.sharding import gather_embeddings, my_networks
+from sane_hf.downstream.sharding import concatenate_embeddings, gather_embeddings, my_networks
 from sane_hf.models.sane.modeling_sane import SaneModel
-from sane_hf.models.sane.network_inputs import NetworkInput
+from sane_hf.models.sane.network_inputs import NamedWeights, NetworkInput, iter_networks
 from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.distributed import is_main_process, process_device, zoo_processes
-from sane_hf.zoo.formats import atomic_write_text
+from sane_hf.zoo.formats import atomic_output, atomic_write_text
 
 EMBEDDING_SUFFIXES = (".parquet", ".npy")
+# Networks read, prepared and encoded at once by one process (`PretrainedSane.embed`).
+EMBED_CHUNK_SIZE = 256
 PREDICTION_SUFFIXES = (".json", ".csv")
 
 
@@ -57,25 +61,52 @@ class PretrainedSane:
         """
         source = str(path_or_repo_id)
         model = SaneModel.from_pretrained(source).eval()
+        check_finite_parameters(model, f"{source}/model.safetensors")
         model = model.to(device or "cpu", torch.float32)
         processor = SaneProcessor.from_pretrained(source)
         return cls(model, processor, ProbeHeads.from_pretrained(source) if heads else None)
 
     def embed(
-        self, networks: NetworkInput | Iterable[NetworkInput], *, batch_size: int = 256
+        self,
+        networks: NetworkInput | Iterable[NetworkInput],
+        *,
+        batch_size: int = 256,
+        chunk_size: int = EMBED_CHUNK_SIZE,
     ) -> Embeddings:
         """Embeddings of ``networks``; under ``torchrun``/``accelerate launch`` every process
-        embeds its share and all get the whole result (`sane_hf.downstream.sharding`)."""
+        embeds its share and all get the whole result (`sane_hf.downstream.sharding`).
+
+        One process reads, prepares and encodes ``chunk_size`` networks at a time, so memory
+        holds one chunk of weights and tokens plus the pooled embeddings of all networks (a
+        few KB each), not every network at once.
+        """
         with zoo_processes() as ranks:
             if ranks.world == 1:
-                features = self.processor(networks, progress=True)
-                return embed(self.model, features, batch_size=batch_size)
+                return self._embed_in_chunks(networks, batch_size, chunk_size)
             indices, mine = my_networks(networks, ranks)
             part = None
             if mine:  # more processes than networks leaves some without
                 features = self.processor(mine, progress=ranks.rank == 0)
                 part = embed(self.model, features, batch_size=batch_size, progress=False)
             return gather_embeddings(indices, part, ranks)
+
+    def _embed_in_chunks(
+        self, networks: NetworkInput | Iterable[NetworkInput], batch_size: int, chunk_size: int
+    ) -> Embeddings:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        named = iter_networks(networks)
+        parts = []
+        with tqdm(desc="embedding networks", unit="network") as bar:
+            while chunk := [
+                NamedWeights(*network) for network in itertools.islice(named, chunk_size)
+            ]:
+                features = self.processor(chunk)
+                parts.append(embed(self.model, features, batch_size=batch_size, progress=False))
+                bar.update(len(chunk))
+        if not parts:
+            raise ValueError("no networks to embed (the inputs hold none)")
+        return concatenate_embeddings(parts)
 
 
 def embed_networks(
@@ -86,6 +117,7 @@ def embed_networks(
     layer_means: bool = False,
     batch_size: int = 256,
     device: str | None = None,
+    chunk_size: int = EMBED_CHUNK_SIZE,
 ) -> Embeddings:
     """Embed networks with a pretrained SANE; write ``output`` when given.
 
@@ -100,7 +132,7 @@ def embed_networks(
         if isinstance(model, PretrainedSane)
         else PretrainedSane.from_pretrained(model, device=process_device(device))
     )
-    embeddings = sane.embed(networks, batch_size=batch_size)
+    embeddings = sane.embed(networks, batch_size=batch_size, chunk_size=chunk_size)
     if output is not None and is_main_process():
         write_embeddings(embeddings, output, layer_means=layer_means)
     return embeddings
@@ -114,9 +146,6 @@ def write_embeddings(
     _check_suffix(path, EMBEDDING_SUFFIXES)
     path.parent.mkdir(parents=True, exist_ok=True)
     mean = embeddings.mean.reshape(-1, embeddings.mean.shape[-1]).float().numpy()
-    if path.suffix == ".npy":
-        np.save(path, mean)
-        return
     columns: dict[str, Any] = {
         "id": embeddings.ids or [f"network_{i}" for i in range(len(mean))],
         "embedding": list(mean),
@@ -124,7 +153,21 @@ def write_embeddings(
     if layer_means:
         per_layer = embeddings.layer_means.reshape(len(mean), -1, mean.shape[1]).float().numpy()
         columns["layer_means"] = [list(layers) for layers in per_layer]
-    pq.write_table(pa.table(columns), path)
+    # through a temporary file: a kill during the write leaves the previous output whole
+    with atomic_output(path) as temporary:
+        if path.suffix == ".npy":
+            with temporary.open("wb") as file:
+                np.save(file, mean)
+        else:
+            pq.write_table(pa.table(columns), temporary)
+
+
+def check_finite_parameters(model: torch.nn.Module, where: str) -> None:
+    """``ValueError`` naming ``where`` and the first parameter holding NaN/Inf: a SANE with
+    such weights embeds every network as NaN."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: parameter {name!r} holds non-finite values (NaN/Inf)")
 
 
 @dataclass

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import cached_file
 
@@ -33,6 +32,7 @@ from sane_hf.zoo.formats import (
     PROBE_HEADS_FILE,
     atomic_save_safetensors,
     atomic_write_text,
+    read_safetensors,
 )
 
 PROBE_HEADS_FORMAT = "sane_hf.ProbeHeads"
@@ -165,36 +165,13 @@ class ProbeHeads:
                 f"{source} has no probe heads ({PROBE_HEADS_CONFIG_FILE} and {PROBE_HEADS_FILE}): "
                 "fit them with fit_probe_heads on the model's zoo and save them beside the model"
             ) from None
-        description = json.loads(Path(config_path).read_text())
-        if (
-            description.get("format") != PROBE_HEADS_FORMAT
-            or description.get("version") != PROBE_HEADS_VERSION
-        ):
-            raise ValueError(
-                f"{config_path}: not a {PROBE_HEADS_FORMAT} version {PROBE_HEADS_VERSION} file"
-            )
+        description = _read_description(Path(config_path))
         # Copies: safetensors hands out views at 8-byte offsets in its buffer, and BLAS rounds the
         # last bit differently for unaligned inputs; aligned copies predict exactly as fitted.
-        tensors = {key: value.clone() for key, value in load_file(tensors_path).items()}
-        heads = []
-        for entry in description["heads"]:
-            name = entry["name"]
-            missing = [
-                f"{name}.{part}"
-                for part in ("feature_mean", "feature_std", "coef", "intercept")
-                if f"{name}.{part}" not in tensors
-            ]
-            if missing:
-                raise ValueError(f"{tensors_path} lacks the arrays {missing}")
-            heads.append(
-                PropertyHead(
-                    **entry,
-                    feature_mean=tensors[f"{name}.feature_mean"],
-                    feature_std=tensors[f"{name}.feature_std"],
-                    coef=tensors[f"{name}.coef"],
-                    intercept=tensors[f"{name}.intercept"],
-                )
-            )
+        tensors = {key: value.clone() for key, value in read_safetensors(tensors_path).items()}
+        heads = [
+            _load_head(entry, tensors, config_path, tensors_path) for entry in description["heads"]
+        ]
         return cls(heads, description.get("zoo_dataset"))
 
     @classmethod
@@ -216,6 +193,88 @@ class ProbeHeads:
                 f"the report has no fitted {FEATURES} probe (skipped: {report.skipped})"
             )
         return cls(heads, zoo_dataset)
+
+
+HEAD_ENTRY_TYPES = {
+    "name": str,
+    "unit": str,
+    "kind": str,
+    "metric": str,
+    "test_score": (int, float),
+    "regularization": (int, float),
+    "classes": list,
+}
+HEAD_ARRAYS = ("feature_mean", "feature_std", "coef", "intercept")
+
+
+def _read_description(path: Path) -> dict[str, Any]:
+    """``probe_heads.json``, its head entries checked; ``ValueError`` naming the file and the
+    field when it is not this format's JSON."""
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if (
+        not isinstance(description, dict)
+        or description.get("format") != PROBE_HEADS_FORMAT
+        or description.get("version") != PROBE_HEADS_VERSION
+    ):
+        raise ValueError(f"{path}: not a {PROBE_HEADS_FORMAT} version {PROBE_HEADS_VERSION} file")
+    entries = description.get("heads")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: `heads` must be a non-empty list")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: heads[{index}] is not an object")
+        for name, kind in HEAD_ENTRY_TYPES.items():
+            value = entry.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{path}: heads[{index}].{name} is {value!r}")
+        if entry["kind"] not in ("ridge", "logistic"):
+            raise ValueError(f"{path}: heads[{index}].kind must be ridge or logistic")
+    return description
+
+
+def _load_head(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], config_path: str, tensors_path: str
+) -> PropertyHead:
+    """One head from its JSON entry and its arrays, checked like ``sane_zoo.json``'s statistics:
+    float arrays, finite, ``feature_std > 0``, and shapes that fit one embedding size (a broken
+    head would otherwise predict NaN, or fail with an indexing error, at prediction time)."""
+    name = entry["name"]
+    missing = [f"{name}.{part}" for part in HEAD_ARRAYS if f"{name}.{part}" not in tensors]
+    if missing:
+        raise ValueError(f"{tensors_path} lacks the arrays {missing}")
+    arrays = {part: tensors[f"{name}.{part}"] for part in HEAD_ARRAYS}
+    for part, value in arrays.items():
+        where = f"{tensors_path}: {name}.{part}"
+        if not value.is_floating_point():
+            raise ValueError(f"{where} has dtype {value.dtype}, expected float")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where} holds non-finite values (NaN/Inf)")
+    if not (arrays["feature_std"] > 0).all():
+        raise ValueError(f"{tensors_path}: {name}.feature_std must be > 0 everywhere")
+    dim = arrays["feature_mean"].numel()
+    classes = len(entry["classes"])
+    rows = 1 if entry["kind"] == "ridge" or classes == 2 else classes
+    expected = {
+        "feature_mean": (dim,),
+        "feature_std": (dim,),
+        "coef": (dim,) if entry["kind"] == "ridge" else (rows, dim),
+        "intercept": (rows,),
+    }
+    for part, shape in expected.items():
+        if tuple(arrays[part].shape) != shape:
+            raise ValueError(
+                f"{tensors_path}: {name}.{part} has shape {list(arrays[part].shape)}, expected "
+                f"{list(shape)} ({entry['kind']} head, {classes} classes in {config_path})"
+            )
+    if entry["kind"] == "logistic" and classes < 2:
+        raise ValueError(f"{config_path}: logistic head {name!r} needs at least two classes")
+    try:
+        return PropertyHead(**entry, **arrays)
+    except TypeError as error:  # a field this version does not know
+        raise ValueError(f"{config_path}: head {name!r}: {error}") from None
 
 
 def _head(probe: Any, name: str, unit: str, score: float) -> PropertyHead:

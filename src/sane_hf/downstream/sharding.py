@@ -37,7 +37,15 @@ def gather_embeddings(indices: list[int], part: Embeddings | None, ranks: Ranks)
     dist.all_gather_object(parts, (indices, part))
     parts = [(rows, embeddings) for rows, embeddings in parts if embeddings is not None]
     order = torch.from_numpy(np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable"))
-    pieces = [embeddings for _, embeddings in parts]
+    return concatenate_embeddings([embeddings for _, embeddings in parts], order)
+
+
+def concatenate_embeddings(
+    pieces: list[Embeddings], order: torch.Tensor | None = None
+) -> Embeddings:
+    """The rows of ``pieces`` one after the other (then in ``order``, when given): the chunks
+    of one process' run, or the shares of several processes."""
+    order = torch.arange(sum(len(piece.mean) for piece in pieces)) if order is None else order
 
     def joined(name: str) -> torch.Tensor | None:
         values = [getattr(piece, name) for piece in pieces]

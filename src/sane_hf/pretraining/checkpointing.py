@@ -36,7 +36,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.zoo.formats import atomic_save_safetensors
 
 logger = get_logger(__name__)
 
@@ -166,12 +167,12 @@ def save_training_state(
     )
     rng_tensors, rng_data = rng_state()
     tensors_file, json_file = _rng_files(folder, accelerator.process_index)
-    save_file(rng_tensors, tensors_file)
+    atomic_save_safetensors(rng_tensors, tensors_file)
     _write_json(json_file, rng_data)
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, folder / MODEL_FILE)
+        atomic_save_safetensors(model_state, folder / MODEL_FILE)
         optimizer_tensors, optimizer_data = flatten_optimizer_state(optimizer_state)
-        save_file(optimizer_tensors, folder / OPTIMIZER_TENSORS_FILE)
+        atomic_save_safetensors(optimizer_tensors, folder / OPTIMIZER_TENSORS_FILE)
         _write_json(folder / OPTIMIZER_FILE, optimizer_data)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {**counters, "scheduler": scheduler.state_dict(), "scaler": scaler}
@@ -239,6 +240,29 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
     return sorted(
         (f for f in folders if f.name[len(CHECKPOINT_PREFIX) :].isdigit()), key=checkpoint_step
+    )
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf: the run stopped before saving such a model."""
+
+
+def check_finite_loss(
+    accelerator: Accelerator, running: torch.Tensor, step: int, output_dir: str | os.PathLike
+) -> None:
+    """Stop the run (`NonFiniteLossError`, on every process) when the loss terms summed since
+    the last log hold NaN/Inf, before a checkpoint or the model is saved with such weights: the
+    last good checkpoint stays the newest one, for a resume with other settings."""
+    total = accelerator.reduce(running.clone(), "sum")
+    if bool(torch.isfinite(total).all()):
+        return
+    saved = list_checkpoints(output_dir)
+    kept = (
+        f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it"
+    )
+    raise NonFiniteLossError(
+        f"the training loss became non-finite (NaN/Inf) by step {step}: lower the learning rate "
+        f"or enable clipping (max_grad_norm); {kept}"
     )
 
 

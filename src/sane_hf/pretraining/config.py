@@ -157,6 +157,7 @@ class PretrainingConfig(LoadableConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ["batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps"]
         positive += ["epoch_size", "max_steps", "checkpointing_steps", "checkpoints_total_limit"]
+        positive += ["stop_at_step"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -173,8 +174,10 @@ class PretrainingConfig(LoadableConfig):
             raise ValueError(f"erase_probability must lie in [0, 1], got {self.erase_probability}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        if not self.weight_decay >= 0:  # negative decay pushes the weights away from zero
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         self.model_config()  # SaneConfig checks the model section (n_layers, n_heads, ...)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (the Hub repo to upload to)")
@@ -182,15 +185,21 @@ class PretrainingConfig(LoadableConfig):
     def model_config(self, **overrides: Any):
         """The ``SaneConfig`` of the ``model`` section (its preset plus field overrides) with
         ``overrides`` on top; its own checks name a bad field as ``model.<field>``."""
+        from huggingface_hub.errors import StrictDataclassFieldValidationError
+
         from sane_hf.models.sane.configuration_sane import SaneConfig
 
         try:
-            return SaneConfig.from_preset(
+            config = SaneConfig.from_preset(
                 self.model.preset, **{**self.model.changes(), **overrides}
             )
-        except (ValueError, TypeError) as error:
-            message = str(error).splitlines()[0]
+        except (ValueError, TypeError, StrictDataclassFieldValidationError) as error:
+            # strict dataclass errors put the reason on the lines after the field name
+            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
             raise ValueError(f"model: {message}") from None
+        if not 0 <= config.dropout < 1:
+            raise ValueError(f"model: dropout must lie in [0, 1), got {config.dropout}")
+        return config
 
     def changed_fields(self, saved: Mapping[str, Any]) -> list[str]:
         """Training settings that differ from a saved run's config (``RESUMABLE_FIELDS`` aside)."""

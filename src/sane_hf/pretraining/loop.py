@@ -62,6 +62,7 @@ from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.pretraining.augmentation import TokenPermutation, WindowBatch, WindowSampler
 from sane_hf.pretraining.checkpointing import CONFIG_FILE as CONFIG_FILE
 from sane_hf.pretraining.checkpointing import (
+    check_finite_loss,
     full_model_state_dict,
     load_training_state,
     plain_model,
@@ -70,9 +71,10 @@ from sane_hf.pretraining.checkpointing import (
     save_run_config,
 )
 from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.pretraining.run_lock import pretraining_run_lock
 from sane_hf.weights.alignment import PermutationSpec
 from sane_hf.weights.layout import WeightLayout
-from sane_hf.zoo.formats import DATASET_METADATA_FILE
+from sane_hf.zoo.formats import DATASET_METADATA_FILE, apply_umask
 from sane_hf.zoo.metadata import ZooMetadata
 from sane_hf.zoo.storage import load_zoo_dataset
 
@@ -352,10 +354,15 @@ def load_pretraining_data(config: PretrainingConfig, accelerator: Accelerator) -
 def train_sane(config: PretrainingConfig) -> dict[str, Any]:
     """The Accelerate training run of ``config``: saves model, processor and summary (returned,
     also in ``output_dir/training_summary.json``). The public entry point is
-    `sane_hf.recipes.pretraining.pretrain`, which adds the probe heads and the push."""
+    `sane_hf.recipes.pretraining.pretrain`, which adds the probe heads and the push. One run per
+    ``output_dir`` at a time (`pretraining_run_lock`): a second is refused with `ZooBusyError`."""
     if config.dataset is None:
         raise ValueError("no dataset: set `dataset` (--dataset PATH) to a zoo dataset folder")
+    with pretraining_run_lock(config):
+        return _train_sane(config)
 
+
+def _train_sane(config: PretrainingConfig) -> dict[str, Any]:
     # Accelerator: devices, processes, mixed precision, accumulation, trackers, compilation.
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -452,7 +459,10 @@ def train_sane(config: PretrainingConfig) -> dict[str, Any]:
         interval_steps += 1
 
         completed = step + 1
-        if completed % config.logging_steps == 0 or completed == total_steps:
+        log_now = completed % config.logging_steps == 0 or completed == total_steps
+        if log_now or (config.checkpointing_steps and completed % config.checkpointing_steps == 0):
+            check_finite_loss(accelerator, running, completed, config.output_dir)
+        if log_now:
             loss, reconstruction, contrastive = (
                 accelerator.reduce(running, "mean") / interval_steps
             ).tolist()
@@ -555,6 +565,8 @@ def save_model(
     )
     if not accelerator.is_main_process:
         return
+    for weights in Path(config.output_dir).glob("*.safetensors"):
+        apply_umask(weights)  # safetensors writes 0600 files
     save_model_card(unwrapped, config.output_dir, metrics=card_metrics, repo_id=config.hub_model_id)
     (Path(config.output_dir) / DATASET_METADATA_FILE).write_text(data.metadata.to_json())
     SaneProcessor.from_zoo(config.dataset, config=unwrapped.config).save_pretrained(

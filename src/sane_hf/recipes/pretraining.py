@@ -20,6 +20,7 @@ from sane_hf.hub import HubError, folder_model_card, push_folder
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE, train_sane
+from sane_hf.pretraining.run_lock import pretraining_run_lock
 from sane_hf.zoo.storage import load_zoo_dataset
 
 
@@ -29,8 +30,14 @@ def pretrain(config: PretrainingConfig) -> dict[str, Any]:
     `train_sane(config)`, then, on the main process of a finished run, probe heads fitted on the
     zoo's splits saved beside the model (``ProbeHeads.from_pretrained(output_dir)``), then with
     ``push_to_hub`` the push of the whole folder in one commit. Returns the training summary,
-    with the heads' test scores under ``probe_heads``.
+    with the heads' test scores under ``probe_heads``. The output folder stays locked until the
+    heads are saved (`pretraining_run_lock`).
     """
+    with pretraining_run_lock(config):
+        return _pretrain(config)
+
+
+def _pretrain(config: PretrainingConfig) -> dict[str, Any]:
     summary = train_sane(config)
     output_dir = Path(config.output_dir)
     finished = (output_dir / "model.safetensors").is_file() and (

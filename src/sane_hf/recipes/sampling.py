@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -43,6 +42,7 @@ from sane_hf.downstream.sampling import SampledModels, SaneSampler, select_promp
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.recipes.settings import DEFAULT_METHODS, SamplingMethod, SamplingSettings
 from sane_hf.weights.alignment import align
+from sane_hf.zoo.architectures import build_model
 from sane_hf.zoo.distributed import (
     default_device,
     is_main_process,
@@ -50,6 +50,7 @@ from sane_hf.zoo.distributed import (
     process_device,
     zoo_processes,
 )
+from sane_hf.zoo.formats import atomic_save_safetensors
 from sane_hf.zoo.metadata import ZooDataset
 from sane_hf.zoo.statistics import describe_zoo
 from sane_hf.zoo.storage import load_zoo_dataset
@@ -403,6 +404,7 @@ def sample_networks(
             _plot_results(results, output, task_zoo)
         return results
     device = process_device(device or default_device())
+    check_sampling_inputs(settings, zoo, prompt_zoo, device)
     if not isinstance(model, SaneModel):
         model = SaneModel.from_pretrained(model)
     model = model.to(device).eval()
@@ -439,6 +441,38 @@ def _plot_results(results: SamplingResults, output: Path, task_zoo: Mapping[str,
         )
 
 
+def check_sampling_inputs(
+    settings: SamplingSettings, zoo: ZooDataset, prompt_zoo: ZooDataset, device: str
+) -> None:
+    """The settings that need the zoos or the machine, checked before SANE loads and anything
+    is sampled: the device, the prompts' split and ranking column, the architecture variant."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (use --device cpu)")
+    if settings.prompt_split not in prompt_zoo.splits:
+        raise ValueError(
+            f"prompt_split {settings.prompt_split!r} is not a split of the prompt zoo "
+            f"(splits: {list(prompt_zoo.splits)})"
+        )
+    columns = prompt_zoo.splits[settings.prompt_split].column_names
+    if settings.prompt_metric not in columns:
+        raise ValueError(
+            f"prompt_metric {settings.prompt_metric!r} is not a column of the prompt zoo "
+            f"(numeric columns: {[c for c in columns if c.endswith(('_acc', '_loss', 'ggap'))]})"
+        )
+    if settings.architecture_kwargs:
+        described = zoo.metadata.zoo
+        kwargs = {**described.get("architecture_kwargs", {}), **settings.architecture_kwargs}
+        try:
+            build_model(described["architecture"], **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"architecture_kwargs {settings.architecture_kwargs}: {described['architecture']} "
+                f"cannot be built with them ({str(error).splitlines()[0]})"
+            ) from None
+
+
 def save_samples(samples: SampledModels, folder: str | os.PathLike) -> list[Path]:
     """Each sampled network's state dict as ``sample_<i>.safetensors`` in ``folder``."""
     folder = Path(folder)
@@ -446,7 +480,7 @@ def save_samples(samples: SampledModels, folder: str | os.PathLike) -> list[Path
     paths = []
     for index, network in enumerate(samples.models):
         path = folder / f"sample_{index:03d}.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()}, path)
+        atomic_save_safetensors({k: v.detach() for k, v in network.state_dict().items()}, path)
         paths.append(path)
     return paths
 

@@ -93,10 +93,19 @@ class SamplingSettings(LoadableConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        for name in ("bn_batches", "finetune_epochs", "halo", "prompt_epoch"):
+        for name in ("bn_batches", "finetune_epochs", "halo", "prompt_epoch", "seed"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.num_candidates < self.num_samples:  # the best num_samples of the candidates
+            raise ValueError(
+                f"num_candidates ({self.num_candidates}) must be >= num_samples "
+                f"({self.num_samples})"
+            )
+        if self.prompt_split not in ("train", "validation", "test"):
+            raise ValueError(
+                f"prompt_split must be train, validation or test, got {self.prompt_split!r}"
+            )
         if not self.bandwidth >= 0:  # 0: the prompts' own latents
             raise ValueError(f"bandwidth must be >= 0, got {self.bandwidth}")
         if not self.prior_sigma > 0:

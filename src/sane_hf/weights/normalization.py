@@ -140,6 +140,33 @@ class NormalizationStats:
         """Map normalized tokens ``[..., N, T]`` back to weight scale (padding stays as given)."""
         return unstandardize_tokens(tokens, *self.token_maps(layout))
 
+    def check(self, keys: Iterable[str]) -> None:
+        """``ValueError`` naming the field unless there is a finite mean and a finite std of at
+        least ``MIN_STD`` for exactly the parameters ``keys``.
+
+        Statistics are read from files a user may have edited (``sane_zoo.json``,
+        ``preprocessor_config.json``); a std of 0, NaN or 1e-30 would make every token NaN or
+        huge, a negative one would silently flip the parameter. `from_state_dicts` never writes
+        a std below ``MIN_STD``.
+        """
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            for key, value in values.items():
+                if not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ValueError(f"normalization {name} of {key!r} is {value!r}, not finite")
+                if name == "std" and not value >= MIN_STD:
+                    raise ValueError(
+                        f"normalization std of {key!r} is {value!r}, must be > 0 (at least "
+                        f"{MIN_STD})"
+                    )
+        keys = set(keys)
+        if set(self.mean) != keys or set(self.std) != keys:
+            differing = sorted((set(self.mean) | set(self.std)) ^ keys)
+            raise ValueError(
+                f"normalization statistics do not cover exactly the layout's parameters "
+                f"(differing: {differing[:3]}; {len(self.mean)} means, {len(self.std)} stds, "
+                f"{len(keys)} parameters)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {"mean": dict(self.mean), "std": dict(self.std)}
 

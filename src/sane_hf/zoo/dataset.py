@@ -39,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from datasets import (
 )
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import get_temporary_cache_files_directory
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -72,7 +74,7 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.distributed import WorkerReports, shared_progress
+from sane_hf.zoo.distributed import WorkerReports, die_with_parent, shared_progress
 from sane_hf.zoo.formats import (
     RAW_METADATA_FILE,
     check_checkpoint_tensors,
@@ -270,6 +272,7 @@ def _generate_rows(
     """The rows of ``model_ids`` in order; run in a worker process of a parallel build (a
     contiguous share of the models each, so the concatenated shards keep the serial order)."""
     if threads is not None:  # a worker: its share of the cores, not all of them
+        die_with_parent()  # and it ends with the build, also a killed one
         torch.set_num_threads(threads)
     try:
         for model_id in model_ids:
@@ -443,9 +446,7 @@ def build_zoo_dataset(
     features = _features(tokensize, dtype_name, columns)
     row_bytes = encoder.layout.num_tokens * tokensize * TOKEN_DTYPES[dtype_name].itemsize
     writer_batch_size = writer_batch_size or int(min(1000, max(1, WRITER_BATCH_BYTES // row_bytes)))
-    cache_dir = cache_dir or tempfile.mkdtemp(
-        prefix="sane_zoo_", dir=get_temporary_cache_files_directory()
-    )
+    cache_dir = cache_dir or _temporary_cache_dir()
     statistics = zoo_statistics(all_records, splits)
     metadata = ZooMetadata(
         # zoo.json lists the epochs of the raw zoo; the dataset's copy lists those it holds
@@ -491,6 +492,35 @@ def build_zoo_dataset(
                 raise
     attach_metadata(dataset, metadata)
     return ZooDataset(dataset, metadata)
+
+
+# The lock files of this process's temporary build caches, held until it exits: a later build
+# removes only caches whose owner is gone (a killed build leaves its Arrow files behind).
+_HELD_CACHES: list[FileLock] = []
+CACHE_PREFIX = "sane_zoo_"
+CACHE_LOCK_FILE = ".owner.lock"
+
+
+def _temporary_cache_dir() -> str:
+    """A fresh cache folder for the Arrow files of a build (in datasets' temporary folder,
+    removed when this process exits normally), after removing those of killed builds."""
+    for stale in Path(tempfile.gettempdir()).glob(f"hf_datasets-*/{CACHE_PREFIX}*"):
+        if not (stale / CACHE_LOCK_FILE).is_file():  # being made, or not made by this rule
+            continue
+        lock = FileLock(stale / CACHE_LOCK_FILE, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:  # a running process's build (or its dataset, memory-mapped)
+            continue
+        except OSError:
+            continue
+        lock.release()
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=CACHE_PREFIX, dir=get_temporary_cache_files_directory())
+    lock = FileLock(Path(folder) / CACHE_LOCK_FILE, timeout=0)
+    lock.acquire()
+    _HELD_CACHES.append(lock)
+    return folder
 
 
 def _check_num_proc(num_proc: int | None) -> int | None:

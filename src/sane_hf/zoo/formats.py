@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
@@ -44,6 +44,8 @@ ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"
 PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
 LOCK_FILE = ".sane_zoo.lock"
+# A pretraining output folder (checkpoints, metrics.jsonl, the final model) has one run at a time.
+PRETRAINING_LOCK_FILE = ".sane_pretraining.lock"
 METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
 # Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,8 +56,11 @@ class ZooBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def zoo_writer_lock(folder: str | os.PathLike) -> Iterator[None]:
+def zoo_writer_lock(folder: str | os.PathLike, lock_file: str = LOCK_FILE) -> Iterator[None]:
     """Hold the writer lock of ``folder`` (created if needed); refuse at once if another holds it.
+
+    ``lock_file`` names the lock: `LOCK_FILE` for zoo folders and zoo datasets,
+    `PRETRAINING_LOCK_FILE` for pretraining output folders.
 
     Refusing rather than waiting: a second writer of the same zoo is almost always a mistake (two
     terminals, a restarted job while the old one still runs), and waiting for a multi-hour
@@ -63,12 +68,12 @@ def zoo_writer_lock(folder: str | os.PathLike) -> Iterator[None]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / LOCK_FILE, timeout=0)
+    lock = FileLock(folder / lock_file, timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise ZooBusyError(
-            f"{folder} is being written by another process (it holds {folder / LOCK_FILE}): "
+            f"{folder} is being written by another process (it holds {folder / lock_file}): "
             "wait until it finishes, or write to another folder"
         ) from None
     try:
@@ -139,6 +144,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that needs a file name (parquet, numpy),
+    moved over ``path`` when the block ends; removed if it fails or is interrupted, so
+    ``path`` is always the previous complete file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        yield temporary
+        apply_umask(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def apply_umask(path: Path, directory: bool = False) -> None:
     """Give ``path`` the permissions the user's umask gives a new file (or folder): temporary
     files and folders are created private (0600/0700), the zoos and datasets made from them
@@ -158,10 +180,30 @@ def _umask() -> int:
 
 
 def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file`` through a temporary file (a crash leaves no half file)."""
+    """``safetensors.torch.save_file`` through a temporary file (a crash leaves no half file),
+    with the permissions of the user's umask (safetensors writes its files 0600)."""
     temporary = path.with_name(path.name + ".tmp")
     save_file({key: value.contiguous() for key, value in state_dict.items()}, temporary)
+    apply_umask(temporary)
     os.replace(temporary, path)
+
+
+def read_safetensors(path: str | os.PathLike, where: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; ``ValueError`` naming the file (and ``where``)
+    when it is not a regular file or not a complete safetensors file (truncated, empty, another
+    format), instead of the library's message without the file's name."""
+    path = Path(path)
+    label = f"{path}" + (f" ({where})" if where else "")
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "missing"
+        raise ValueError(f"{label}: expected a .safetensors file, found {what}")
+    try:
+        return load_file(path)
+    except Exception as error:  # SafetensorError (header, truncation), OSError
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{label}: not a complete safetensors file ({detail}); is it truncated or corrupt?"
+        ) from None
 
 
 def checkpoint_file_name(model_id: str, epoch: int) -> str:

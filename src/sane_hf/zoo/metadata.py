@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -158,6 +157,31 @@ def attach_metadata(dataset: DatasetDict, metadata: ZooMetadata) -> None:
         split.info.description = description
 
 
+def _check_architecture(metadata: ZooMetadata, where: str) -> None:
+    """The described architecture must build, and tokenize to the stored layout (an edited
+    ``num_classes`` or an unknown architecture would otherwise fail only when decoding, or in
+    pretraining)."""
+    architecture = metadata.zoo.get("architecture")
+    try:
+        # a check must not move the global RNG: a run seeded before loading its zoo would
+        # otherwise initialize its model differently from one that loaded it elsewhere
+        with torch.random.fork_rng(devices=[]):
+            model = metadata.build_model()
+    except Exception as error:  # unknown name, bad kwargs: whatever the builder raises
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{where}: zoo architecture {architecture!r} with "
+            f"{metadata.zoo.get('architecture_kwargs', {})} cannot be built ({message})"
+        ) from None
+    layout = metadata.build_tokenizer().layout(model)
+    if layout.to_dict() != metadata.layout.to_dict():
+        raise ValueError(
+            f"{where}: the layout does not match the zoo architecture {architecture!r} with "
+            f"{metadata.zoo.get('architecture_kwargs', {})} ({layout.num_tokens} tokens vs "
+            f"{metadata.layout.num_tokens} stored, or other parameter shapes)"
+        )
+
+
 def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) -> None:
     """Refuse (``ValueError``, one line naming ``where`` and the problem) a description that does
     not fit its rows: non-finite or non-positive normalization statistics, statistics for other
@@ -167,22 +191,19 @@ def check_zoo_dataset(splits: DatasetDict, metadata: ZooMetadata, where: str) ->
     Decoding with a wrong description yields silently wrong (or NaN) weights; these checks cost
     one pass over the ``model_id`` column and one row.
     """
-    stats = metadata.normalization
-    for name, values in (("mean", stats.mean), ("std", stats.std)):
-        for key, value in values.items():
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(
-                    f"{where}: normalization {name} of {key!r} is {value!r}, not finite"
-                )
-            if name == "std" and value <= 0:
-                raise ValueError(f"{where}: normalization std of {key!r} is {value!r}, must be > 0")
-    tokenized = {spec.key for layer in metadata.layout.layers for spec in layer.parameters}
-    if set(stats.mean) != tokenized or set(stats.std) != tokenized:
-        raise ValueError(
-            f"{where}: normalization statistics cover {sorted(stats.mean)[:3]}..., the layout "
-            f"tokenizes {sorted(tokenized)[:3]}... ({len(stats.mean)} vs {len(tokenized)} keys)"
-        )
+    tokenized = [spec.key for layer in metadata.layout.layers for spec in layer.parameters]
+    try:
+        metadata.normalization.check(tokenized)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    _check_architecture(metadata, where)
     listed = metadata.split.get("models", {})
+    reference = metadata.alignment.get("reference_model_id")
+    if metadata.alignment.get("aligned") and reference not in listed.get("train", []):
+        raise ValueError(
+            f"{where}: the alignment reference {reference!r} is not a model of the train split "
+            "(a reference must be a training checkpoint)"
+        )
     if set(listed) != set(splits):
         raise ValueError(
             f"{where}: split lists {sorted(listed)} but the dataset has {sorted(splits)}"

@@ -9,6 +9,7 @@ not match the recorded fingerprint and a description that does not fit its rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from sane_hf.zoo.formats import (
     load_zoo_info,
     load_zoo_metadata,
     resolve_in_zoo,
+    zoo_writer_lock,
 )
 from sane_hf.zoo.metadata import (
     ZooDataset,
@@ -48,6 +51,28 @@ def as_splits(dataset: DatasetDict | ZooDataset) -> tuple[DatasetDict, ZooMetada
     return dataset, zoo_metadata(dataset)
 
 
+# Zoo dataset folders this process is writing (`dataset_writer_lock` is reentrant per process:
+# `sane-hf zoo build` holds it for the build and the save inside it).
+_WRITING: set[Path] = set()
+
+
+@contextlib.contextmanager
+def dataset_writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """One writer per zoo dataset folder: a second build or save to ``path`` while one runs is
+    refused at once (`ZooBusyError`) instead of the last swap silently winning. The lock file is
+    ``.<name>.lock`` beside the folder, since saving swaps the folder itself."""
+    path = Path(path).resolve()
+    if path in _WRITING:
+        yield
+        return
+    with zoo_writer_lock(path.parent, f".{path.name}.lock"):
+        _WRITING.add(path)
+        try:
+            yield
+        finally:
+            _WRITING.discard(path)
+
+
 def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike) -> None:
     """``save_to_disk`` plus ``sane_zoo.json`` and a dataset card (``README.md``) beside it.
 
@@ -58,10 +83,16 @@ def save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: str | os.PathLike)
     of the Arrow files that `load_zoo_dataset` checks. An existing folder that is not a zoo
     dataset is never replaced.
     """
+    with dataset_writer_lock(path):
+        _save_zoo_dataset(dataset, Path(path))
+
+
+def _save_zoo_dataset(dataset: DatasetDict | ZooDataset, path: Path) -> None:
     splits, metadata = as_splits(dataset)
-    path = Path(path)
     _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.building-*"):  # of a killed save: we hold
+        shutil.rmtree(stale, ignore_errors=True)  # the folder's lock, no one else writes them
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     try:
         apply_umask(staging, directory=True)  # mkdtemp makes 0700 folders
@@ -95,13 +126,19 @@ def _swap_in(staging: Path, path: Path) -> None:
     shutil.rmtree(old)
 
 
+# Fingerprints over the Arrow files' bytes; older sane-hf versions recorded sizes only.
+FINGERPRINT_PREFIX = "sha256-content:"
+
+
 def dataset_fingerprint(folder: str | os.PathLike) -> str:
-    """A cheap but real fingerprint of a ``save_to_disk`` folder: sha256 over each split's
-    datasets fingerprint and the names and sizes of its Arrow files.
+    """A real fingerprint of a ``save_to_disk`` folder: sha256 over each split's datasets
+    fingerprint and the names and sha256 digests of its Arrow files.
 
     A split's datasets fingerprint is its `content_fingerprint`, so Arrow files of a build from
-    other inputs or settings (or a truncated copy) do not match the ``sane_zoo.json`` written
-    with them, while a serial and a parallel build of one zoo get the same fingerprint.
+    other inputs or settings (or a truncated copy, or a same-size file of another build) do not
+    match the ``sane_zoo.json`` written with them, while a serial and a parallel build of one zoo
+    get the same fingerprint. Reading the files costs about a second per GB (and warms the page
+    cache that memory-mapping them reads from anyway).
     """
     folder = Path(folder)
     splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
@@ -109,9 +146,12 @@ def dataset_fingerprint(folder: str | os.PathLike) -> str:
     for split in splits:
         state = json.loads((folder / split / "state.json").read_text())
         files = [entry["filename"] for entry in state["_data_files"]]
-        sizes = [(folder / split / name).stat().st_size for name in files]
-        parts.append([split, state["_fingerprint"], list(zip(files, sizes))])
-    return "sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        digests = []
+        for name in files:
+            with (folder / split / name).open("rb") as file:
+                digests.append(hashlib.file_digest(file, "sha256").hexdigest())
+        parts.append([split, state["_fingerprint"], list(zip(files, digests))])
+    return FINGERPRINT_PREFIX + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 # Bump when the rows a build writes change for the same inputs (the encoding, the columns).
@@ -191,14 +231,18 @@ def load_zoo_dataset(
 
 
 def _check_fingerprint(path: Path, metadata_text: str) -> None:
-    """Refuse Arrow files that are not the ones ``sane_zoo.json`` was written with (datasets
-    saved before fingerprints were recorded carry none and are not checked)."""
+    """Refuse Arrow files that are not the ones ``sane_zoo.json`` was written with, and a local
+    ``sane_zoo.json`` without a fingerprint of this version (removed, or an older save)."""
     try:
         recorded = json.loads(metadata_text).get("fingerprint")
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path / DATASET_METADATA_FILE} is not a JSON object") from None
-    if recorded is None:
-        return
+    if not isinstance(recorded, str) or not recorded.startswith(FINGERPRINT_PREFIX):
+        raise ValueError(
+            f"{path / DATASET_METADATA_FILE} records no content fingerprint of the Arrow files "
+            f"(got {recorded!r}: removed, or saved by an older sane-hf): re-save the dataset "
+            "with save_zoo_dataset or rebuild it"
+        )
     try:
         found = dataset_fingerprint(path)
     except (OSError, KeyError, TypeError, ValueError) as error:

@@ -6,7 +6,9 @@ say which input each row came from:
 
 - ``nn.Module`` / state_dict: ``network_<i>`` (``i`` counts the inputs);
 - ``.safetensors`` file: its file name without the suffix;
-- a raw zoo folder (``zoo.json``): every checkpoint of ``metadata.jsonl``, as ``<model>_epoch_<e>``;
+- a raw zoo folder (``zoo.json``): every checkpoint of ``metadata.jsonl``, as ``<model>_epoch_<e>``,
+  each ``file`` confined to the zoo folder as for ``zoo build`` (`resolve_in_zoo`, all checked
+  before any is read);
 - a zoo dataset folder (``sane_zoo.json``) or a zoo split (``datasets.Dataset``): every row,
   decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
 - any other folder: its ``*.safetensors`` files, sorted by name;
@@ -27,10 +29,17 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi, snapshot_download
-from safetensors.torch import load_file
 from torch import nn
 
-from sane_hf.zoo.formats import DATASET_METADATA_FILE, ZOO_FILE, load_zoo_metadata
+from sane_hf.zoo.formats import (
+    DATASET_METADATA_FILE,
+    RAW_METADATA_FILE,
+    ZOO_FILE,
+    check_model_id,
+    load_zoo_metadata,
+    read_safetensors,
+    resolve_in_zoo,
+)
 from sane_hf.zoo.metadata import zoo_metadata
 from sane_hf.zoo.storage import load_zoo_dataset
 
@@ -102,10 +111,10 @@ def _check_state_dict(state_dict: Mapping, where: str) -> None:
 
 def _read_path(item: str | os.PathLike) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     path = Path(item)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: networks are read from .safetensors files only")
-        yield path.stem, load_file(path)
+    if path.suffix == ".safetensors" and path.exists():
+        yield path.stem, read_safetensors(path)
+    elif path.is_file():
+        raise ValueError(f"{path}: networks are read from .safetensors files only")
     elif path.is_dir():
         yield from _read_folder(path)
     elif _looks_like_hub_id(str(item)):
@@ -119,9 +128,9 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for split in load_zoo_dataset(path).splits.values():
             yield from _zoo_rows(split)
     elif (path / ZOO_FILE).is_file():
-        for record in load_zoo_metadata(path):
-            file = path / record["file"]
-            yield file.stem, load_file(file)
+        files = _raw_zoo_files(path)
+        for file in files:
+            yield file.stem, read_safetensors(file)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -129,7 +138,18 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
                 f"{path} holds no .safetensors file (nor {ZOO_FILE} or {DATASET_METADATA_FILE})"
             )
         for file in files:
-            yield file.stem, load_file(file)
+            yield file.stem, read_safetensors(file)
+
+
+def _raw_zoo_files(root: Path) -> list[Path]:
+    """The checkpoint files of a raw zoo, every one confined to its folder before any is read
+    (the rule of ``zoo build``: a crafted ``metadata.jsonl`` reads nothing outside the zoo)."""
+    where = str(root / RAW_METADATA_FILE)
+    files = []
+    for record in load_zoo_metadata(root):
+        model_id = check_model_id(record.get("model_id"), where)
+        files.append(resolve_in_zoo(root, record.get("file"), f"{where}, model {model_id!r}"))
+    return files
 
 
 def _zoo_rows(split: Dataset) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:

@@ -31,19 +31,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoProcessor, BatchFeature
 from transformers.feature_extraction_utils import FeatureExtractionMixin
-from transformers.utils import cached_file
+from transformers.utils import FEATURE_EXTRACTOR_NAME, cached_file
 
 from sane_hf.weights.alignment import PermutationSpec, align
 from sane_hf.weights.layout import WeightLayout
 from sane_hf.weights.normalization import NormalizationStats
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.formats import ALIGNMENT_REFERENCE_FILE, atomic_save_safetensors
+from sane_hf.zoo.formats import (
+    ALIGNMENT_REFERENCE_FILE,
+    atomic_save_safetensors,
+    check_checkpoint_tensors,
+    read_safetensors,
+)
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
 from sane_hf.zoo.storage import as_splits, load_zoo_dataset
 
@@ -110,6 +114,12 @@ class SaneProcessor(FeatureExtractionMixin):
         )
         self.max_positions = None if max_positions is None else [int(m) for m in max_positions]
         self.zoo_dataset = zoo_dataset
+        if alignment_reference not in (None, ALIGNMENT_REFERENCE_FILE):
+            # only the fixed file inside the model folder: a path would read outside it
+            raise ValueError(
+                f"alignment_reference must be {ALIGNMENT_REFERENCE_FILE!r} (the file beside the "
+                f"config) or null, got {alignment_reference!r}"
+            )
         # set when the config names a reference file that from_pretrained has still to load
         self._reference_file = alignment_reference if reference is None else None
         self.reference = None
@@ -180,8 +190,11 @@ class SaneProcessor(FeatureExtractionMixin):
         named = list(iter_networks(networks))
         tokenizer = WeightTokenizer(tokensize or self.tokensize, self.include_norm)
         layout = tokenizer.layout(named[0][1])
-        for network_id, state_dict in named[1:]:
+        for network_id, state_dict in named:
             _check_layout(layout, state_dict, network_id, "the first network's")
+            check_checkpoint_tensors(
+                state_dict, _float_keys(layout, None), f"network {network_id!r}"
+            )
         keys = [spec.key for layer in layout.layers for spec in layer.parameters]
         statistics = NormalizationStats.from_state_dicts((sd for _, sd in named), keys)
         return type(self)(
@@ -196,6 +209,7 @@ class SaneProcessor(FeatureExtractionMixin):
     def set_reference(self, reference: Mapping[str, torch.Tensor]) -> None:
         """Use ``reference`` (a state_dict of the zoo architecture) as the alignment target."""
         reference = _check_layout(self.layout, reference, "alignment reference", "the processor's")
+        check_checkpoint_tensors(reference, self._float_keys, "alignment reference")
         if self.permutation_spec is None:
             raise ValueError("an alignment reference needs a permutation_spec")
         self.reference = {key: value.detach().float() for key, value in reference.items()}
@@ -207,9 +221,7 @@ class SaneProcessor(FeatureExtractionMixin):
                 f"layout has tokensize {self.layout.tokensize}, processor {self.tokensize}"
             )
         keys = [spec.key for layer in self.layout.layers for spec in layer.parameters]
-        missing = [key for key in keys if key not in self.normalization.mean]
-        if missing:
-            raise ValueError(f"normalization statistics lack parameters {missing[:5]}")
+        self.normalization.check(keys)
         if self.permutation_spec is not None:
             self.permutation_spec.check_state_dict(
                 {key: torch.empty(shape) for key, shape in self.layout.tensor_shapes()},
@@ -279,9 +291,19 @@ class SaneProcessor(FeatureExtractionMixin):
                 f"{pretrained_model_name_or_path}: no SANE processor (preprocessor_config.json) "
                 f"found: {str(error).splitlines()[0]}"
             ) from None
+        except (ValueError, TypeError, KeyError, AttributeError) as error:  # edited or corrupt
+            message = str(error.args[0] if isinstance(error, KeyError) else error).splitlines()
+            raise ValueError(
+                f"{pretrained_model_name_or_path}/{FEATURE_EXTRACTOR_NAME} is invalid: "
+                f"{message[0] if message else type(error).__name__}"
+            ) from None
         if processor._reference_file is not None:
-            path = cached_file(pretrained_model_name_or_path, processor._reference_file, **hub)
-            processor.set_reference(load_file(path))
+            path = cached_file(pretrained_model_name_or_path, ALIGNMENT_REFERENCE_FILE, **hub)
+            reference = read_safetensors(path, "the processor's alignment reference")
+            try:
+                processor.set_reference(reference)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
         return processor
 
     # -- processing ------------------------------------------------------------------------
@@ -322,6 +344,7 @@ class SaneProcessor(FeatureExtractionMixin):
         )
         for network_id, state_dict in named:
             state_dict = _check_layout(self.layout, state_dict, network_id, "the processor's")
+            check_checkpoint_tensors(state_dict, self._float_keys, f"network {network_id!r}")
             if align_networks:
                 state_dict = align(
                     state_dict, self.reference, spec=self.permutation_spec
@@ -370,6 +393,10 @@ class SaneProcessor(FeatureExtractionMixin):
     @cached_property
     def _tokenizer(self) -> WeightTokenizer:
         return WeightTokenizer(self.tokensize, self.include_norm, dtype=torch.float64)
+
+    @cached_property
+    def _float_keys(self) -> list[str]:
+        return _float_keys(self.layout, self._module)
 
     @cached_property
     def _module(self) -> nn.Module | None:
@@ -425,6 +452,15 @@ class SaneProcessor(FeatureExtractionMixin):
             f"{self.tokensize}, num_tokens={self.layout.num_tokens}, aligned="
             f"{self.reference is not None}, zoo_dataset={self.zoo_dataset!r})"
         )
+
+
+def _float_keys(layout: WeightLayout, module: nn.Module | None) -> list[str]:
+    """The tensors a network must hold as floating point: the module's floating-point state (not
+    e.g. BatchNorm's step counter), or without an architecture every tokenized parameter. Integer
+    weights are refused (`check_checkpoint_tensors`) as at import and build, never cast."""
+    if module is not None:
+        return [key for key, value in module.state_dict().items() if value.is_floating_point()]
+    return [spec.key for layer in layout.layers for spec in layer.parameters]
 
 
 def _check_layout(
