@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sane_hf.cli.common import check_sources
+
 _ZOO_COMMANDS: list = []  # sub-commands of `sane-hf zoo`
 
 
@@ -134,6 +136,7 @@ def _run_zoo_build(args) -> int:
     if args.output is None and args.push_to_hub is None:
         print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
         return 2
+    check_sources({"raw_zoo_dir": args.raw_zoo_dir}, local=True)
     dataset = build_zoo_dataset(
         args.raw_zoo_dir,
         **({} if args.tokensize is None else {"tokensize": args.tokensize}),
@@ -177,6 +180,7 @@ def _run_zoo_info(args) -> int:
     from sane_hf.zoo.dataset import load_zoo_records
     from sane_hf.zoo.statistics import format_zoo_statistics, plot_zoo_accuracy, zoo_statistics
 
+    check_sources({"path": args.path}, local=True)
     zoo, records, splits = load_zoo_records(args.path)
     print(format_zoo_statistics(zoo_statistics(records, splits), zoo))
     if splits is None:

@@ -43,6 +43,8 @@ DATASET_METADATA_FILE = "sane_zoo.json"
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"
 PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
+# Beside a SANE model: what AutoProcessor(trust_remote_code=True) runs (it points to sane-hf).
+REMOTE_PROCESSOR_FILE = "processing_sane.py"
 LOCK_FILE = ".sane_zoo.lock"
 METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
 # Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.
