@@ -131,3 +131,9 @@ def test_a_raw_zoo_given_as_dataset_names_zoo_build(tmp_path, capsys):
         f"is a raw zoo (zoo.json), not a zoo dataset: build its dataset with `sane-hf zoo build {raw}"
         in error
     )
+
+
+def test_the_demo_writes_into_an_ignored_folder():
+    demo = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
+    default = demo.get_default("output_dir")
+    assert f"/{default}/" in (ROOT / ".gitignore").read_text().splitlines()

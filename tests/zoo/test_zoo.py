@@ -266,8 +266,12 @@ def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
     zoo = json.loads((tmp_path / "zoo/zoo.json").read_text())
     assert zoo["architecture_kwargs"] == {"hidden": [8], "in_features": 40, "num_classes": 10}
     assert len(_metadata(tmp_path / "zoo")) == 4
-    assert main(args) == 0  # finished: nothing left to train
+    capsys.readouterr()
+    rerun = [arg for arg in args if arg != "--no-progress"]  # the bar would show, if anything ran
+    assert main(rerun) == 0  # finished: nothing left to train
     assert len(_metadata(tmp_path / "zoo")) == 4
+    err = capsys.readouterr().err
+    assert "already complete (2 models x 1 epochs), nothing to train" in err and "step" not in err
 
 
 def _chunk_trainer(architecture, input_shape, num_models=3, **architecture_kwargs):

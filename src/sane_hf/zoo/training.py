@@ -71,6 +71,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -161,6 +162,14 @@ def _train_zoo(
         for chunk in _plan_chunks(specs, config.models_per_chunk)
     ]
     chunks = [chunk for chunk in chunks if chunk]
+    if not chunks:  # a rerun of a finished zoo: say so rather than show an empty bar
+        if ranks.rank == 0:
+            print(
+                f"{output_dir}: already complete ({len(specs)} models x {config.epochs} epochs), "
+                "nothing to train; a different zoo needs another output folder",
+                file=sys.stderr,
+            )
+        return
     # the bar (rank 0's only) counts the steps of all ranks
     total_steps = len(chunks) * config.epochs * steps_per_epoch(dataset, config.batch_size)
     chunks = my_share(chunks, ranks)
