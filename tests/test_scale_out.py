@@ -1,4 +1,4 @@
-"""Scaling out (issue 15): parallel dataset builds equal serial ones, one progress bar with the
+"""Scaling out: parallel dataset builds equal serial ones, one progress bar with the
 total, and a failing rank stops a multi-process zoo run while the work done stays committed."""
 
 import json

@@ -285,7 +285,7 @@ def test_warmup_fraction_must_lie_in_zero_to_one():
             parse("--config", "tiny", "--warmup-fraction", value)
 
 
-# Nothing lost (issue 13 item 3): atomic checkpoints, ``latest`` = the newest complete one,
+# Nothing lost: atomic checkpoints, ``latest`` = the newest complete one,
 # metrics without repeated steps, resumes refused on a changed config, the run saved before the
 # push.
 

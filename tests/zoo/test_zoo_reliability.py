@@ -1,4 +1,4 @@
-"""Reliability of the zoo layer (issue 13): confined paths, locked zoo folders, atomic and
+"""Reliability of the zoo layer: confined paths, locked zoo folders, atomic and
 fingerprinted dataset saves, float-only weights, checked dataset metadata, one-commit dataset
 pushes with one-line Hub errors, unfinished zoos, seed overlaps and file permissions."""
 
