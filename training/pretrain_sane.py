@@ -54,6 +54,8 @@ from sane_hf.pretraining.loop import (
     push_run,
     save_model,
 )
+from sane_hf.utils.config import add_source_arguments
+from sane_hf.utils.sources import missing_local_path
 
 logger = get_logger(__name__)
 
@@ -88,11 +90,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainingConfig:
         required=True,
         help="a zoo dataset: a folder written by `sane-hf zoo build`, or its Hub id",
     )
-    parser.add_argument(
-        "--config",
-        default="tiny",
-        help="a pretraining preset (tiny, cnn, resnet18) or YAML file; the flags override it",
-    )
+    # --config (a pretraining preset or YAML file, default tiny) and --set KEY=VALUE (any other
+    # PretrainingConfig field, applied last: --set model.d_model=64), as in `sane-hf pretrain`.
+    add_source_arguments(parser, PretrainingConfig.CONFIG_KIND, "PretrainingConfig")
+    parser.set_defaults(config="tiny")
     parser.add_argument("--output_dir", help="checkpoints, logs and the final model")
     parser.add_argument("--seed", type=int, help="model initialization and every batch's draws")
     parser.add_argument("--per_device_train_batch_size", type=int, help="windows per micro-batch")
@@ -113,15 +114,9 @@ def parse_args(argv: list[str] | None = None) -> PretrainingConfig:
     parser.add_argument("--report_to", help="tensorboard, wandb, ..., all or none")
     parser.add_argument("--push_to_hub", action="store_true", default=None)
     parser.add_argument("--hub_model_id", help="the Hub repo to push to")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other PretrainingConfig field, applied last (--set model.d_model=64)",
-    )
     args = parser.parse_args(argv)
+    if problem := missing_local_path(args.dataset_name):  # before any Hub request for it
+        parser.error(f"--dataset_name {args.dataset_name}: {problem}")
     flags = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()}
     return PretrainingConfig.load(
         args.config, {k: v for k, v in flags.items() if v is not None}, args.overrides
