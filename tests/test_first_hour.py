@@ -3,6 +3,7 @@ without sane-hf, a model folder or raw zoo where a zoo dataset belongs."""
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,24 @@ def test_the_demo_writes_into_an_ignored_folder():
     demo = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
     default = demo.get_default("output_dir")
     assert f"/{default}/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_readme_fine_tuning_recipe_runs(tmp_path, monkeypatch):
+    """The README's recipe (measured there on the demo's zoo) on the synthetic zoo, for a step."""
+
+    from sane_hf import SaneConfig, SaneModel, save_zoo_dataset
+    from synthetic_zoo import TOKENSIZE, build_synthetic_zoo
+
+    readme = (ROOT / "README.md").read_text()
+    [recipe] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "with_labels(" in b]
+    assert "learning_rate=1e-3, num_train_epochs=20" in recipe
+    monkeypatch.chdir(tmp_path)
+    save_zoo_dataset(build_synthetic_zoo(tmp_path / "build", num_models=10), "demo_outputs/dataset")
+    torch.manual_seed(0)
+    SaneModel(SaneConfig.from_preset("tiny", tokensize=TOKENSIZE)).save_pretrained(
+        "demo_outputs/sane"
+    )
+    recipe = recipe.replace("num_train_epochs=20", "max_steps=1, use_cpu=True")
+    namespace = {}
+    exec(compile(recipe, "README.md fine-tuning recipe", "exec"), namespace)
+    assert namespace["predicted_test_acc"].shape == (len(namespace["validation"]), 1)
