@@ -327,7 +327,8 @@ def run_reproduction(runner: Runner) -> None:
         if finished:
             runner.say("reproduction finished")
     summary = runner.finish("gpu_reproduction_run.json", {"finished": finished})
-    files = [zoo_result, summary, *runner.results_dir.glob("reproduce_mnist_*")]
+    scale = "smoke" if runner.dry_run else "gpu"  # the scale the dry run's arguments choose
+    files = [zoo_result, summary, *runner.results_dir.glob(f"reproduce_mnist_{scale}*")]
     files += [*work.glob("*.json"), *work.glob("sane/*.json"), *work.glob("sane/*.yaml")]
     runner.pack(files, "reproduce_mnist_gpu.tgz")
 
