@@ -272,6 +272,7 @@ def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
     assert len(_metadata(tmp_path / "zoo")) == 4
     err = capsys.readouterr().err
     assert "already complete (2 models x 1 epochs), nothing to train" in err and "step" not in err
+    assert not (tmp_path / "zoo" / "train_state").exists()  # a finished zoo, for zoo build
 
 
 def _chunk_trainer(architecture, input_shape, num_models=3, **architecture_kwargs):

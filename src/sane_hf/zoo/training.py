@@ -164,6 +164,7 @@ def _train_zoo(
     chunks = [chunk for chunk in chunks if chunk]
     if not chunks:  # a rerun of a finished zoo: say so rather than show an empty bar
         if ranks.rank == 0:
+            shutil.rmtree(_state_dir(output_dir), ignore_errors=True)  # made empty above
             print(
                 f"{output_dir}: already complete ({len(specs)} models x {config.epochs} epochs), "
                 "nothing to train; a different zoo needs another output folder",
