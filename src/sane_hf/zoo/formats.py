@@ -38,6 +38,9 @@ from safetensors.torch import save_file
 ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+# Each chunk's training state (weights, optimizer, records) at its last epoch, kept so that a
+# zoo trained for E epochs extends to more exactly as if it had been planned longer.
+FINAL_STATE_DIR = "final_state"
 DATASET_METADATA_FILE = "sane_zoo.json"
 # Beside a SANE model: the processor's alignment target and the fitted property probes.
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
