@@ -284,7 +284,7 @@ def parse_args(description: str, scales: Sequence[str] = ("cpu", "gpu")) -> argp
         "--scale",
         choices=scales,
         default="cpu",
-        help="cpu: what a 2-core CPU does in minutes; gpu: the issue's full scale (one H100)"
+        help="cpu: what a 2-core CPU does in minutes; gpu: the full scale (one H100)"
         + (
             "; smoke: every stage at toy size, to check a machine in a minute"
             if "smoke" in scales

@@ -23,12 +23,12 @@ def run_cli(*argv: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_missing_local_path_is_one_line_and_never_a_hub_lookup():
-    result = run_cli("probe", "--model", "/no/such/dir", "--dataset", "/no/such/zoo")
-    assert result.returncode == 1
-    assert result.stderr == (
+def test_a_missing_local_path_is_one_line_and_never_a_hub_lookup(capsys, fake_hub):
+    assert cli.main(["probe", "--model", "/no/such/dir", "--dataset", "/no/such/zoo"]) == 1
+    assert capsys.readouterr().err == (
         "sane-hf probe: error: --model /no/such/dir: no such file or folder (and not a Hub id)\n"
     )
+    assert fake_hub.requests == []
 
 
 def test_usage_errors_exit_2_with_argparse_message(capsys):
@@ -38,16 +38,20 @@ def test_usage_errors_exit_2_with_argparse_message(capsys):
     assert "required" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_debug_flag_and_environment_show_the_traceback(tmp_path):
-    argv = ("pretrain", "--config", "tiny", "--dataset", str(tmp_path), "--max-grad-norm", "-1")
-    quiet = run_cli(*argv)
-    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
-    assert quiet.stderr.strip().endswith(
-        "max_grad_norm must be > 0 (null disables clipping), got -1.0"
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, capsys, monkeypatch):
+    """In process (the entry point prints what `main` raises as a traceback): one line without
+    --debug, the exception itself with --debug or SANE_HF_DEBUG=1."""
+    argv = ["pretrain", "--config", "tiny", "--dataset", str(tmp_path), "--max-grad-norm", "-1"]
+    monkeypatch.delenv("SANE_HF_DEBUG", raising=False)
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == (
+        "sane-hf pretrain: error: max_grad_norm must be > 0 (null disables clipping), got -1.0\n"
     )
-    for loud in (run_cli("--debug", *argv), run_cli(*argv, SANE_HF_DEBUG="1")):
-        assert loud.returncode == 1 and "Traceback" in loud.stderr
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        cli.main(["--debug", *argv])
+    monkeypatch.setenv("SANE_HF_DEBUG", "1")
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        cli.main(argv)
 
 
 def test_unexpected_errors_are_one_line_pointing_to_debug(monkeypatch, capsys):

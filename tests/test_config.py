@@ -112,7 +112,7 @@ def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
         load_config(PretrainingConfig, tmp_path / "list.yaml")
 
 
-# Validation (issue 13 item 5): one test per value, the API and the CLI give the same message.
+# Validation: one test per value, the API and the CLI give the same message.
 PRETRAINING_VALUES = [
     ({"max_grad_norm": -1.0}, ["--max-grad-norm", "-1"], r"max_grad_norm must be > 0"),
     ({"max_grad_norm": 0.0}, ["--max-grad-norm", "0"], r"max_grad_norm must be > 0"),

@@ -1,4 +1,4 @@
-"""Scaling out (issue 15): parallel dataset builds equal serial ones, one progress bar with the
+"""Scaling out: parallel dataset builds equal serial ones, one progress bar with the
 total, and a failing rank stops a multi-process zoo run while the work done stays committed."""
 
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sane_hf import cli
 from sane_hf.zoo.dataset import build_zoo_dataset, split_models
 from sane_hf.zoo.distributed import shared_progress
 from sane_hf.zoo.formats import load_zoo_metadata
@@ -163,14 +164,8 @@ def test_a_failing_rank_stops_the_run_with_its_error_and_the_work_done_stays(tmp
     finished = {record["model_id"] for record in records}
     assert {"model_0002", "model_0003"} <= finished
     assert not {"model_0006", "model_0007"} & finished
-    # and a rerun (one process) finishes the zoo from there, retraining none of them
-    subprocess.run(
-        [sys.executable, "-m", "sane_hf", "zoo", "train", "--output", str(zoo), *ZOO_ARGS],
-        env=ENV,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    # and a rerun (one process, here) finishes the zoo from there, retraining none of them
+    assert cli.main(["zoo", "train", "--output", str(zoo), *ZOO_ARGS, "--no-progress"]) == 0
     records = [json.loads(line) for line in (zoo / "metadata.jsonl").read_text().splitlines()]
     assert len({record["model_id"] for record in records}) == 8
     assert len(records) == 8 * 4  # epochs 0-3, each checkpoint once
@@ -180,14 +175,34 @@ RELEASED = Path(__file__).parents[1] / "checkpoints" / "sane-cnn-mnist"
 
 
 def _torchrun(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "sane_hf"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*launcher, f"--nproc_per_node={processes}", "-m", "sane_hf"]
 
 
+def _sane_hf(processes: int, argv: list[str], capsys) -> str:
+    """``sane-hf ARGV`` on ``processes`` processes (torchrun), or for one process in this one
+    with one thread like the workers (a fresh interpreter would spend seconds importing); its
+    stdout."""
+    if processes > 1:
+        run = subprocess.run(
+            [*_torchrun(processes), *argv], env=ENV, capture_output=True, text=True, timeout=600
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capsys.readouterr()
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_two_process_embed_and_predict_equal_one_process(tmp_path):
+def test_two_process_embed_and_predict_equal_one_process(tmp_path, capsys):
     import pyarrow.parquet as pq
     import torch
     from safetensors.torch import save_file
@@ -208,15 +223,8 @@ def test_two_process_embed_and_predict_equal_one_process(tmp_path):
             ["embed", str(RELEASED), str(folder), "--output", str(embeddings), "--layer-means"],
             ["predict", str(RELEASED), str(folder), "--output", str(predictions)],
         ):
-            run = subprocess.run(
-                [*_torchrun(processes), *command, "--device", "cpu"],
-                env=ENV,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.count("cnn_4") == 1  # the table printed once, by rank 0
+            stdout = _sane_hf(processes, [*command, "--device", "cpu"], capsys)
+        assert stdout.count("cnn_4") == 1  # the table printed once, by rank 0
         results[processes] = (pq.read_table(embeddings).to_pydict(), predictions.read_text())
     assert results[1][0]["id"] == [f"cnn_{seed}" for seed in range(5)]
     assert results[2][0] == results[1][0]
@@ -224,7 +232,7 @@ def test_two_process_embed_and_predict_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_sample_equals_one_process(tmp_path):
+def test_two_process_sample_equals_one_process(tmp_path, capsys):
     import torch
     from safetensors.torch import load_file
 
@@ -242,15 +250,8 @@ def test_two_process_sample_equals_one_process(tmp_path):
     outputs = {}
     for processes in (1, 2):
         output = tmp_path / f"out_{processes}"
-        run = subprocess.run(
-            [*_torchrun(processes), *argv, "--output-dir", str(output)],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.count("from scratch") == 1  # printed once, by rank 0
+        stdout = _sane_hf(processes, [*argv, "--output-dir", str(output)], capsys)
+        assert stdout.count("from scratch") == 1  # printed once, by rank 0
         outputs[processes] = output
     assert (outputs[2] / "sampling.json").read_text() == (outputs[1] / "sampling.json").read_text()
     files = sorted(path.relative_to(outputs[1]) for path in outputs[1].rglob("*.safetensors"))

@@ -1,7 +1,7 @@
 """Speed of the reference implementation's SANE training step at our ``cpu`` shape.
 
-Why: issue 14 asks our CPU step (``bench_train_step --preset cpu``) to take at most half the
-reference implementation's, "run back to back". The reference's 112 ms in the issue was measured
+Why: the CPU step target asks our CPU step (``bench_train_step --preset cpu``) to take at most half the
+reference implementation's, "run back to back". The reference's 112 ms of the target was measured
 once, by someone else; this script measures it on the machine at hand, so both steps can be
 timed one after the other under the same load. The reference's code is not part of this
 repository (other owners, other licence): it is imported from a checkout given on the command

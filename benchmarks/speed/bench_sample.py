@@ -83,6 +83,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--tag", help="suffix of the result file name, to keep variants apart")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -145,7 +146,7 @@ def main() -> None:
         **peak_memory(device),
         **machine_info(device),
     }
-    write_results("bench_sample", results)
+    write_results("bench_sample" + (f"_{args.tag}" if args.tag else ""), results)
 
 
 if __name__ == "__main__":

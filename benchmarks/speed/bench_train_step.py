@@ -71,7 +71,7 @@ DEFAULT_BATCH_SIZE = {"tiny": 4, "cpu": 32, "cnn": 32, "resnet18": 32}
 # Length of the synthetic token sequence windows are cut from: CNN-m and ResNet-18 (BN kept).
 SEQUENCE_LENGTH = {"tiny": 93, "cpu": 93, "cnn": 93, "resnet18": 53_704}
 # cnn, resnet18: the reference on an H100; cpu: the reference implementation on the 2-core
-# development CPU, one thread, fp32 (issue 14), run back to back with ours (103 ms then).
+# CPU, one thread, fp32, run back to back with ours (103 ms then).
 REFERENCE_STEP_MS = {"cpu": 112.0, "cnn": 61.2, "resnet18": 210.0}
 TARGET_STEP_MS = {"cpu": 56.0, "cnn": 20.0, "resnet18": 150.0}
 # ``cpu``: the cpu-scale SANE of the reproduction scripts (CPU_PRETRAINING: d_model 64, 4+4

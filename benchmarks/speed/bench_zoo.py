@@ -123,7 +123,7 @@ def _synchronize(device: str) -> None:
 
 def _config(args: argparse.Namespace) -> ZooConfig:
     values = PRESETS[args.preset].to_dict()
-    for name in ("num_models", "epochs"):
+    for name in ("num_models", "epochs", "device"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["bf16"] = args.bf16
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--num-models", type=int, help="override the preset's zoo size")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
+    parser.add_argument("--device", help="override the preset's device (cpu, cuda)")
     parser.add_argument("--baseline-models", type=int, default=3, help="models in the plain loop")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--output", default="benchmarks/results/bench_zoo.json")

@@ -194,10 +194,10 @@ def test_resume_with_another_chunk_size_keeps_finished_models(tmp_path, monkeypa
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    config = ZooConfig(num_models=1, epochs=1, **TINY)
+    config = ZooConfig(num_models=1, epochs=2, **TINY)
     train_zoo(config, tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"different config \(fields \['epochs'\]"):
-        train_zoo(ZooConfig(num_models=1, epochs=2, **TINY), tmp_path, progress=False)
+        train_zoo(ZooConfig(num_models=1, epochs=1, **TINY), tmp_path, progress=False)  # fewer
 
 
 def test_hyperparameter_zoo_grid_subsampling_and_groups():
@@ -266,8 +266,42 @@ def test_cli_trains_and_resumes_from_a_yaml_config(tmp_path, capsys):
     zoo = json.loads((tmp_path / "zoo/zoo.json").read_text())
     assert zoo["architecture_kwargs"] == {"hidden": [8], "in_features": 40, "num_classes": 10}
     assert len(_metadata(tmp_path / "zoo")) == 4
-    assert main(args) == 0  # finished: nothing left to train
+    capsys.readouterr()
+    rerun = [arg for arg in args if arg != "--no-progress"]  # the bar would show, if anything ran
+    assert main(rerun) == 0  # finished: nothing left to train
     assert len(_metadata(tmp_path / "zoo")) == 4
+    err = capsys.readouterr().err
+    assert "already complete (2 models x 1 epochs), nothing to train" in err and "step" not in err
+    assert not (tmp_path / "zoo" / "train_state").exists()  # a finished zoo, for zoo build
+
+
+def test_a_zoo_extended_with_more_epochs_equals_one_trained_that_long(tmp_path):
+    """1 epoch, then 3: byte for byte the zoo trained for 3 epochs at once (two chunks)."""
+
+    def zoo(epochs: int) -> ZooConfig:
+        return ZooConfig(architecture="mlp", architecture_kwargs={"hidden": [8]}, num_models=3,
+                         models_per_chunk=2, epochs=epochs, dataset="mnist1d",
+                         dataset_kwargs={"num_samples": 60})  # fmt: skip
+
+    folders = {"extended": tmp_path / "a" / "zoo", "direct": tmp_path / "b" / "zoo"}
+    train_zoo(zoo(1), folders["extended"], progress=False)
+    train_zoo(zoo(3), folders["extended"], progress=False)
+    train_zoo(zoo(3), folders["direct"], progress=False)
+    files = {
+        name: {
+            str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.name.endswith(".lock")
+        }
+        for name, folder in folders.items()
+    }
+    assert len(_metadata(folders["extended"])) == 3 * 4
+    assert files["extended"].keys() == files["direct"].keys()
+    assert [
+        name for name in files["direct"] if files["extended"][name] != files["direct"][name]
+    ] == []
+    with pytest.raises(ValueError, match=r"fields \['epochs'\] differ"):  # fewer: refused
+        train_zoo(zoo(2), folders["extended"], progress=False)
 
 
 def _chunk_trainer(architecture, input_shape, num_models=3, **architecture_kwargs):

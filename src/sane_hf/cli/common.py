@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from pathlib import Path
-
-# A Hub repo id: ``name`` or ``namespace/name``.
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def add_window_arguments(parser) -> None:
@@ -29,17 +26,21 @@ def device_argument(args) -> str:
     return args.device or default_device()
 
 
-def check_sources(**sources: str | None) -> None:
+def check_sources(sources: Mapping[str, str | list[str] | None], local: bool = False) -> None:
     """Refuse a local path that does not exist before anything asks the Hub for it.
 
-    ``check_sources(model=args.model)``: a value that is not a Hub repo id (``name`` or
-    ``namespace/name``; e.g. ``/abs/path``, ``./x``, ``a/b/c``) must exist on disk, else one
-    line names the argument and the path. A value that could be either is a Hub id when no such
-    path exists.
+    ``check_sources({"--model": args.model, "networks": args.networks})``: a value that is no
+    Hub id (`sane_hf.utils.sources.missing_local_path`) must exist, else one line names the
+    argument and the path. With ``local``, every value must exist (folders never read from the
+    Hub, such as the one ``zoo info`` describes).
     """
-    for name, value in sources.items():
-        if value is None or Path(value).expanduser().exists():
-            continue
-        if not _HUB_ID.match(value) or value.startswith("."):
-            flag = "--" + name.replace("_", "-")
-            raise FileNotFoundError(f"{flag} {value}: no such file or folder (and not a Hub id)")
+    from sane_hf.utils.sources import missing_local_path
+
+    for argument, values in sources.items():
+        for value in [values] if isinstance(values, str) else values or []:
+            if local:
+                problem = None if Path(value).expanduser().exists() else "no such file or folder"
+            else:
+                problem = missing_local_path(value)
+            if problem:
+                raise FileNotFoundError(f"{argument} {value}: {problem}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sane_hf.cli.common import add_device_argument, device_argument
+from sane_hf.cli.common import add_device_argument, check_sources, device_argument
 
 NETWORKS_HELP = (
     "networks: .safetensors files, folders of them, raw zoo folders, zoo dataset folders or Hub "
@@ -48,6 +48,7 @@ def _run_embed(args) -> int:
     from sane_hf.downstream.pretrained import embed_networks
     from sane_hf.zoo.distributed import is_main_process
 
+    check_sources({"model": args.model, "networks": args.networks})
     embeddings = embed_networks(
         args.model,
         args.networks,
@@ -66,6 +67,7 @@ def _run_predict(args) -> int:
     from sane_hf.downstream.pretrained import predict_networks
     from sane_hf.zoo.distributed import is_main_process
 
+    check_sources({"model": args.model, "networks": args.networks})
     predictions = predict_networks(
         args.model,
         args.networks,

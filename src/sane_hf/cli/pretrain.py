@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from sane_hf.cli.common import check_sources
 from sane_hf.utils.config import add_config_arguments, preset_names
 
 
@@ -37,6 +38,8 @@ def _run_pretrain(args) -> int:
         datefmt="%H:%M:%S",
         level=logging.INFO,
     )
-    summary = pretrain(config_from_args(PretrainingConfig, args))
+    config = config_from_args(PretrainingConfig, args)
+    check_sources({"--dataset": config.dataset})
+    summary = pretrain(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "processes"}, indent=1))
     return 0

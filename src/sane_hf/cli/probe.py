@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 def _run_probe(args) -> int:
     from sane_hf.recipes.experiments import probe_pretrained
 
-    check_sources(model=args.model, dataset=args.dataset)
+    check_sources({"--model": args.model, "--dataset": args.dataset})
     report = probe_pretrained(
         args.model,
         args.dataset,

@@ -4,6 +4,8 @@ and HTTP status for Hub failures: `sane_hf.hub.HubError`) and reported by the CL
 
 from __future__ import annotations
 
+from sane_hf.cli.common import check_sources
+
 
 def register(subparsers) -> None:
     """Add this module's command to the `sane-hf` parser."""
@@ -20,6 +22,8 @@ def register(subparsers) -> None:
 
 def _run_push(args) -> int:
     from sane_hf.hub import push_folder
+
+    check_sources({"path": args.path}, local=True)
 
     commit = push_folder(
         args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message

@@ -46,7 +46,9 @@ def _run_sample(args) -> int:
     from sane_hf.utils.config import config_from_args
     from sane_hf.zoo.distributed import is_main_process
 
-    check_sources(model=args.model, dataset=args.dataset, prompt_dataset=args.prompt_dataset)
+    check_sources(
+        {"--model": args.model, "--dataset": args.dataset, "--prompt-dataset": args.prompt_dataset}
+    )
     results = sample_networks(
         args.model,
         args.dataset,

@@ -6,6 +6,8 @@ import contextlib
 import json
 import sys
 
+from sane_hf.cli.common import check_sources
+
 _ZOO_COMMANDS: list = []  # sub-commands of `sane-hf zoo`
 
 
@@ -131,6 +133,7 @@ def _run_zoo_build(args) -> int:
     if args.output is None and args.push_to_hub is None:
         print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
         return 2
+    check_sources({"raw_zoo_dir": args.raw_zoo_dir}, local=True)
     # the whole build holds --output's lock: a second build to it is refused at once
     with dataset_writer_lock(args.output) if args.output else contextlib.nullcontext():
         return _build(args)
@@ -187,6 +190,7 @@ def _run_zoo_info(args) -> int:
     from sane_hf.zoo.statistics import format_zoo_statistics, plot_zoo_accuracy, zoo_statistics
     from sane_hf.zoo.storage import load_zoo_records
 
+    check_sources({"path": args.path}, local=True)
     zoo, records, splits = load_zoo_records(args.path)
     print(format_zoo_statistics(zoo_statistics(records, splits), zoo))
     if splits is None:

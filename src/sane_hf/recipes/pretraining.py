@@ -45,6 +45,15 @@ def _pretrain(config: PretrainingConfig) -> dict[str, Any]:
     ).is_file()
     if not finished or not PartialState().is_main_process:
         return summary  # a run stopped early (stop_at_step) resumes later; other ranks are done
+    return finish_run(config, summary)
+
+
+def finish_run(config: PretrainingConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """What follows a finished training run on the main process (also of
+    ``training/pretrain_sane.py``): probe heads fitted on the zoo's splits saved beside the
+    model, the model card that lists them, then with ``push_to_hub`` one push of it all.
+    Returns ``summary`` with the heads' test scores under ``probe_heads``."""
+    output_dir = Path(config.output_dir)
     model = SaneModel.from_pretrained(output_dir).eval()
     zoo = load_zoo_dataset(config.dataset)
     heads = fit_probe_heads(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
@@ -71,4 +80,4 @@ def push_run(output_dir: str | os.PathLike, repo_id: str) -> None:
         ) from None
 
 
-__all__ = ["pretrain", "push_run"]
+__all__ = ["finish_run", "pretrain", "push_run"]

@@ -38,11 +38,16 @@ from safetensors.torch import load_file, save_file
 ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+# Each chunk's training state (weights, optimizer, records) at its last epoch, kept so that a
+# zoo trained for E epochs extends to more exactly as if it had been planned longer.
+FINAL_STATE_DIR = "final_state"
 DATASET_METADATA_FILE = "sane_zoo.json"
 # Beside a SANE model: the processor's alignment target and the fitted property probes.
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"
 PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
+# Beside a SANE model: what AutoProcessor(trust_remote_code=True) runs (it points to sane-hf).
+REMOTE_PROCESSOR_FILE = "processing_sane.py"
 LOCK_FILE = ".sane_zoo.lock"
 # A pretraining output folder (checkpoints, metrics.jsonl, the final model) has one run at a time.
 PRETRAINING_LOCK_FILE = ".sane_pretraining.lock"

@@ -28,6 +28,7 @@ from sane_hf.zoo.card import build_zoo_dataset_card
 from sane_hf.zoo.formats import (
     DATASET_METADATA_FILE,
     RAW_METADATA_FILE,
+    ZOO_FILE,
     apply_umask,
     atomic_write_text,
     load_zoo_info,
@@ -200,10 +201,8 @@ def load_zoo_dataset(
     """Load a zoo dataset from a `save_zoo_dataset` directory (memory-mapped) or a Hub repo."""
     path = Path(path_or_repo_id)
     if path.is_dir():
-        if not (path / DATASET_METADATA_FILE).is_file():
-            raise FileNotFoundError(
-                f"{path} has no {DATASET_METADATA_FILE}: not a zoo dataset saved by save_zoo_dataset"
-            )
+        if (problem := not_a_zoo_dataset(path)) is not None:
+            raise FileNotFoundError(problem)
         metadata_text = (path / DATASET_METADATA_FILE).read_text()
         _check_fingerprint(path, metadata_text)
         splits = load_from_disk(str(path))
@@ -228,6 +227,23 @@ def load_zoo_dataset(
     check_zoo_dataset(splits, metadata, f"{path_or_repo_id}/{DATASET_METADATA_FILE}")
     attach_metadata(splits, metadata)
     return ZooDataset(splits, metadata)
+
+
+def not_a_zoo_dataset(path: Path) -> str | None:
+    """What a folder that is no zoo dataset is instead, and the command that makes one (None
+    for a zoo dataset folder)."""
+    build = "build its dataset with `sane-hf zoo build RAW_ZOO --output DATASET`"
+    if (path / "config.json").is_file() and not (path / "dataset_dict.json").is_file():
+        return (
+            f"{path} is a model folder (config.json), not a zoo dataset: give the zoo dataset "
+            f"(a raw zoo of networks: {build})"
+        )
+    if (path / ZOO_FILE).is_file():
+        build = build.replace("RAW_ZOO", str(path))
+        return f"{path} is a raw zoo ({ZOO_FILE}), not a zoo dataset: {build}"
+    if not (path / DATASET_METADATA_FILE).is_file():
+        return f"{path} has no {DATASET_METADATA_FILE}: not a zoo dataset ({build})"
+    return None
 
 
 def _check_fingerprint(path: Path, metadata_text: str) -> None:
@@ -267,15 +283,17 @@ def load_zoo_records(
     (``None``).
     """
     path = Path(path)
-    if (path / DATASET_METADATA_FILE).is_file():
-        zoo = load_zoo_dataset(path)
-        records, splits = [], {}
-        for split, dataset in zoo.splits.items():
-            columns = dataset.select_columns(ACCURACY_COLUMNS).to_dict()
-            records += [dict(zip(columns, row)) for row in zip(*columns.values())]
-            splits[split] = sorted(set(columns["model_id"]))
-        return zoo.metadata.zoo, records, splits
-    return load_zoo_info(path), load_zoo_metadata(path), None
+    if (path / ZOO_FILE).is_file():
+        return load_zoo_info(path), load_zoo_metadata(path), None
+    if (problem := not_a_zoo_dataset(path)) is not None:
+        raise FileNotFoundError(problem)
+    zoo = load_zoo_dataset(path)
+    records, splits = [], {}
+    for split, dataset in zoo.splits.items():
+        columns = dataset.select_columns(ACCURACY_COLUMNS).to_dict()
+        records += [dict(zip(columns, row)) for row in zip(*columns.values())]
+        splits[split] = sorted(set(columns["model_id"]))
+    return zoo.metadata.zoo, records, splits
 
 
 __all__ = [

@@ -71,6 +71,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ from sane_hf.zoo.config import (
 from sane_hf.zoo.distributed import Ranks, RunProgress, my_share, run_lock, zoo_processes
 from sane_hf.zoo.formats import (
     CHECKPOINT_DIR,
+    FINAL_STATE_DIR,
     RAW_METADATA_FILE,
     ZOO_FILE,
     load_zoo_metadata,
@@ -151,7 +153,7 @@ def _train_zoo(
             _warn_overlapping_seeds(output_dir, config)
         _start_or_resume(output_dir, _zoo_info(config, dataset, architecture_kwargs, len(specs)))
     ranks.barrier()
-    finished = _finished_models(output_dir)
+    finished = _finished_models(output_dir, config.epochs)
     # Planned over all models, so a chunk's composition (and with it every result) depends on
     # the config alone: not on what an interrupted run finished, nor on the number of processes.
     chunks = [
@@ -159,6 +161,15 @@ def _train_zoo(
         for chunk in _plan_chunks(specs, config.models_per_chunk)
     ]
     chunks = [chunk for chunk in chunks if chunk]
+    if not chunks:  # a rerun of a finished zoo: say so rather than show an empty bar
+        if ranks.rank == 0:
+            shutil.rmtree(_state_dir(output_dir), ignore_errors=True)  # made empty above
+            print(
+                f"{output_dir}: already complete ({len(specs)} models x {config.epochs} epochs), "
+                "nothing to train; rerun with more --epochs to extend it",
+                file=sys.stderr,
+            )
+        return
     # the bar (rank 0's only) counts the steps of all ranks
     total_steps = len(chunks) * config.epochs * steps_per_epoch(dataset, config.batch_size)
     chunks = my_share(chunks, ranks)
@@ -172,6 +183,7 @@ def _train_zoo(
             run.set_description(f"chunk {index + 1}/{len(chunks)} ({len(chunk)} models)")
             trainer = ChunkTrainer(config, architecture_kwargs, chunk, data, device)
             state_path = _state_dir(output_dir) / f"chunk_{chunk[0].model_id}"
+            _continue_from_final_state(output_dir, state_path, chunk)
             records = trainer.run(output_dir, state_path, run)
             with zoo_metadata_lock(output_dir):  # the ranks of a run take turns
                 _finish_chunk(output_dir, state_path, records)
@@ -331,6 +343,13 @@ def _zoo_info(
     }
 
 
+def _extends(old: dict, new: dict) -> bool:
+    """Whether config ``new`` trains the zoo of ``old`` for more epochs, so that the longer zoo
+    holds the shorter one's checkpoints unchanged (every epoch is checkpointed in both)."""
+    every_epoch = old.get("checkpoint_epochs") is None and new.get("checkpoint_epochs") is None
+    return every_epoch and new["epochs"] > old["epochs"]
+
+
 def _start_or_resume(output_dir: Path, info: dict) -> None:
     """Write zoo.json, or check that an existing one describes the same zoo."""
     zoo_json = output_dir / ZOO_FILE
@@ -342,6 +361,8 @@ def _start_or_resume(output_dir: Path, info: dict) -> None:
             for k in old.keys() | new.keys()
             if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES
         )
+        if changed == ["epochs"] and _extends(old, new):
+            changed = []  # more epochs: every model continues from its final state
         if changed or previous.get("dataset_info") != json.loads(json.dumps(info["dataset_info"])):
             raise ValueError(
                 f"{output_dir} holds a zoo trained with a different config (fields {changed or ['dataset']} "
@@ -387,22 +408,58 @@ def _state_dir(output_dir: Path) -> Path:
     return output_dir / "train_state"
 
 
-def _finished_models(output_dir: Path) -> set[str]:
-    return {record["model_id"] for record in _read_metadata(output_dir)}
+def _finished_models(output_dir: Path, epochs: int) -> set[str]:
+    """Models trained to ``epochs`` (those of a zoo being extended to more are not)."""
+    last: dict[str, int] = {}
+    for record in _read_metadata(output_dir):
+        last[record["model_id"]] = max(record["epoch"], last.get(record["model_id"], -1))
+    return {model_id for model_id, epoch in last.items() if epoch >= epochs}
+
+
+def _continue_from_final_state(output_dir: Path, state_path: Path, chunk: list) -> None:
+    """For a chunk trained before to fewer epochs (an extension): put its kept final state
+    back where `ChunkTrainer.run` resumes from."""
+    trained = {r["model_id"] for r in _read_metadata(output_dir)} & {s.model_id for s in chunk}
+    if not trained:
+        return
+    kept = sorted((output_dir / FINAL_STATE_DIR).glob(f"{state_path.name}[._]*"))
+    if not kept:
+        raise ValueError(
+            f"{output_dir}: cannot train models {sorted(trained)[:3]} further: their final "
+            f"training state is not in {FINAL_STATE_DIR}/ (a zoo of an older sane-hf); train "
+            "the longer zoo into a new folder"
+        )
+    state_path.parent.mkdir(exist_ok=True)
+    for path in kept:
+        shutil.copy2(path, state_path.parent / path.name)
 
 
 def _finish_chunk(output_dir: Path, state_path: Path, records: list[dict]) -> None:
-    """Add a finished chunk's records to metadata.jsonl (one atomic rewrite), drop its state."""
+    """Add a finished chunk's records to metadata.jsonl (one atomic rewrite; an extended chunk's
+    records replace its earlier ones, which they continue) and keep its state in
+    ``final_state/``."""
     finished = _read_metadata(output_dir)
+    new = {(r["model_id"], r["epoch"], r["file"]) for r in records}
+    continued = {r["model_id"] for r in records}
+    if all(
+        (r["model_id"], r["epoch"], r["file"]) in new
+        for r in finished
+        if r["model_id"] in continued
+    ):
+        finished = [r for r in finished if r["model_id"] not in continued]
     if again := sorted({r["model_id"] for r in finished} & {r["model_id"] for r in records}):
         raise RuntimeError(  # the writer lock makes this impossible; never write records twice
             f"{output_dir / RAW_METADATA_FILE} already holds {again[:3]}: another process "
             "trained them; not adding their records again"
         )
     all_records = sorted([*finished, *records], key=lambda r: (r["model_id"], r["epoch"]))
-    write_zoo_metadata(output_dir, all_records)
-    for path in state_path.parent.glob(f"{state_path.name}[._]*"):
+    final = output_dir / FINAL_STATE_DIR
+    final.mkdir(exist_ok=True)
+    for path in final.glob(f"{state_path.name}[._]*"):  # the state before an extension
         path.unlink()
+    for path in state_path.parent.glob(f"{state_path.name}[._]*"):
+        path.replace(final / path.name)
+    write_zoo_metadata(output_dir, all_records)
 
 
 def _read_metadata(output_dir: Path) -> list[dict]:

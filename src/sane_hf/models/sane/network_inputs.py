@@ -5,13 +5,15 @@ turned into ``(network id, state_dict)`` pairs here, in a stable order, so ids i
 say which input each row came from:
 
 - ``nn.Module`` / state_dict: ``network_<i>`` (``i`` counts the inputs);
-- ``.safetensors`` file: its file name without the suffix;
+- ``.safetensors`` file: its file name without the suffix; a ``.pt``/``.pth``/``.bin`` state_dict
+  the same, read with ``torch.load(weights_only=True)`` (no pickled code runs; anything but a
+  dict of tensors is refused with how to convert it);
 - a raw zoo folder (``zoo.json``): every checkpoint of ``metadata.jsonl``, as ``<model>_epoch_<e>``,
   each ``file`` confined to the zoo folder as for ``zoo build`` (`resolve_in_zoo`, all checked
   before any is read);
 - a zoo dataset folder (``sane_zoo.json``) or a zoo split (``datasets.Dataset``): every row,
   decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
-- any other folder: its ``*.safetensors`` files, sorted by name;
+- any other folder: its ``*.safetensors`` files, sorted by name (else its torch state_dicts);
 - a Hub id (``owner/name``, not an existing path): a zoo dataset repo, else a model repo's
   ``*.safetensors`` files;
 - `NamedWeights`: a state_dict that keeps the id it was read with (networks already read here
@@ -31,6 +33,7 @@ from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi, snapshot_download
 from torch import nn
 
+from sane_hf.utils.sources import missing_local_path
 from sane_hf.zoo.formats import (
     DATASET_METADATA_FILE,
     RAW_METADATA_FILE,
@@ -40,8 +43,12 @@ from sane_hf.zoo.formats import (
     read_safetensors,
     resolve_in_zoo,
 )
+from sane_hf.zoo.import_readers import CheckpointProblem, load_torch_checkpoint
 from sane_hf.zoo.metadata import zoo_metadata
 from sane_hf.zoo.storage import load_zoo_dataset
+
+# State dicts saved with torch.save, read with torch.load(weights_only=True).
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,11 @@ def _read_path(item: str | os.PathLike) -> Iterator[tuple[str, dict[str, torch.T
     if path.suffix == ".safetensors" and path.exists():
         yield path.stem, read_safetensors(path)
     elif path.is_file():
-        raise ValueError(f"{path}: networks are read from .safetensors files only")
+        yield path.stem, _read_file(path)
     elif path.is_dir():
         yield from _read_folder(path)
+    elif (problem := missing_local_path(str(item))) is not None:
+        raise FileNotFoundError(f"{item}: {problem}")
     elif _looks_like_hub_id(str(item)):
         yield from _read_hub(str(item))
     else:
@@ -132,13 +141,16 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for file in files:
             yield file.stem, read_safetensors(file)
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(path.glob("*.safetensors")) or sorted(
+            file for file in path.iterdir() if file.suffix in TORCH_SUFFIXES
+        )
         if not files:
             raise FileNotFoundError(
-                f"{path} holds no .safetensors file (nor {ZOO_FILE} or {DATASET_METADATA_FILE})"
+                f"{path} holds no .safetensors or {'/'.join(TORCH_SUFFIXES)} file (nor "
+                f"{ZOO_FILE} or {DATASET_METADATA_FILE})"
             )
         for file in files:
-            yield file.stem, read_safetensors(file)
+            yield file.stem, _read_file(file)
 
 
 def _raw_zoo_files(root: Path) -> list[Path]:
@@ -150,6 +162,29 @@ def _raw_zoo_files(root: Path) -> list[Path]:
         model_id = check_model_id(record.get("model_id"), where)
         files.append(resolve_in_zoo(root, record.get("file"), f"{where}, model {model_id!r}"))
     return files
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a .safetensors file, or from a torch.save file without running any of
+    its pickled code (``weights_only=True``)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix not in TORCH_SUFFIXES:
+        raise ValueError(
+            f"{path}: networks are read from .safetensors files or state_dicts saved with "
+            f"torch.save ({', '.join(TORCH_SUFFIXES)})"
+        )
+    try:
+        return load_torch_checkpoint(path)
+    except CheckpointProblem as problem:
+        reason = str(problem).splitlines()[0]
+        if "Weights only load failed" in reason:  # torch's long explanation of the refusal
+            reason = "it pickles more than tensors, e.g. a whole nn.Module"
+        raise ValueError(
+            f"{path}: not a state_dict that torch.load(weights_only=True) reads ({reason}); "
+            "convert it where it was saved: safetensors.torch.save_file(model.state_dict(), "
+            f"'{path.stem}.safetensors')"
+        ) from None
 
 
 def _zoo_rows(split: Dataset) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:

@@ -44,7 +44,9 @@ from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
 from sane_hf.zoo.formats import (
     ALIGNMENT_REFERENCE_FILE,
+    REMOTE_PROCESSOR_FILE,
     atomic_save_safetensors,
+    atomic_write_text,
     check_checkpoint_tensors,
     read_safetensors,
 )
@@ -91,7 +93,7 @@ class SaneProcessor(FeatureExtractionMixin):
         zoo_dataset: str | None = None,
         **kwargs: Any,
     ):
-        for name in ("feature_extractor_type", "processor_class", "trust_remote_code"):
+        for name in ("feature_extractor_type", "processor_class", "trust_remote_code", "auto_map"):
             kwargs.pop(name, None)
         unknown = sorted(name for name in kwargs if not name.startswith("_"))
         if unknown:  # a typo in preprocessor_config.json or a call must not be ignored
@@ -236,6 +238,7 @@ class SaneProcessor(FeatureExtractionMixin):
         return {
             "feature_extractor_type": type(self).__name__,
             "processor_class": type(self).__name__,
+            "auto_map": {"AutoProcessor": f"{REMOTE_PROCESSOR_FILE[:-3]}.{type(self).__name__}"},
             "tokensize": self.tokensize,
             "include_norm": self.include_norm,
             "architecture": self.architecture,
@@ -262,6 +265,9 @@ class SaneProcessor(FeatureExtractionMixin):
         os.makedirs(save_directory, exist_ok=True)
         if self.reference is not None:
             atomic_save_safetensors(self.reference, Path(save_directory) / ALIGNMENT_REFERENCE_FILE)
+        # What AutoProcessor runs without sane-hf installed: a pointer to `pip install sane-hf`.
+        remote = Path(__file__).with_name("processing_sane_remote.py").read_text()
+        atomic_write_text(Path(save_directory) / REMOTE_PROCESSOR_FILE, remote)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
