@@ -8,7 +8,7 @@ transformers' "Unrecognized processing class".
 """
 
 try:
-    from sane_hf import SaneProcessor
+    from sane_hf.models.sane.processing_sane import SaneProcessor
 except ImportError as error:
     raise ImportError(
         "this SANE model's processor (SaneProcessor, which aligns, normalizes and tokenizes "
