@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from sane_hf.downstream.embedding import Embeddings, embed
@@ -124,6 +122,9 @@ def write_embeddings(
     if layer_means:
         per_layer = embeddings.layer_means.reshape(len(mean), -1, mean.shape[1]).float().numpy()
         columns["layer_means"] = [list(layers) for layers in per_layer]
+    import pyarrow as pa  # here: only writing Parquet needs it
+    import pyarrow.parquet as pq
+
     pq.write_table(pa.table(columns), path)
 
 

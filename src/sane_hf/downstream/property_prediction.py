@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -36,6 +35,9 @@ from sane_hf.models.sane.modeling_sane import (
     SaneTransformer,
     masked_mean,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 TRAINER_COLUMNS = ("tokens", "positions", "labels")
 

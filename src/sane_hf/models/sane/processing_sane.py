@@ -43,9 +43,8 @@ from sane_hf.weights.layout import WeightLayout
 from sane_hf.weights.normalization import NormalizationStats
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.dataset import ZooDataset, as_splits, load_zoo_dataset
 from sane_hf.zoo.formats import ALIGNMENT_REFERENCE_FILE, atomic_save_safetensors
-from sane_hf.zoo.metadata import ZooMetadata
+from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
 
 from .configuration_sane import SaneConfig
 from .network_inputs import NetworkInput, iter_networks
@@ -161,6 +160,9 @@ class SaneProcessor(FeatureExtractionMixin):
         decodes back into the weights it was aligned to. A zoo whose reference checkpoint is not
         among its rows (another epoch selected) gets no reference: alignment is then off.
         """
+        # here, not at the top: processing networks (predict, embed) needs no `datasets`
+        from sane_hf.zoo.dataset import as_splits, load_zoo_dataset
+
         zoo = zoo if isinstance(zoo, ZooDataset) else load_zoo_dataset(zoo)
         splits, metadata = as_splits(zoo)
         return cls.from_zoo_metadata(
