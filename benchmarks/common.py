@@ -177,6 +177,21 @@ KERNEL_CATEGORIES = {
 }
 
 
+def by_category(
+    times_ms: dict[str, float], categories: dict[str, tuple[str, ...]], rest: str
+) -> dict[str, float]:
+    """Sum ``{name: ms}`` into the first category one of whose keys is in the (lower-cased)
+    name, the others into ``rest``."""
+    totals = dict.fromkeys([*categories, rest], 0.0)
+    for name, ms in times_ms.items():
+        lowered = name.lower()
+        category = next(
+            (c for c, keys in categories.items() if any(k in lowered for k in keys)), rest
+        )
+        totals[category] += ms
+    return totals
+
+
 def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.device) -> dict:
     """Where the GPU time of ``function`` goes: kernel time per category, the GPU-busy fraction
     of the wall time, and the top kernels (profiled over ``repeats`` calls; CUDA only)."""
@@ -197,14 +212,7 @@ def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.devi
             elapsed_ms = event.time_range.elapsed_us() / 1e3
             kernels[event.name] = kernels.get(event.name, 0.0) + elapsed_ms / repeats
             launches += 1
-    categories = dict.fromkeys([*KERNEL_CATEGORIES, "other (elementwise, norms, fused)"], 0.0)
-    for name, ms in kernels.items():
-        lowered = name.lower()
-        category = next(
-            (c for c, keys in KERNEL_CATEGORIES.items() if any(k in lowered for k in keys)),
-            "other (elementwise, norms, fused)",
-        )
-        categories[category] += ms
+    categories = by_category(kernels, KERNEL_CATEGORIES, "other (elementwise, norms, fused)")
     busy_ms = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda item: -item[1])[:8]
     return {
@@ -238,14 +246,7 @@ def cpu_op_profile(function: Callable[[], Any], repeats: int) -> dict:
             function()
     wall_ms = (time.perf_counter() - start) * 1e3 / repeats
     ops = {e.key: e.self_cpu_time_total / 1e3 / repeats for e in profile.key_averages()}
-    categories = dict.fromkeys([*CPU_OP_CATEGORIES, "other"], 0.0)
-    for name, ms in ops.items():
-        lowered = name.lower()
-        category = next(
-            (c for c, keys in CPU_OP_CATEGORIES.items() if any(k in lowered for k in keys)),
-            "other",
-        )
-        categories[category] += ms
+    categories = by_category(ops, CPU_OP_CATEGORIES, "other")
     top = sorted(ops.items(), key=lambda item: -item[1])[:12]
     return {
         "profile_wall_ms_per_call": round(wall_ms, 1),
