@@ -5,7 +5,7 @@ own products, not a datasheet peak. Every ``nn.Linear`` of the model is found wi
 hook (rows, in and out features), and each gives three products per step: the forward
 ``X @ W.T``, and the backward ``dY @ W`` (where its input needs a gradient) and ``dY.T @ X``. The attention scores add two batched
 products forward (``Q @ K.T``, ``P @ V``) and four backward, per block. Each product is timed
-alone (fastest of repeats, one thread as given), in fp32 and bf16 (attention: in float32 in both,
+alone (CPU time of the fastest repeat, one thread), in fp32 and bf16 (attention: in float32 in both,
 as `SaneAttention` runs it under CPU autocast), and summed: the **matmul floor** of one step,
 what the step would take if it did nothing but its matmuls at this CPU's rates.
 
@@ -82,11 +82,11 @@ def product_seconds(kind: str, batch: int, m: int, k: int, n: int, dtype: torch.
         torch.matmul(a, b)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    # the fastest repeat: the rate this CPU reaches (on a shared machine, others' jobs only ever
-    # make a product slower)
+        times.append(time.thread_time() - start)
+    # the thread's CPU time of the fastest repeat: the rate this CPU reaches (on a shared
+    # machine wall time also counts the time other jobs hold the core, mostly in large products)
     return min(times)
 
 
@@ -125,9 +125,8 @@ def matmul_floor(config: SaneConfig, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", help="a pretraining preset's shape (default: benchmark shape)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # thread CPU time is the product's time only with one thread
     config, batch_size = step_shape(args.preset)
     results = {
         "benchmark": "matmul rate at the shapes of one SANE training step, and its matmul floor",

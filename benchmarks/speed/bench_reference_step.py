@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import subprocess
 import sys
@@ -149,7 +150,9 @@ def our_train_step(variant: str, config: SaneConfig, batch: dict) -> Callable[[]
     """Our step in one of `OUR_VARIANTS`, built as ``bench_train_step`` builds it."""
     options = OUR_VARIANTS[variant]
     device = torch.device("cpu")
-    model, optimizer = model_and_optimizer(config, device, options["attn"])
+    # a config of its own: the attention backend is read from the config at every forward, and
+    # a shared one would run every variant with the last variant's backend
+    model, optimizer = model_and_optimizer(copy.deepcopy(config), device, options["attn"])
     autocast = autocast_context(options["dtype"], device)
     return make_train_step(compile_model(model, options["compile"]), optimizer, batch, autocast)
 
