@@ -13,6 +13,7 @@ line and the load average (a shared CPU's timings carry how busy it was).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -59,7 +60,16 @@ def synchronize(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what ``lscpu`` prints), else the platform's processor name."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -167,6 +177,21 @@ KERNEL_CATEGORIES = {
 }
 
 
+def by_category(
+    times_ms: dict[str, float], categories: dict[str, tuple[str, ...]], rest: str
+) -> dict[str, float]:
+    """Sum ``{name: ms}`` into the first category one of whose keys is in the (lower-cased)
+    name, the others into ``rest``."""
+    totals = dict.fromkeys([*categories, rest], 0.0)
+    for name, ms in times_ms.items():
+        lowered = name.lower()
+        category = next(
+            (c for c, keys in categories.items() if any(k in lowered for k in keys)), rest
+        )
+        totals[category] += ms
+    return totals
+
+
 def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.device) -> dict:
     """Where the GPU time of ``function`` goes: kernel time per category, the GPU-busy fraction
     of the wall time, and the top kernels (profiled over ``repeats`` calls; CUDA only)."""
@@ -187,14 +212,7 @@ def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.devi
             elapsed_ms = event.time_range.elapsed_us() / 1e3
             kernels[event.name] = kernels.get(event.name, 0.0) + elapsed_ms / repeats
             launches += 1
-    categories = dict.fromkeys([*KERNEL_CATEGORIES, "other (elementwise, norms, fused)"], 0.0)
-    for name, ms in kernels.items():
-        lowered = name.lower()
-        category = next(
-            (c for c, keys in KERNEL_CATEGORIES.items() if any(k in lowered for k in keys)),
-            "other (elementwise, norms, fused)",
-        )
-        categories[category] += ms
+    categories = by_category(kernels, KERNEL_CATEGORIES, "other (elementwise, norms, fused)")
     busy_ms = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda item: -item[1])[:8]
     return {
@@ -204,6 +222,36 @@ def kernel_profile(function: Callable[[], Any], repeats: int, device: torch.devi
         "profile_kernel_ms_by_category": {c: round(ms, 2) for c, ms in categories.items()},
         "profile_kernels_launched_per_call": launches // repeats,
         "profile_top_kernels_ms": {name[:90]: round(ms, 3) for name, ms in top},
+    }
+
+
+# CPU op categories of `cpu_op_profile`: the first whose key is in an aten op's name wins.
+CPU_OP_CATEGORIES = {
+    "attention": ("scaled_dot_product", "flash_attention", "_softmax", "softmax"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "GELU": ("gelu",),
+    "LayerNorm": ("layer_norm",),
+    "AdamW": ("adam",),
+    "copies and casts": ("copy_", "_to_copy", "clone", "aten::cat", "contiguous"),
+    "compiled kernels": ("graph_", "cpp_fused", "torch-compiled", "compiledfunction"),
+}
+
+
+def cpu_op_profile(function: Callable[[], Any], repeats: int) -> dict:
+    """Where the CPU time of ``function`` goes: the self time of its ops per category
+    (`CPU_OP_CATEGORIES`, the rest as "other"), per call, and the top ops (``repeats`` calls)."""
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(repeats):
+            function()
+    wall_ms = (time.perf_counter() - start) * 1e3 / repeats
+    ops = {e.key: e.self_cpu_time_total / 1e3 / repeats for e in profile.key_averages()}
+    categories = by_category(ops, CPU_OP_CATEGORIES, "other")
+    top = sorted(ops.items(), key=lambda item: -item[1])[:12]
+    return {
+        "profile_wall_ms_per_call": round(wall_ms, 1),
+        "profile_self_ms_by_category": {c: round(ms, 1) for c, ms in categories.items()},
+        "profile_top_ops_ms": {name[:80]: round(ms, 2) for name, ms in top},
     }
 
 

@@ -92,6 +92,20 @@ def test_thread_settings_for_shared_machines_unless_the_user_chose():
     assert result.stdout.split() == ["ACTIVE", "3"]
 
 
+def test_threads_flag_sets_the_threads_before_the_command_runs(monkeypatch, capsys):
+    chosen = []
+    monkeypatch.setattr(cli, "configure_threads", chosen.append)
+    cli.main(["--threads", "2", "probe", "--model", "/no/such/dir", "--dataset", "/no/such/zoo"])
+    assert chosen == [2]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--threads", "0", "probe", "--model", "m", "--dataset", "d"])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_free_cpus_is_within_the_affinity_mask():
+    assert 1 <= cli.free_cpus() <= len(os.sched_getaffinity(0))
+
+
 def test_demo_help_gives_the_time_and_mentions_quick():
     result = run_cli("demo", "--help")
     text = " ".join(result.stdout.split())

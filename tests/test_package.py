@@ -105,3 +105,40 @@ def test_no_module_re_exports_a_name_defined_elsewhere():
             home = getattr(value, "__module__", None)
             if home and home.startswith("sane_hf") and (isinstance(value, type) or callable(value)):
                 assert home == module.__name__, f"{module.__name__}.{name} comes from {home}"
+
+
+def test_the_cli_parses_and_prints_help_without_torch():
+    # every command's parser (flags generated from the config dataclasses) and its help text,
+    # with sys.modules checked after: help must not wait for torch and transformers
+    code = (
+        "import contextlib, io, sys\n"
+        "from sane_hf import cli\n"
+        "parser = cli.build_parser()\n"
+        "texts = []\n"
+        "for argv in [['--help'], *([name, '--help'] for name in cli.COMMAND_MODULES),\n"
+        "             ['zoo', 'train', '--help'], ['predict', '--help']]:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        parser.parse_args(argv)\n"
+        "    texts.append(out.getvalue())\n"
+        f"print(all(t.startswith('usage: sane-hf') for t in texts), "
+        f"[m for m in {HEAVY!r} + ('numpy',) if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True []"
+
+
+def test_predicting_from_network_files_imports_no_dataset_or_fitting_library():
+    # `sane-hf predict` on .safetensors files pays transformers' import and nothing heavier
+    light = ("datasets", "sklearn", "pyarrow", "pandas", "matplotlib")
+    code = (
+        "import sys\n"
+        "import sane_hf.downstream.pretrained, sane_hf.cli.embed\n"
+        f"print([m for m in {light!r} if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -9,9 +9,17 @@ the ``resnet18`` preset, the GPU kept busy.
 
 Reported: models/s (encoding and pooling, tokens already on the device, and including the
 host-to-device copy of the tokens), tokens encoded per second (halo context included), the
-encoder's model TFLOP/s (2 * matmul parameters * tokens encoded) and peak memory.
+encoder's model TFLOP/s (2 * matmul parameters * tokens encoded) and peak memory; beside it the
+**encoder-only FLOP floor**: the encoder's FLOPs per network (its matmuls and the attention
+scores over the halo windows) at this device's matmul rate measured in the same run (the
+encoder's widest product, ``[batch * window, d_model] x [d_model, 4 d_model]``, in the
+benchmark's dtype), as networks/s: what embedding would reach if it did nothing but matmuls.
+``--preset`` also takes a model folder (its ``config.json``: e.g. ``checkpoints/sane-cnn-mnist``;
+weights random, the speed does not depend on them).
 
     python -m benchmarks.speed.bench_embed                                   # CPU: tiny, 4 ResNet-18
+    python -m benchmarks.speed.bench_embed --preset checkpoints/sane-cnn-mnist --architecture cnn_s \
+        --num-models 256 --threads 1 --tag cnn_s
     python -m benchmarks.speed.bench_embed --preset resnet18 --num-models 100  # GPU
 
 Prints JSON and writes ``benchmarks/results/bench_embed.json``.
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +41,7 @@ from benchmarks.common import (
     machine_info,
     peak_memory,
     reset_peak_memory,
+    synchronize,
     timed_seconds,
     write_results,
 )
@@ -67,13 +78,31 @@ def network_tokens(
 
 def sane_model(preset: str, tokensize: int, positions: torch.Tensor) -> SaneModel:
     """A SANE model of ``preset`` for this token size, with position tables large enough."""
-    defaults = SaneConfig.from_preset(preset)
+    folder = Path(preset).is_dir()
+    defaults = SaneConfig.from_pretrained(preset) if folder else SaneConfig.from_preset(preset)
     needed = (positions.amax(dim=0) + 1).tolist()
     max_positions = [max(a, b) for a, b in zip(defaults.max_positions, needed)]
     torch.manual_seed(0)
+    if folder:
+        defaults.tokensize, defaults.max_positions = tokensize, tuple(max_positions)
+        return SaneModel(defaults).eval()
     return SaneModel(
         SaneConfig.from_preset(preset, tokensize=tokensize, max_positions=max_positions)
     ).eval()
+
+
+def matmul_rate(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of the encoder's widest product ``[rows, width] x [width, 4 width]`` (best of 10)."""
+    a = torch.randn(rows, width, dtype=dtype, device=device)
+    b = torch.randn(width, 4 * width, dtype=dtype, device=device)
+    times = []
+    for _ in range(12):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * width * 4 * width / min(times[2:])
 
 
 def embed_models(
@@ -130,6 +159,14 @@ def main() -> None:
 
     # the encoder owns no position tables (lookups are not matmuls): all its weights count
     encoder_matmul_parameters = sum(p.numel() for p in model.encoder.parameters())
+    config = model.config
+    # attention scores: Q @ K.T and P @ V, 2 * window_length * d_model FLOPs per token each
+    attention_flops = 4 * window_length * config.d_model * config.n_layers * tokens_encoded
+    encoder_flops = 2 * encoder_matmul_parameters * tokens_encoded + attention_flops
+    rate = matmul_rate(
+        min(args.batch_size, 64) * window_length, config.d_model, DTYPES[dtype_name], device
+    )
+    floor_seconds = encoder_flops / rate
     results = {
         "benchmark": "embedding whole networks with halo windows, batched across models",
         "preset": args.preset,
@@ -153,6 +190,12 @@ def main() -> None:
             2 * encoder_matmul_parameters * tokens_encoded / seconds / 1e12, 4
         ),
         "flops_counting": "2 * encoder matmul parameters * tokens encoded (halo included)",
+        "encoder_gflop_per_model": round(encoder_flops / args.num_models / 1e9, 3),
+        "matmul_gflop_per_s": round(rate / 1e9, 1),
+        "floor_models_per_s": round(args.num_models / floor_seconds, 2),
+        "fraction_of_floor": round(floor_seconds / seconds, 3),
+        "floor_counting": "encoder matmuls + attention scores at the measured rate of "
+        "[64 windows x window length, d_model] x [d_model, 4 d_model] in the model's dtype",
         "forward_passes": math.ceil(args.num_models * windows_per_model / args.batch_size),
         **peak_memory(device),
         **machine_info(device),

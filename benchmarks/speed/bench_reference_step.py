@@ -39,14 +39,22 @@ Same shape, not the same model: the reference runs the two views as two forwards
 before their output layers; its MSE averages over all values of ``mask * output``; 676,509
 parameters against our 493,633.
 
+Any pretraining preset's shape (``--preset cpu``: d_model 256, 2+2 blocks, latent 256): its
+model section and batch size, the same T=289 tokens, both models built at that shape:
+
+    OMP_NUM_THREADS=1 /tmp/sane-reference-venv/bin/python -m benchmarks.speed.bench_reference_step \
+        --reference-dir /tmp/sane-reference --preset cpu --ours fp32 bf16 bf16-compiled
+
 Prints JSON with ``step_median_ms``, ``step_cpu_median_ms`` and ``ours`` and writes
-``benchmarks/results/bench_reference_step_cpu.json``.
+``benchmarks/results/bench_reference_step_cpu.json`` (``..._preset_<name>.json`` with
+``--preset``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import subprocess
 import sys
@@ -56,6 +64,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    cpu_op_profile,
     cpu_time_repeats,
     machine_info,
     summarize_ms,
@@ -73,6 +82,8 @@ from benchmarks.speed.bench_train_step import (
     synthetic_views,
 )
 from sane_hf import SaneConfig
+from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.utils.config import load_config
 
 
 def reference_config(config: SaneConfig, batch_size: int) -> dict:
@@ -103,6 +114,8 @@ def reference_config(config: SaneConfig, batch_size: int) -> dict:
 # Our step variants timed beside the reference with --ours (bench_train_step's options).
 OUR_VARIANTS = {
     "fp32": {"dtype": "fp32", "attn": "sdpa", "compile": "none"},
+    "fp32-eager": {"dtype": "fp32", "attn": "eager", "compile": "none"},
+    "fp32-compiled": {"dtype": "fp32", "attn": "sdpa", "compile": "model"},
     "bf16": {"dtype": "bf16", "attn": "sdpa", "compile": "none"},
     "bf16-compiled": {"dtype": "bf16", "attn": "sdpa", "compile": "model"},
     "bf16-eager-compiled": {"dtype": "bf16", "attn": "eager", "compile": "model"},
@@ -137,7 +150,9 @@ def our_train_step(variant: str, config: SaneConfig, batch: dict) -> Callable[[]
     """Our step in one of `OUR_VARIANTS`, built as ``bench_train_step`` builds it."""
     options = OUR_VARIANTS[variant]
     device = torch.device("cpu")
-    model, optimizer = model_and_optimizer(config, device, options["attn"])
+    # a config of its own: the attention backend is read from the config at every forward, and
+    # a shared one would run every variant with the last variant's backend
+    model, optimizer = model_and_optimizer(copy.deepcopy(config), device, options["attn"])
     autocast = autocast_context(options["dtype"], device)
     return make_train_step(compile_model(model, options["compile"]), optimizer, batch, autocast)
 
@@ -152,17 +167,28 @@ def main() -> None:
         default=[],
         help="our step variants to time in the same process, round by round",
     )
+    parser.add_argument(
+        "--preset",
+        help="time this pretraining preset's shape (model section, batch size) instead of the "
+        "fixed benchmark shape (d_model 64, 4+4 blocks, batch 32)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all contenders")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile 3 steps of each contender by op"
+    )
     args = parser.parse_args()
 
     reference_dir = Path(args.reference_dir).resolve()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    config = bench_config("cpu")
-    batch_size = DEFAULT_BATCH_SIZE["cpu"]
+    if args.preset:
+        pretraining = load_config(PretrainingConfig, args.preset)
+        config, batch_size = pretraining.model_config(), pretraining.batch_size
+    else:
+        config, batch_size = bench_config("cpu"), DEFAULT_BATCH_SIZE["cpu"]
     # our synthetic batch (views stacked on the batch axis), as the reference's two views
     batch = synthetic_views(config, batch_size, config.windowsize, SEQUENCE_LENGTH["cpu"], device)
     reference_step, reference, num_parameters = reference_train_step(
@@ -181,6 +207,7 @@ def main() -> None:
     wall_ms: dict[str, list[float]] = {name: [] for name in steps}
     cpu_ms: dict[str, list[float]] = {name: [] for name in steps}
     round_medians: dict[str, list[float]] = {name: [] for name in steps}
+    round_cpu_medians: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(args.rounds):
         shift = round_index % len(names)
@@ -190,11 +217,21 @@ def main() -> None:
                 lambda step=step, kept=kept: kept.append(step()), args.steps, device
             )
             wall_ms[name] += times
-            cpu_ms[name] += cpu_time_repeats(step, args.steps)
+            cpu_times = cpu_time_repeats(step, args.steps)
+            cpu_ms[name] += cpu_times
             round_medians[name].append(statistics.median(times))
+            round_cpu_medians[name].append(statistics.median(cpu_times))
+
+    profiles = (
+        {name: cpu_op_profile(step, 3) for name, step in steps.items()} if args.profile else {}
+    )
 
     def contender(name: str) -> dict:
         ratios = [ours / ref for ours, ref in zip(round_medians[name], round_medians["reference"])]
+        # CPU time: what the step itself used, less moved by other jobs on a shared machine
+        cpu_ratios = [
+            ours / ref for ours, ref in zip(round_cpu_medians[name], round_cpu_medians["reference"])
+        ]
         return {
             **({"options": OUR_VARIANTS[name]} if name in OUR_VARIANTS else {}),
             **{f"step_{key}": value for key, value in summarize_ms(wall_ms[name]).items()},
@@ -202,10 +239,13 @@ def main() -> None:
             "round_median_ms": [round(ms, 1) for ms in round_medians[name]],
             "vs_reference_per_round": [round(ratio, 3) for ratio in ratios],
             "vs_reference": round(statistics.median(ratios), 3),
+            "vs_reference_cpu_per_round": [round(ratio, 3) for ratio in cpu_ratios],
+            "vs_reference_cpu": round(statistics.median(cpu_ratios), 3),
             "loss_first_last": [
                 round(losses[name][0].item(), 4),
                 round(losses[name][-1].item(), 4),
             ],
+            **profiles.get(name, {}),
         }
 
     commit = subprocess.run(
@@ -220,6 +260,10 @@ def main() -> None:
         + (", and ours in the same process, round by round" if args.ours else ""),
         "reference_repository": "github.com/HSG-AIML/SANE",
         "reference_commit": commit or "unknown (not a git checkout)",
+        "preset": args.preset or "benchmark shape (cnn-s-cpu model, batch 32)",
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "latent_dim": config.latent_dim,
         "reference_config": reference,
         "dtype": "fp32",
         "batch_size": batch_size,
@@ -240,7 +284,9 @@ def main() -> None:
         "ours": {name: contender(name) for name in args.ours},
         **machine_info(device),
     }
-    write_results("bench_reference_step_cpu", results)
+    write_results(
+        "bench_reference_step_" + (f"preset_{args.preset}" if args.preset else "cpu"), results
+    )
 
 
 if __name__ == "__main__":

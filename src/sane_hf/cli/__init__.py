@@ -8,19 +8,22 @@ Errors, for every command alike (`main`): a user error (bad value, missing file,
 is one line on stderr and exit status 1; a usage error is argparse's message and exit status 2;
 the traceback only with ``--debug`` or ``SANE_HF_DEBUG=1``.
 
-Shared machines: before anything imports torch, `main` sets ``OMP_WAIT_POLICY=PASSIVE`` and
-``OMP_NUM_THREADS`` (the CPUs not already busy by the load average), each unless the user set
-it. OpenMP's default lets idle threads spin for their next task, one per core; next to other
-busy processes the spinning threads took the CPU from the working ones and a one-minute demo
-took 6-8 minutes on a shared 2-core machine (1:05 with ``OMP_NUM_THREADS=1``).
+Threads: parsing imports no torch, so `main` sets ``OMP_WAIT_POLICY=PASSIVE`` and
+``OMP_NUM_THREADS`` before the command imports it, each unless the user set it: ``--threads N``,
+else the CPUs this process may use minus those other processes keep busy (`free_cpus`). OpenMP's
+default lets idle threads spin for their next task, one per core; next to other busy processes
+the spinning threads took the CPU from the working ones and a one-minute demo took 6-8 minutes
+on a shared 2-core machine (1:05 with ``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # The command groups, in the order they appear in --help.
 COMMAND_MODULES = ["zoo", "pretrain", "probe", "embed", "sample", "demo", "push"]
@@ -30,15 +33,38 @@ COMMAND_MODULES = ["zoo", "pretrain", "probe", "embed", "sample", "demo", "push"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, ImportError)
 
 
-def configure_threads() -> None:
-    """Thread settings for shared machines, each only where the user set nothing (must run
-    before torch is imported): passive OpenMP waiting, and as many threads as CPUs are free
-    (this process's CPUs minus the one-minute load average, at least one)."""
+def configure_threads(threads: int | None = None) -> None:
+    """Thread settings for shared machines (before torch is imported): passive OpenMP waiting
+    unless the user chose a policy, and ``threads`` threads, else ``OMP_NUM_THREADS`` as the
+    user set it, else `free_cpus`."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "OMP_NUM_THREADS" not in os.environ:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        os.environ["OMP_NUM_THREADS"] = str(max(1, min(cpus or 1, round((cpus or 1) - load))))
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(free_cpus())
+    if "torch" in sys.modules:  # imported before main (an embedding script): too late for OMP_*
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def free_cpus() -> int:
+    """The CPUs this process may use (its affinity mask) minus those other processes keep busy,
+    at least one. Busy: the fewer of the one-minute load average and the tasks running right
+    now besides this one (``/proc/loadavg``); the average alone still counts a job that ended
+    a minute ago, which kept a run that started after it on one core of two."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        busy = min(busy, running - 1)
+    return max(1, min(cpus, round(cpus - busy)))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         help="show the full traceback of an error (also SANE_HF_DEBUG=1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: OMP_NUM_THREADS, else the CPUs this process may "
+        "use minus those other processes keep busy)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -92,8 +124,8 @@ def _repo_of_url(url: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_threads()
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them, exit 2
+    configure_threads(args.threads)  # parsing imported no torch: the thread settings still apply
     debug = args.debug or os.environ.get("SANE_HF_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -17,18 +17,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import BatchFeature
 
 from sane_hf.models.sane.modeling_sane import check_positions, set_position_checks
+from sane_hf.models.sane.network_inputs import is_dataset
 
 TOKEN_COLUMNS = ("tokens", "positions", "counts")
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def halo_windows(num_tokens: int, window: int, halo: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,15 +313,15 @@ def embed(
         return_token_latents: keep all token latents ``[M, N, D]`` (``N`` times the memory).
         progress: progress bar over the chunks of networks.
     """
-    if processor is not None and not isinstance(weights, Dataset | BatchFeature):
+    if processor is not None and not (is_dataset(weights) or isinstance(weights, BatchFeature)):
         weights = processor(weights)
-    if not isinstance(weights, Dataset | BatchFeature):
+    if not (is_dataset(weights) or isinstance(weights, BatchFeature)):
         raise TypeError(
             f"embed() got {type(weights).__name__}: pass processor=SaneProcessor.from_pretrained"
             "(<model>) to embed networks (it checks their layout, aligns and normalizes them "
             "like the zoo), its output, or a zoo dataset split"
         )
-    embed_many = _embed_zoo_split if isinstance(weights, Dataset) else _embed_features
+    embed_many = _embed_zoo_split if is_dataset(weights) else _embed_features
     return embed_many(
         model,
         weights,

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -159,6 +157,9 @@ def write_embeddings(
             with temporary.open("wb") as file:
                 np.save(file, mean)
         else:
+            import pyarrow as pa  # here: only writing Parquet needs it
+            import pyarrow.parquet as pq
+
             pq.write_table(pa.table(columns), temporary)
 
 

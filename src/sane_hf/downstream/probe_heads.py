@@ -17,16 +17,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import nn
 from transformers.utils import cached_file
 
 from sane_hf.downstream.probing import LogisticProbe, ProbeReport, probe_zoo
-from sane_hf.hub import probe_metric_name
 from sane_hf.zoo.formats import (
     PROBE_HEADS_CONFIG_FILE,
     PROBE_HEADS_FILE,
@@ -50,6 +48,9 @@ DEFAULT_UNITS = {
     "epoch": "epochs",
 }
 DEFAULT_PROPERTIES = ("test_acc", "epoch", "ggap")
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 @dataclass
@@ -116,6 +117,9 @@ class ProbeHeads:
 
     def test_scores(self) -> dict[str, float]:
         """Model-card metrics: ``"R^2 test_acc (shipped probe head, test split)" -> score``."""
+        # here: the Hub module imports `datasets` (zoo pushes), which predicting does not need
+        from sane_hf.hub import probe_metric_name
+
         return {probe_metric_name(head.metric, head.name): head.test_score for head in self.heads}
 
     # -- saving and loading ----------------------------------------------------------------

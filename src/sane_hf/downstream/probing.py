@@ -26,17 +26,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import r2_score
 from torch import nn
 
 from sane_hf.downstream.embedding import embed
 from sane_hf.weights.layout import real_entry_mask
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 SPLITS = ("train", "validation", "test")
 # Panel titles: what a zoo column means, in words (other properties keep their column name).
@@ -185,6 +185,8 @@ class RidgeProbe:
         shrinkage = s / (s**2 + alphas[:, None])  # [A, r]
         coefs = (shrinkage * projected) @ vt  # [A, d]
         val_predictions = self.standardizer(val_x) @ coefs.T + self.intercept  # [n_val, A]
+        from sklearn.metrics import r2_score  # here: predicting with saved probes needs no sklearn
+
         self.validation_scores = np.array([r2_score(val_y, p) for p in val_predictions.T])
         # the largest alpha among equally good ones: the most regularized probe that fits as well
         best = len(alphas) - 1 - int(np.argmax(self.validation_scores[::-1]))
@@ -196,6 +198,8 @@ class RidgeProbe:
         return self.standardizer(np.asarray(x, dtype=np.float64)) @ self.coef + self.intercept
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        from sklearn.metrics import r2_score
+
         return float(r2_score(y, self.predict(x)))
 
 
@@ -224,6 +228,9 @@ class LogisticProbe:
         val_x = _check_features("validation features", val_x, val_y)
         self.standardizer = _Standardizer(train_x)
         train_x, val_x = self.standardizer(train_x), self.standardizer(val_x)
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
         path = LogisticRegression(max_iter=self.max_iter, warm_start=True)
         classifiers, self.unconverged_cs = [], []
         for c in self.cs:

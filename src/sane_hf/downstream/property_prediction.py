@@ -20,14 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset
 
 from sane_hf.downstream.embedding import zoo_properties
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneForPropertyPrediction
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 TRAINER_COLUMNS = ("tokens", "positions", "labels")
 

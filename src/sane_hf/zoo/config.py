@@ -7,10 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-
 from sane_hf.utils.config import LoadableConfig
-from sane_hf.zoo.architectures import ACTIVATIONS, INITIALIZATIONS
 
 SEED_ZOO_HYPERPARAMETERS: dict[str, Any] = {
     "activation": "tanh",
@@ -154,6 +151,8 @@ class ZooConfig(LoadableConfig):
             raise ValueError(
                 f"num_models={self.num_models} exceeds the {len(choices)} models of the grid"
             )
+        import numpy as np  # here, not at the top: `sane-hf zoo --help` needs no numpy
+
         picked = np.random.default_rng(self.seed).choice(
             len(choices), self.num_models, replace=False
         )
@@ -175,6 +174,10 @@ def _check_hyperparameters(values: dict[str, Any], where: str, is_grid: bool = F
         raise ValueError(
             f"{where} has unknown hyperparameters {unknown}; known: {sorted(SEED_ZOO_HYPERPARAMETERS)}"
         )
+    # imported here: the names live with the torch modules they build, and the CLI's parser
+    # (flags from this dataclass) must not import torch
+    from sane_hf.zoo.architectures import ACTIVATIONS, INITIALIZATIONS
+
     allowed = {"activation": ACTIVATIONS, "init": INITIALIZATIONS, "optimizer": OPTIMIZERS}
     for name, value in values.items():
         options = value if is_grid else [value]

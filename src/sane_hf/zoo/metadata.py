@@ -6,14 +6,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from datasets import (
-    Dataset,
-    DatasetDict,
-)
 from torch import nn
 
 from sane_hf.weights.layout import WeightLayout
@@ -23,6 +19,9 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import WeightTokenizer
 from sane_hf.zoo.architectures import build_model
+
+if TYPE_CHECKING:  # datasets costs a second of start-up; reading networks needs none of it
+    from datasets import Dataset, DatasetDict
 
 METADATA_FORMAT = "sane_hf.ZooDataset"
 METADATA_VERSION = 1
@@ -134,6 +133,8 @@ class ZooDataset(NamedTuple):
 
 def zoo_metadata(dataset: ZooDataset | DatasetDict | Dataset) -> ZooMetadata:
     """The `ZooMetadata` of a `ZooDataset`, or the one stored in a dataset's ``info.description``."""
+    from datasets import DatasetDict
+
     if isinstance(dataset, ZooDataset):
         return dataset.metadata
     split = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset

@@ -23,13 +23,13 @@ say which input each row came from:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
-from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi, snapshot_download
 from torch import nn
 
@@ -45,7 +45,6 @@ from sane_hf.zoo.formats import (
 )
 from sane_hf.zoo.import_readers import CheckpointProblem, load_torch_checkpoint
 from sane_hf.zoo.metadata import zoo_metadata
-from sane_hf.zoo.storage import load_zoo_dataset
 
 # State dicts saved with torch.save, read with torch.load(weights_only=True).
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -59,15 +58,20 @@ class NamedWeights:
     state_dict: dict[str, torch.Tensor]
 
 
-NetworkInput = (
-    nn.Module
-    | Mapping[str, torch.Tensor]
-    | str
-    | os.PathLike
-    | Dataset
-    | DatasetDict
-    | NamedWeights
-)
+if TYPE_CHECKING:  # `datasets` costs a second of start-up; networks from files need none of it
+    from datasets import Dataset, DatasetDict
+
+NetworkInput = Union[  # the datasets types by name: they are not imported
+    nn.Module, Mapping[str, torch.Tensor], str, os.PathLike, "Dataset", "DatasetDict", NamedWeights
+]
+
+
+def is_dataset(value: Any, class_name: str = "Dataset") -> bool:
+    """Whether ``value`` is a ``datasets.Dataset`` (or another class of `datasets` by name),
+    without importing `datasets` (a second of start-up for networks read from files): while
+    nothing has imported it, nothing can be one."""
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(value, getattr(datasets, class_name))
 
 
 def iter_networks(
@@ -82,18 +86,17 @@ def iter_networks(
 
 
 def _is_single(item: Any) -> bool:
-    return isinstance(
-        item, nn.Module | Mapping | str | os.PathLike | Dataset | DatasetDict | NamedWeights
-    )
+    single = isinstance(item, nn.Module | Mapping | str | os.PathLike | NamedWeights)
+    return single or is_dataset(item) or is_dataset(item, "DatasetDict")
 
 
 def _read(item: Any, index: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     if isinstance(item, nn.Module):
         yield f"network_{index}", {k: v.detach() for k, v in item.state_dict().items()}
-    elif isinstance(item, DatasetDict):
+    elif is_dataset(item, "DatasetDict"):
         for split in item.values():
             yield from _zoo_rows(split)
-    elif isinstance(item, Dataset):
+    elif is_dataset(item):
         yield from _zoo_rows(item)
     elif isinstance(item, Mapping):
         _check_state_dict(item, f"input {index}")
@@ -134,6 +137,8 @@ def _read_path(item: str | os.PathLike) -> Iterator[tuple[str, dict[str, torch.T
 
 def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     if (path / DATASET_METADATA_FILE).is_file():
+        from sane_hf.zoo.storage import load_zoo_dataset
+
         for split in load_zoo_dataset(path).splits.values():
             yield from _zoo_rows(split)
     elif (path / ZOO_FILE).is_file():
@@ -202,6 +207,8 @@ def _looks_like_hub_id(text: str) -> bool:
 
 def _read_hub(repo_id: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """A zoo dataset repo (it has ``sane_zoo.json``), else the ``.safetensors`` of a model repo."""
+    from sane_hf.zoo.storage import load_zoo_dataset
+
     api = HfApi()
     if api.repo_exists(repo_id, repo_type="dataset") and api.file_exists(
         repo_id, DATASET_METADATA_FILE, repo_type="dataset"

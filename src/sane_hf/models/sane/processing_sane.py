@@ -51,7 +51,6 @@ from sane_hf.zoo.formats import (
     read_safetensors,
 )
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
-from sane_hf.zoo.storage import as_splits, load_zoo_dataset
 
 from .configuration_sane import SaneConfig
 from .network_inputs import NetworkInput, iter_networks
@@ -173,6 +172,9 @@ class SaneProcessor(FeatureExtractionMixin):
         decodes back into the weights it was aligned to. A zoo whose reference checkpoint is not
         among its rows (another epoch selected) gets no reference: alignment is then off.
         """
+        # here, not at the top: processing networks (predict, embed) needs no `datasets`
+        from sane_hf.zoo.storage import as_splits, load_zoo_dataset
+
         zoo = zoo if isinstance(zoo, ZooDataset) else load_zoo_dataset(zoo)
         splits, metadata = as_splits(zoo)
         return cls.from_zoo_metadata(
