@@ -21,6 +21,7 @@ from sane_hf import (
     push_model_to_hub,
 )
 from sane_hf.cli import main
+from sane_hf.downstream.probe_heads import head_inputs
 from sane_hf.models.sane.processing_sane import _check_layout
 from sane_hf.weights.alignment import apply_permutation, random_permutation
 from synthetic_zoo import write_raw_zoo
@@ -217,11 +218,21 @@ def test_predict_with_the_shipped_probe_heads(released, tmp_path):
     assert predictions.ids == ["network_0", "network_1", "network_2"]
     assert predictions.values["test_acc"].shape == (3,)
     assert np.isfinite(predictions.values["test_acc"]).all()
-    assert (tmp_path / "p.csv").read_text().startswith("id,test_acc,epoch,ggap\n")
-    embeddings = embed(model, processor(_cnns()), progress=False)
+    # a head no better than the zoo's mean is left out, and said so
+    informative = [head.name for head in heads.heads if head.informative]
+    assert list(predictions.values) == informative
+    assert set(predictions.left_out) == set(heads.names) - set(informative)
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header.startswith(",".join(["id", *informative]))
+    features = processor(_cnns())
+    inputs = head_inputs(model, features, heads, processor.layout.mask())
     np.testing.assert_allclose(
-        heads.predict(embeddings.mean)["test_acc"], predictions.values["test_acc"], rtol=1e-5
+        heads.predict(inputs)["test_acc"], predictions.values["test_acc"], rtol=1e-5
     )
+    table = predictions.table()
+    assert "test_acc is the fraction correct on the mnist test split" in table
+    for name in informative:
+        assert f"{name}: " in table and "head reads" in table
 
 
 def test_cli_embed_and_predict(tmp_path, capsys):

@@ -13,6 +13,8 @@ Everything here follows one protocol so that SANE and its baselines are comparab
   the validation split from a log grid (1e-5 .. 1e3, as the reference), R^2 reported on test;
 - categorical properties (activation, init, optimizer): logistic regression, ``C`` picked by
   validation accuracy, test accuracy reported;
+- numeric probes also report Kendall's tau between predicted and true test values (the rank
+  measure of neural-functional work: is a better network ranked higher?);
 - baselines on the same splits: ``s(W)`` (per-layer mean, variance and 1/25/50/75/99 percentiles
   of the real weights, Unterthiner et al. 2020) and the raw weights ``W`` for small models.
 """
@@ -30,12 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from scipy.stats import kendalltau
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import r2_score
 from torch import nn
 
 from sane_hf.downstream.embedding import embed
+from sane_hf.downstream.features import (
+    SANE,
+    SANE_AND_WEIGHT_STATISTICS,
+    SANE_LAYERS,
+    feature_matrices,
+    latent_statistics,
+    needs_token_latents,
+)
 
 # SaneForPropertyPrediction lives in property_prediction; importable from here as before.
 from sane_hf.downstream.property_prediction import (
@@ -273,6 +284,7 @@ class ProbeResult:
     true: np.ndarray
     predicted: np.ndarray
     probe: RidgeProbe | LogisticProbe | None = None  # the fitted probe (for shipped probe heads)
+    kendall_tau: float | None = None  # test split, numeric properties only
 
     def to_dict(self) -> dict:
         return {
@@ -280,9 +292,17 @@ class ProbeResult:
             "features": self.features,
             "metric": self.metric,
             "score": self.score,
+            "kendall_tau": self.kendall_tau,
             "regularization": self.regularization,
             "validation_score": self.validation_score,
         }
+
+
+def kendall_tau(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Kendall's tau-b of predictions against true values (NaN when either is constant)."""
+    with warnings.catch_warnings():  # a constant input warns and returns NaN: NaN is the answer
+        warnings.simplefilter("ignore")
+        return float(kendalltau(true, predicted).statistic)
 
 
 @dataclass
@@ -301,13 +321,27 @@ class ProbeReport:
         return list(dict.fromkeys(r.property for r in self.results))
 
     def score(self, property_name: str, features: str) -> float:
+        return self.result(property_name, features).score
+
+    def result(self, property_name: str, features: str) -> ProbeResult:
         for result in self.results:
             if result.property == property_name and result.features == features:
-                return result.score
+                return result
         raise KeyError(f"no result for property {property_name!r} with features {features!r}")
 
+    def best(self, property_name: str, feature_sets: Sequence[str]) -> ProbeResult:
+        """The probe of ``property_name`` with the highest *validation* score among
+        ``feature_sets`` (those that were probed): the test split chooses nothing."""
+        candidates = [
+            r for r in self.results if r.property == property_name and r.features in feature_sets
+        ]
+        if not candidates:
+            raise KeyError(f"no probe of {property_name!r} on any of {list(feature_sets)}")
+        return max(candidates, key=lambda r: r.validation_score)
+
     def table(self) -> str:
-        """A terminal table: one row per property, one column per feature set."""
+        """A terminal table: one row per property, one column per feature set, and for numeric
+        properties a second row with Kendall's tau."""
         feature_sets = self.feature_sets
         by_key = {(r.property, r.features): r for r in self.results}
         width = max([len("property"), *(len(p) for p in self.properties)])
@@ -322,6 +356,14 @@ class ProbeReport:
                 for f in feature_sets
             )
             lines.append(f"{name:<{width}}  {metric:<8}{cells}")
+            if metric == "r2":
+                taus = "".join(
+                    f"  {by_key[name, f].kendall_tau:>10.3f}"
+                    if (name, f) in by_key
+                    else f"  {'-':>10}"
+                    for f in feature_sets
+                )
+                lines.append(f"{'':<{width}}  {'tau':<8}{taus}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -424,6 +466,8 @@ def probe_features(
                 predicted=probe.predict(splits["test"]),
                 probe=probe,
             )
+            if not categorical:
+                result.kendall_tau = kendall_tau(result.true, result.predicted)
             results.append(result)
     return ProbeReport(results, skipped)
 
@@ -480,6 +524,7 @@ def probe_zoo(
     baselines: Sequence[str] = BASELINES,
     max_raw_features: int = 50_000,
     include_layer_means: bool = False,
+    feature_sets: Sequence[str] = (SANE,),
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 256,
@@ -497,6 +542,9 @@ def probe_zoo(
         baselines: ``"s(W)"`` and/or ``"W"``, computed on the same splits. ``W`` is skipped
             (noted in ``ProbeReport.skipped``) for models above ``max_raw_features`` weights.
         include_layer_means: also probe the concatenated per-layer mean latents ("SANE layers").
+        feature_sets: the SANE feature sets to probe (`sane_hf.downstream.features`: "SANE",
+            "SANE layers", "s(Z)", "SANE + s(W)"); "SANE + s(W)" is SANE next to s(W), its
+            own row, not SANE alone.
         window, halo, batch_size: halo-window encoding (see ``sane_hf.embed``).
     """
     missing = [split for split in SPLITS if split not in dataset]
@@ -512,6 +560,7 @@ def probe_zoo(
                 f"{num_weights} weights per model > max_raw_features={max_raw_features}"
             )
             baselines = [name for name in baselines if name != "W"]
+    feature_sets = list(dict.fromkeys([*feature_sets, *([SANE_LAYERS] * include_layer_means)]))
     for split in SPLITS:
         embeddings = embed(
             model,
@@ -519,13 +568,21 @@ def probe_zoo(
             window=window,
             halo=halo,
             batch_size=batch_size,
+            return_token_latents=needs_token_latents(feature_sets),
             progress=progress,
         )
-        features.setdefault("SANE", {})[split] = embeddings.mean.double().numpy()
-        if include_layer_means:
-            layer_means = embeddings.layer_means.flatten(1).double().numpy()
-            features.setdefault("SANE layers", {})[split] = layer_means
-        for name, values in baseline_features(dataset[split], baselines, max_raw_features).items():
+        weight_baselines = baseline_features(dataset[split], baselines, max_raw_features)
+        weight_stats = weight_baselines.get("s(W)")
+        if SANE_AND_WEIGHT_STATISTICS in feature_sets and weight_stats is None:
+            weight_stats = baseline_features(dataset[split], ("s(W)",))["s(W)"]
+        sane_features = feature_matrices(
+            feature_sets,
+            mean=embeddings.mean,
+            layer_means=embeddings.layer_means,
+            latent_stats=zoo_latent_statistics(embeddings, dataset[split]),
+            weight_stats=weight_stats,
+        )
+        for name, values in {**sane_features, **weight_baselines}.items():
             features.setdefault(name, {})[split] = values
         if properties is None:
             properties = default_properties(
@@ -541,6 +598,14 @@ def probe_zoo(
     report = probe_features(features, targets, regularization_grid)
     report.skipped.update(skipped)
     return report
+
+
+def zoo_latent_statistics(embeddings, split: Dataset) -> torch.Tensor | None:
+    """`latent_statistics` of a zoo split's embeddings (None without token latents)."""
+    if embeddings.token_latents is None:
+        return None
+    positions = torch.as_tensor(np.asarray(split[0]["positions"])).long()
+    return latent_statistics(embeddings.token_latents, positions)
 
 
 def _categorical_hyperparameters(split: Dataset) -> list[str]:

@@ -54,4 +54,8 @@ def gather_embeddings(indices: list[int], part: Embeddings | None, ranks: Ranks)
             for name in names
         },
         ids=[ids[i] for i in order.tolist()] if ids else [],
+        extras={
+            name: np.concatenate([piece.extras[name] for piece in pieces])[order.numpy()]
+            for name in pieces[0].extras
+        },
     )

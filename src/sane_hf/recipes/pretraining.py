@@ -1,5 +1,6 @@
 """Pretraining as a user runs it (`sane-hf pretrain`, the demo, the reproductions): the run of
-`sane_hf.pretraining.loop.pretrain`, then the probe heads that ship with the model.
+`sane_hf.pretraining.loop.pretrain`, then the probe heads and the in-distribution reference
+(`sane_hf.downstream.ood`) that ship with the model.
 
 The heads are fitted here, not in the pretraining layer, because fitting them embeds the zoo with
 the trained model (a downstream task). The push, when asked for, comes last, so the Hub repo holds
@@ -14,6 +15,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from sane_hf.downstream.ood import InDistributionReference
 from sane_hf.downstream.probe_heads import fit_probe_heads
 from sane_hf.hub import folder_model_card
 from sane_hf.models.sane.modeling_sane import SaneModel
@@ -25,7 +27,7 @@ from sane_hf.zoo.storage import load_zoo_dataset
 def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     """`pretrain(config)`, then, on the main process of a finished run, probe heads fitted on the
     zoo's splits saved beside the model (``ProbeHeads.from_pretrained(output_dir)``), then the
-    push. Returns pretraining's summary, with the heads' test scores under ``probe_heads``."""
+    push; the in-distribution reference is saved beside the heads. Returns pretraining's summary, with the heads' test scores under ``probe_heads``."""
     summary = pretrain(dataclasses.replace(config, push_to_hub=False))
     output_dir = Path(config.output_dir)
     finished = (output_dir / "model.safetensors").is_file() and (
@@ -37,6 +39,8 @@ def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     zoo = load_zoo_dataset(config.dataset)
     heads = fit_probe_heads(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
     heads.save_pretrained(output_dir)
+    reference = InDistributionReference.fit(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
+    reference.save_pretrained(output_dir)
     folder_model_card(output_dir, config.hub_model_id or str(output_dir)).save(
         output_dir / "README.md"
     )

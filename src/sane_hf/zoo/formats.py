@@ -43,6 +43,8 @@ DATASET_METADATA_FILE = "sane_zoo.json"
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"
 PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
+IN_DISTRIBUTION_FILE = "in_distribution.safetensors"
+IN_DISTRIBUTION_CONFIG_FILE = "in_distribution.json"
 LOCK_FILE = ".sane_zoo.lock"
 METADATA_LOCK_FILE = ".sane_zoo.metadata.lock"
 # Model ids become file names: letters, digits, '.', '_', '-', not starting with a separator.
