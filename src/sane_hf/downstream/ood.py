@@ -37,8 +37,7 @@ from transformers import BatchFeature
 from transformers.utils import cached_file
 
 from sane_hf.downstream.embedding import Embeddings, decode_latents, embed
-from sane_hf.downstream.features import split_tokens
-from sane_hf.downstream.probing import weight_statistics
+from sane_hf.downstream.features import split_tokens, weight_statistics
 from sane_hf.zoo.formats import (
     IN_DISTRIBUTION_CONFIG_FILE,
     IN_DISTRIBUTION_FILE,

@@ -41,8 +41,9 @@ from sane_hf.downstream.features import (
     latent_statistics,
     needs_token_latents,
     split_tokens,
+    weight_statistics,
 )
-from sane_hf.downstream.probing import LogisticProbe, ProbeReport, probe_zoo, weight_statistics
+from sane_hf.downstream.probing import LogisticProbe, ProbeReport, probe_zoo
 from sane_hf.hub import probe_metric_name
 from sane_hf.zoo.formats import (
     PROBE_HEADS_CONFIG_FILE,

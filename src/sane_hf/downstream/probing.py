@@ -43,9 +43,25 @@ from sane_hf.downstream.features import (
     SANE,
     SANE_AND_WEIGHT_STATISTICS,
     SANE_LAYERS,
+    SANE_ONLY_FEATURE_SETS,
     feature_matrices,
     latent_statistics,
     needs_token_latents,
+)
+from sane_hf.downstream.features import (
+    STATISTIC_NAMES as STATISTIC_NAMES,
+)
+from sane_hf.downstream.features import (
+    STATISTIC_QUANTILES as STATISTIC_QUANTILES,
+)
+from sane_hf.downstream.features import (
+    mask_from_counts as mask_from_counts,
+)
+from sane_hf.downstream.features import (
+    raw_weight_features as raw_weight_features,
+)
+from sane_hf.downstream.features import (
+    weight_statistics as weight_statistics,
 )
 
 # SaneForPropertyPrediction lives in property_prediction; importable from here as before.
@@ -58,106 +74,6 @@ from sane_hf.downstream.property_prediction import (
 
 SPLITS = ("train", "validation", "test")
 REGULARIZATION_GRID = tuple(10.0**exponent for exponent in range(-5, 4))  # 1e-5 .. 1e3
-STATISTIC_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
-STATISTIC_NAMES = ("mean", "var", *(f"q{round(100 * q):02d}" for q in STATISTIC_QUANTILES))
-
-
-def mask_from_counts(counts: torch.Tensor, tokensize: int) -> torch.Tensor:
-    """Boolean ``[N, T]`` mask of real entries from the number of real values of every token.
-
-    Tokens hold their real values first and zero padding after them, so a per-token count is all
-    a zoo dataset needs to store.
-    """
-    counts = torch.as_tensor(counts)
-    if counts.dim() != 1:
-        raise ValueError(
-            f"counts must be 1-D (one count per token), got shape {tuple(counts.shape)}"
-        )
-    if counts.numel() and (counts.min() < 0 or counts.max() > tokensize):
-        raise ValueError(
-            f"counts must lie in [0, tokensize={tokensize}], got [{counts.min()}, {counts.max()}]"
-        )
-    return torch.arange(tokensize, device=counts.device) < counts[:, None]
-
-
-def _as_model_batch(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Accept ``[N, T]`` (one model) or ``[M, N, T]`` tokens; return ``[M, N, T]`` and whether one."""
-    single = tokens.dim() == 2
-    batch = tokens[None] if single else tokens
-    if batch.dim() != 3 or batch.shape[1:] != mask.shape:
-        raise ValueError(
-            f"tokens must be [N, T] or [M, N, T] matching mask {tuple(mask.shape)}, "
-            f"got {tuple(tokens.shape)}"
-        )
-    return batch, single
-
-
-def weight_statistics(
-    tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """The ``s(W)`` baseline: per layer mean, variance and 1/25/50/75/99 percentiles.
-
-    Args:
-        tokens: ``[N, T]`` tokens of one model or ``[M, N, T]`` of models sharing one layout.
-        mask: ``[N, T]`` bool, True on real weights; padding never enters a statistic.
-        positions: ``[N, 3]`` (global, layer, row); the layer index groups the values.
-
-    Returns:
-        ``[7 * L]`` (one model) or ``[M, 7 * L]`` features, ordered by layer index, then
-        ``STATISTIC_NAMES``. Variance is the population variance; percentiles interpolate
-        linearly like ``numpy.percentile``.
-
-    All models are handled at once: the values are sorted per model, then stably regrouped by
-    layer, so every percentile is a gather at a per-layer offset.
-    """
-    batch, single = _as_model_batch(tokens, mask)
-    mask = mask.to(batch.device)
-    values = batch[:, mask].double()  # [M, V], token-major order
-    layer_of_value = positions[:, 1].to(batch.device).repeat_interleave(mask.sum(1))
-    _, layer_of_value = torch.unique(layer_of_value, return_inverse=True)
-    sizes = torch.bincount(layer_of_value)
-    num_layers = sizes.numel()
-
-    mean = values.new_zeros(len(values), num_layers).index_add_(1, layer_of_value, values) / sizes
-    centered = values - mean[:, layer_of_value]
-    var = values.new_zeros(mean.shape).index_add_(1, layer_of_value, centered**2) / sizes
-
-    by_value = values.argsort(dim=1)
-    by_layer = layer_of_value[by_value].argsort(dim=1, stable=True)
-    grouped = values.gather(1, by_value).gather(1, by_layer)  # per layer, ascending
-    starts = sizes.cumsum(0) - sizes
-    quantiles = torch.tensor(STATISTIC_QUANTILES, dtype=values.dtype, device=values.device)
-    rank = quantiles * (sizes[:, None] - 1)  # [L, Q]
-    lower = rank.floor().long()
-    fraction = rank - lower
-    upper = torch.minimum(lower + 1, sizes[:, None] - 1)
-    percentiles = (
-        grouped[:, starts[:, None] + lower] * (1 - fraction)
-        + grouped[:, starts[:, None] + upper] * fraction
-    )
-
-    features = torch.cat([mean[..., None], var[..., None], percentiles], dim=-1).flatten(1)
-    features = features.to(tokens.dtype)
-    return features[0] if single else features
-
-
-def raw_weight_features(
-    tokens: torch.Tensor, mask: torch.Tensor, max_features: int | None = None
-) -> torch.Tensor:
-    """The ``W`` baseline: the real weights of each model, flattened (padding dropped).
-
-    Raises ``ValueError`` when a model has more than ``max_features`` weights: a linear probe on
-    millions of raw weights is neither meaningful nor affordable, and callers should say so.
-    """
-    batch, single = _as_model_batch(tokens, mask)
-    num_weights = int(mask.sum())
-    if max_features is not None and num_weights > max_features:
-        raise ValueError(
-            f"models have {num_weights} weights, more than max_features={max_features} "
-            "for the raw-weight baseline"
-        )
-    features = batch[:, mask.to(batch.device)]
-    return features[0] if single else features
 
 
 class _Standardizer:
@@ -364,6 +280,14 @@ class ProbeReport:
                     for f in feature_sets
                 )
                 lines.append(f"{'':<{width}}  {'tau':<8}{taus}")
+        sane_sets = [f for f in SANE_ONLY_FEATURE_SETS if f in feature_sets]
+        if len(sane_sets) > 1:
+            for name in self.properties:
+                best = self.best(name, sane_sets)
+                lines.append(
+                    f"{name}: SANE features chosen on validation: {best.features} "
+                    f"(validation {best.validation_score:.3f}, test {best.score:.3f})"
+                )
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
