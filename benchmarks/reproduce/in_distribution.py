@@ -123,6 +123,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = plain_pytorch_networks(args.plain_seeds) + zoo_made_networks(work, args.zoo_models)
     sane = PretrainedSane.from_pretrained(args.model, heads=True)
+    if sane.in_distribution is None:
+        raise SystemExit(
+            f"{args.model} ships no in-distribution reference: attach one first "
+            "(python scripts/release_sane_cnn_mnist.py --scale cpu --attach-only)"
+        )
     predictions = predict_networks(sane, [row["network"] for row in rows])
     print(predictions.table())
     outside = predictions.in_distribution.outside

@@ -248,6 +248,10 @@ def test_cli_embed_and_predict(tmp_path, capsys):
     table = pq.read_table(output).to_pydict()
     assert table["id"] == ["cnn_0", "cnn_1", "cnn_2"]
     assert len(table["embedding"][0]) == 128 and len(table["layer_means"][0]) == 5
+    # untrained networks of PyTorch's default init (non-zero biases): outside the zoo's range
+    assert table["outside_zoo_range"] == [True, True, True]
+    assert all(p > 100 for p in table["weight_statistics_distance_percentile"])
+    assert "warning: 3 of 3 networks lie outside" in capsys.readouterr().out
     assert (
         main(
             [
@@ -265,6 +269,8 @@ def test_cli_embed_and_predict(tmp_path, capsys):
     assert main(["predict", str(RELEASED), str(folder), "--output", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "test_acc" in out and "cnn_2" in out and "fraction correct" in out
+    assert "warning: 3 of 3 networks (cnn_0, cnn_1, cnn_2) lie outside" in out
+    assert "init: uniform weights, zero biases" in out  # how the zoo's networks were made
     assert '"predictions"' in (tmp_path / "p.json").read_text()
 
 

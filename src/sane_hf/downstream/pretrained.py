@@ -260,7 +260,12 @@ class PropertyPredictions:
         cells = {key: max(len(header), 10) for key, header in headers.items()}
         lines = ["  ".join([f"{'id':<{width}}", *(f"{h:>{cells[k]}}" for k, h in headers.items())])]
         for row in self.rows():
-            values = [_cell(row[key], cells[key]) for key in headers]
+            values = [
+                _percentile_cell(row[key], cells[key])
+                if key in signals
+                else _cell(row[key], cells[key])
+                for key in headers
+            ]
             lines.append("  ".join([f"{row['id']:<{width}}", *values]))
         for name in names:
             head = self.heads.get(name, {})
@@ -398,6 +403,13 @@ def _notes(sane: PretrainedSane, heads: ProbeHeads) -> list[str]:
             "networks are like the zoo's"
         )
     return notes
+
+
+def _percentile_cell(value: Any, width: int) -> str:
+    """A percentile as an integer, ``>100`` above every validation network; flags as yes/no."""
+    if isinstance(value, bool):
+        return f"{'yes' if value else 'no':>{width}}"
+    return f"{'>100' if value > 100 else f'{value:.0f}':>{width}}"
 
 
 def _short(signal: str) -> str:
