@@ -326,3 +326,19 @@ def test_cli_push_of_the_released_folder_keeps_processor_heads_and_card_sections
     heads = ProbeHeads.from_pretrained("fake-user/sane-cnn-mnist")
     assert heads.names == ProbeHeads.from_pretrained(RELEASED).names
     assert SaneProcessor.from_pretrained("fake-user/sane-cnn-mnist").reference is not None
+
+
+@pytest.mark.slow
+def test_zoo_made_networks_are_not_flagged_and_their_untrained_init_is(tmp_path):
+    # the released zoo's recipe with a seed it never used: epoch 1 is an epoch SANE saw
+    argv = [
+        "zoo", "train", "--output", str(tmp_path / "zoo"), "--architecture", "cnn_s",
+        "--dataset", "mnist", "--num-models", "1", "--seed", "10000", "--epochs", "1",
+        "--no-progress", "--set", "hyperparameters.activation=tanh",
+        "--set", "hyperparameters.init=uniform", "--set", "hyperparameters.lr=3e-4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    files = sorted((tmp_path / "zoo" / "checkpoints").glob("*.safetensors"))
+    predictions = predict_networks(RELEASED, files)
+    assert predictions.ids == ["model_0000_epoch_000", "model_0000_epoch_001"]
+    assert predictions.in_distribution.outside.tolist() == [True, False]

@@ -340,7 +340,7 @@ def predict_networks(
         heads = ProbeHeads([h for h in heads.heads if h.name in properties], heads.zoo_dataset)
     else:
         left_out = {
-            head.name: f"its head is no better than the zoo's mean (test {head.metric} "
+            head.name: "its head is no better than the zoo's mean (R^2 <= 0: test "
             f"{head.test_score:.3f}, validation {_score(head.validation_score)})"
             for head in heads.heads
             if not head.informative
