@@ -12,12 +12,17 @@ memorization baseline.
    (subsampling keeps the best 10 of 25 candidates by accuracy on 500 training images), next to
    matched noise drawn once and matched noise selected the same way (25 candidates, the same
    score), and the prompts themselves; accuracy at epoch 0 (no fine-tuning).
+3. The in-distribution signal's flag rates (`zoo_suite.in_distribution_rates`, reference fitted
+   on the zoo's train and validation splits): the test split's networks (epochs 1-6, false
+   alarms), the test models' untrained epoch-0 checkpoints, untrained default-init networks.
+   ``--in-distribution-only`` reruns this part alone and keeps the rest of the result file.
 
 Writes ``benchmarks/results/release_checks_sane_cnn_mnist.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, WORK_ROOT, machine_info
-from benchmarks.reproduce.zoo_suite import SAMPLING, SUBSAMPLED, epoch0
+from benchmarks.reproduce.zoo_suite import SAMPLING, SUBSAMPLED, epoch0, in_distribution_rates
 from sane_hf import SaneModel
 from sane_hf.downstream.features import HEAD_FEATURE_SETS, SANE_ONLY_FEATURE_SETS
 from sane_hf.downstream.probing import probe_zoo
@@ -37,10 +42,25 @@ ROOT = Path(__file__).parent.parent.parent
 RELEASED = ROOT / "checkpoints" / "sane-cnn-mnist"
 
 
+RESULT_FILE = RESULTS_DIR / "release_checks_sane_cnn_mnist.json"
+PRETRAIN_EPOCHS = 6
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-distribution-only", action="store_true")
+    args = parser.parse_args()
     started = time.perf_counter()
     model = SaneModel.from_pretrained(RELEASED).float().eval()
-    zoo = load_zoo_dataset(WORK_ROOT / "mnist-cpu" / "dataset")
+    work = WORK_ROOT / "mnist-cpu"
+    zoo = load_zoo_dataset(work / "dataset")
+    rates = in_distribution_rates(model, zoo, work / "zoo", PRETRAIN_EPOCHS)
+    print(json.dumps(rates, indent=1))
+    if args.in_distribution_only:
+        result = json.loads(RESULT_FILE.read_text())
+        result["in_distribution_flag_rates"] = rates
+        RESULT_FILE.write_text(json.dumps(result, indent=1) + "\n")
+        return
     report = probe_zoo(
         model,
         zoo.splits,
@@ -71,12 +91,13 @@ def main() -> None:
             ),
             "ensemble of 2 prompts": epoch0(sampling, "ensemble of 2 prompts"),
         },
+        "in_distribution_flag_rates": rates,
         "sampling_settings": dataclasses.asdict(settings),
         "command": "python -m benchmarks.reproduce.release_checks",
         "wall_time_s": round(time.perf_counter() - started, 1),
         "machine": machine_info(torch.device("cpu")),
     }
-    path = RESULTS_DIR / "release_checks_sane_cnn_mnist.json"
+    path = RESULT_FILE
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(
         json.dumps(
