@@ -36,8 +36,9 @@ from benchmarks.common import (
 )
 
 from sane_hf import SaneModel, SaneProcessor
+from sane_hf.downstream.ood import InDistributionReference
 from sane_hf.downstream.probe_heads import ProbeHeads, fit_probe_heads
-from sane_hf.hub import build_model_card, build_zoo_dataset_card
+from sane_hf.hub import build_model_card, build_zoo_dataset_card, trust_sections
 from sane_hf.zoo.formats import DATASET_METADATA_FILE
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
 from sane_hf.zoo.storage import load_zoo_dataset
@@ -86,7 +87,8 @@ def check_same_zoo(released: ZooMetadata, rebuilt: ZooMetadata) -> float:
 
 
 def attach_processor_and_probes(folder: Path, zoo: ZooDataset, properties: list[str]) -> ProbeHeads:
-    """Save the processor and the probe heads (fitted with the released weights) beside them.
+    """Save the processor, the probe heads and the in-distribution reference (fitted with the
+    released weights) beside them.
 
     The processor keeps the statistics the model was trained with (the released
     ``sane_zoo.json``) and takes the alignment reference from the zoo dataset's own row.
@@ -102,6 +104,9 @@ def attach_processor_and_probes(folder: Path, zoo: ZooDataset, properties: list[
         model, zoo.splits, properties=properties, zoo_dataset=model.config.zoo_dataset
     )
     heads.save_pretrained(folder)
+    InDistributionReference.fit(
+        model, zoo.splits, zoo_dataset=model.config.zoo_dataset
+    ).save_pretrained(folder)
     return heads
 
 
@@ -204,7 +209,7 @@ def main() -> None:
         model_id=args.model_repo,
         metrics={**card_metrics(results), **heads.test_scores()},
         tags=["cnn-s", "mnist"],
-        sections=card_sections(results, args.scale, release_r2),
+        sections={**card_sections(results, args.scale, release_r2), **trust_sections(output)},
         probe_properties=heads.names,
     )
     card.save(output / "README.md")

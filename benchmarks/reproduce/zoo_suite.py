@@ -18,9 +18,16 @@ Every zoo runs the resumable stages of `sane_hf.recipes.experiments` in
 ``outputs/reproduce/zoo_suite/<zoo>/`` (rerun the command to continue):
 
 1. zoo training; 2. dataset of epochs 1..P; 3. SANE pretraining (``SUITE_PRETRAINING``);
-4. probes of SANE vs s(W) vs W (test R^2 of accuracy, epoch, generalization gap);
-5. sampling around the test split's best epoch-P networks (unseen by SANE): KDE and subsampled
-   samples with the memorization baselines, prompts and from-scratch networks, fine-tuned for
+4. probes of SANE's feature sets (mean, per-layer means, s(Z)), SANE + s(W), s(W) and W (test
+   R^2 and Kendall tau of accuracy, epoch, generalization gap; SANE's feature set per property
+   chosen on validation);
+5. the in-distribution signal (`sane_hf.downstream.ood`, reference fitted on train and
+   validation): false alarms on the test split's networks (zoo-made, epochs SANE saw), and how
+   often it flags the test networks' later epochs, their untrained epoch-0 checkpoints and
+   untrained networks of PyTorch's default init;
+6. sampling around the test split's best epoch-P networks (unseen by SANE): KDE and subsampled
+   samples with the memorization baselines (matched noise, and for subsampling matched noise
+   selected the same way), prompts and from-scratch networks, fine-tuned for
    ``finetune_epochs``; and decode(encode(prompt)) (bandwidth 0) at epoch 0.
 
 Each finished zoo updates its entry of ``benchmarks/results/zoo_suite.json`` and writes
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
@@ -47,7 +55,15 @@ from benchmarks.common import (
     machine_info,
     update_results_file,
 )
-from sane_hf import ZooConfig
+from sane_hf import SaneProcessor, ZooConfig, build_model
+from sane_hf.downstream.features import (
+    HEAD_FEATURE_SETS,
+    SANE_AND_WEIGHT_STATISTICS,
+    SANE_ONLY_FEATURE_SETS,
+    split_tokens,
+)
+from sane_hf.downstream.ood import InDistributionReference
+from sane_hf.downstream.pretrained import PretrainedSane
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
     StageLog,
@@ -61,6 +77,7 @@ from sane_hf.recipes.experiments import (
 from sane_hf.recipes.sampling import SamplingResults, cached_sampling, compare_sampling
 from sane_hf.recipes.settings import SamplingMethod, SamplingSettings
 from sane_hf.utils.config import load_values
+from sane_hf.zoo.storage import load_zoo_records
 
 SUITE_FILE = RESULTS_DIR / "zoo_suite.json"
 KDE, SUBSAMPLED = SamplingMethod("kde"), SamplingMethod("subsampled")
@@ -171,10 +188,55 @@ def novelty_figures(results: SamplingResults) -> dict[str, dict[str, float]]:
     }
 
 
+def in_distribution_rates(model, zoo, raw_zoo: Path, pretrain_epochs: int) -> dict[str, Any]:
+    """Share of networks the in-distribution signal flags, per kind of network: the test
+    split's (zoo-made, epochs SANE saw: false alarms), the test models' later epochs, their
+    untrained epoch-0 checkpoints (the zoo's init) and untrained default-init networks."""
+    reference = InDistributionReference.fit(model, zoo.splits)
+    tokens, positions, mask = split_tokens(zoo.splits["test"])
+    scores = reference.scores(model, tokens, positions, mask)
+    rates = {"test split (epochs SANE saw)": _flag_rate(reference.assess(scores).outside)}
+    sane = PretrainedSane(model, SaneProcessor.from_zoo(zoo), None, reference)
+    test_models = set(zoo.splits["test"]["model_id"])
+    _, records, _ = load_zoo_records(raw_zoo)
+    files = {
+        epoch: [
+            raw_zoo / r["file"]
+            for r in records
+            if r["model_id"] in test_models and r["epoch"] == epoch
+        ]
+        for epoch in sorted({r["epoch"] for r in records})
+    }
+    later = [f for epoch, paths in files.items() if epoch > pretrain_epochs for f in paths]
+    info = zoo.metadata.zoo
+    torch.manual_seed(0)
+    default_init = [
+        build_model(info["architecture"], **info.get("architecture_kwargs", {})) for _ in range(10)
+    ]
+    groups = {
+        f"test models, later epochs ({pretrain_epochs + 1}..)": later,
+        "test models, epoch 0 (untrained, zoo init)": files.get(0, []),
+        "untrained, PyTorch default init": default_init,
+    }
+    for group, networks in groups.items():
+        if networks:
+            outside = sane.embed(networks).extras["outside_zoo_range"]
+            rates[group] = _flag_rate(outside)
+    return rates
+
+
+def _flag_rate(outside: np.ndarray) -> dict[str, float]:
+    return {
+        "flagged": int(np.sum(outside)),
+        "networks": len(outside),
+        "rate": float(np.mean(outside)),
+    }
+
+
 def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
     suite_zoo, work = ZOOS[name], work_root / name
     work.mkdir(parents=True, exist_ok=True)
-    log = StageLog(num_stages=5, record=work / "stage_times.json")
+    log = StageLog(num_stages=6, record=work / "stage_times.json")
     started = time.perf_counter()
     with log.stage("zoo", f"training {suite_zoo.zoo.num_models} networks (resumes)"):
         zoo_stage(suite_zoo.zoo, work / "zoo", work / "zoo_accuracy.png")
@@ -185,9 +247,12 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
     with log.stage("pretraining", f"pretraining SANE ({SUITE_PRETRAINING['model']})"):
         model = pretrain_stage(experiment_pretraining(SUITE_PRETRAINING, work))
         model = model.to(default_device())
-    with log.stage("probing", "SANE vs s(W) vs W, test R^2"):
-        report = probe_stage(model, zoo, work, name="probe", include_layer_means=True)
+    with log.stage("probing", "SANE's feature sets vs s(W) vs W, test R^2 and Kendall tau"):
+        report = probe_stage(model, zoo, work, name="probe", feature_sets=HEAD_FEATURE_SETS)
         print(report.table())
+    with log.stage("in-distribution", "flag rates of the in-distribution signal"):
+        in_distribution = in_distribution_rates(model, zoo, work / "zoo", suite_zoo.pretrain_epochs)
+        print(json.dumps(in_distribution, indent=1))
     with log.stage("sampling", "samples, memorization baselines, prompts, from scratch"):
         sampling = cached_sampling(
             work / "sampling.json",
@@ -219,6 +284,9 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
         "kde_epoch0_acc": epoch0(sampling, KDE.name),
         "subsampled_epoch0_acc": epoch0(sampling, SUBSAMPLED.name),
         "noise_baseline_epoch0_acc": epoch0(sampling, matched),
+        "selected_noise_epoch0_acc": epoch0(
+            sampling, sampling.evaluation.selected[SUBSAMPLED.name]
+        ),
         "noise_baseline_kde_epoch0_acc": epoch0(sampling, sampling.evaluation.matched[KDE.name]),
         "ensemble_epoch0_acc": epoch0(sampling, "ensemble of 2 prompts"),
         "from_scratch_epoch0_acc": epoch0(sampling, "from scratch"),
@@ -228,6 +296,8 @@ def run_zoo(name: str, work_root: Path) -> dict[str, Any]:
         },
         "probes": r2_table(report.to_dict()),
         "probes_validation": r2_table(report.to_dict(), "validation_score"),
+        "probes_kendall_tau": r2_table(report.to_dict(), "kendall_tau"),
+        "in_distribution_flag_rates": in_distribution,
         "pretraining_steps_per_second": pretraining.get("steps_per_second"),
         "novelty": novelty_figures(sampling),
         "prompt_distance_scale": sampling.evaluation.scale,
@@ -249,90 +319,137 @@ def save_entry(entry: dict[str, Any], path: Path = SUITE_FILE) -> None:
     print(f"\n{entry['name']} written to {path}")
 
 
+def _share(value: float, prompts: float) -> str:
+    return f"{100 * value:.1f} ({value / prompts:.0%})"
+
+
 def suite_markdown(suite: dict[str, Any]) -> str:
-    """RESULTS.md's per-zoo table of the suite file: targets next to what was measured."""
-    rows = []
-    for name, entry in suite["zoos"].items():
-        prompts = entry["prompts_acc"]
-        probes = entry["probes"]
-
-        def probe(prop: str, entry_probes=probes) -> str:
-            scores = entry_probes.get(prop, {})
-            return " / ".join(
-                f"{scores[f]:.2f}" for f in ("SANE", "SANE layers", "s(W)", "W") if f in scores
-            )
-
-        novelty = entry["novelty"].get(SUBSAMPLED.name, {})
-        rows.append(
-            [
-                name + (" (dev)" if entry["development_zoo"] else ""),
-                entry["tokens_per_network"],
-                f"{entry['reconstruction_r2']:.3f}",
-                f"{100 * prompts:.1f}",
-                f"{100 * entry['autoencoded_prompts_acc']:.1f} ({entry['autoencoded_prompts_acc'] / prompts:.0%})",
-                f"{100 * entry['subsampled_epoch0_acc']:.1f} ({entry['subsampled_epoch0_acc'] / prompts:.0%})",
-                f"{100 * entry['noise_baseline_epoch0_acc']:.1f}",
-                f"{100 * entry['kde_epoch0_acc']:.1f} / {100 * entry['noise_baseline_kde_epoch0_acc']:.1f}",
-                f"{100 * entry['ensemble_epoch0_acc']:.1f}",
-                f"{novelty.get('relative', float('nan')):.2f} / {novelty.get('iou', float('nan')):.2f}",
-                probe("test_acc"),
-                probe("epoch"),
-                probe("ggap"),
-            ]
-        )
+    """RESULTS.md's generation table of the suite file: accuracy at epoch 0, shares of the
+    prompts' accuracy, the memorization baselines and novelty."""
     header = [
         "zoo", "tokens", "val. recon. R²", "prompts %", "decode(encode) % (of prompts)",
-        "subsampled ep. 0 % (of prompts)", "matched noise ep. 0 %", "KDE / its noise ep. 0 %",
-        "ensemble ep. 0 %", "subsampled novelty rel. / IoU", "probe R² acc SANE / SANE layers / s(W) / W",
-        "probe R² epoch", "probe R² ggap",
+        "subsampled % (of prompts)", "matched noise %", "matched noise selected like subsampled %",
+        "KDE / its noise %", "ensemble %", "subsampled novelty rel. / IoU",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+    for name, entry in suite["zoos"].items():
+        prompts = entry["prompts_acc"]
+        novelty = entry["novelty"].get(SUBSAMPLED.name, {})
+        selected = entry.get("selected_noise_epoch0_acc")
+        cells = [
+            name + (" (dev)" if entry["development_zoo"] else ""),
+            entry["tokens_per_network"],
+            f"{entry['reconstruction_r2']:.3f}",
+            f"{100 * prompts:.1f}",
+            _share(entry["autoencoded_prompts_acc"], prompts),
+            _share(entry["subsampled_epoch0_acc"], prompts),
+            _share(entry["noise_baseline_epoch0_acc"], prompts),
+            "-" if selected is None else _share(selected, prompts),
+            f"{100 * entry['kde_epoch0_acc']:.1f} / {100 * entry['noise_baseline_kde_epoch0_acc']:.1f}",
+            f"{100 * entry['ensemble_epoch0_acc']:.1f}",
+            f"{novelty.get('relative', float('nan')):.2f} / {novelty.get('iou', float('nan')):.2f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _best_sane(entry: dict[str, Any], prop: str) -> str:
+    """The SANE-only feature set whose probe scored highest on the **validation** split (the
+    test split never picks the feature set)."""
+    scores = entry["probes_validation"][prop]
+    return max(SANE_ONLY_FEATURE_SETS, key=lambda name: scores.get(name, -np.inf))
+
+
+def probes_markdown(suite: dict[str, Any]) -> str:
+    """RESULTS.md's probe table: test R² / Kendall tau per property of SANE's validation-chosen
+    feature set, SANE + s(W) (its own row: not SANE alone), s(W) and W; every SANE set's R²."""
+    header = [
+        "zoo", "property", "SANE, set chosen on validation: R² / τ", "SANE + s(W) R² / τ",
+        "s(W) R² / τ", "W R² / τ", "R² SANE / SANE layers / s(Z)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in suite["zoos"].items():
+        for prop in ("test_acc", "epoch", "ggap"):
+            r2, tau = entry["probes"][prop], entry.get("probes_kendall_tau", {}).get(prop, {})
+
+            def cell(features: str, r2=r2, tau=tau) -> str:
+                if features not in r2:
+                    return "-"
+                return f"{r2[features]:.3f} / {tau.get(features, float('nan')):.3f}"
+
+            best = _best_sane(entry, prop)
+            sane_sets = " / ".join(
+                f"{r2[f]:.3f}" if f in r2 else "-" for f in SANE_ONLY_FEATURE_SETS
+            )
+            cells = [
+                name, prop, f"{cell(best)} ({best})", cell(SANE_AND_WEIGHT_STATISTICS),
+                cell("s(W)"), cell("W"), sane_sets,
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _verdict(met: bool, measured: str) -> str:
     return f"met ({measured})" if met else f"**missed** ({measured})"
 
 
-def _sane_features_by_validation(entry: dict[str, Any], prop: str) -> str:
-    """ "SANE" or "SANE layers": the one whose probe scored higher on the validation split (the
-    test split never picks the feature set)."""
-    scores = entry["probes_validation"][prop]
-    return max(("SANE", "SANE layers"), key=lambda name: scores.get(name, -np.inf))
-
-
 def targets_markdown(suite: dict[str, Any]) -> str:
-    """RESULTS.md's table of issue 14's targets per zoo: met or missed, with the numbers."""
+    """RESULTS.md's table of the targets per zoo: met or missed, with the numbers."""
     header = [
         "zoo", "recon. R² >= 0.9", "decode(encode) >= 95% of prompts",
-        "subsampled >= 85% of prompts", "subsampled > matched noise",
-        "probe acc SANE >= s(W)", "probe epoch SANE within 0.03 of s(W)",
+        "subsampled >= 85% of prompts", "subsampled > selection-matched noise",
+        "acc: best SANE >= W and >= s(W) - 0.02", "epoch: best SANE >= W and >= s(W) - 0.02",
+        "acc: SANE + s(W) >= s(W) + 0.02",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in suite["zoos"].items():
         prompts, recon = entry["prompts_acc"], entry["reconstruction_r2"]
         autoencoded = entry["autoencoded_prompts_acc"] / prompts
         subsampled = entry["subsampled_epoch0_acc"] / prompts
-        noise = entry["noise_baseline_epoch0_acc"]
-        acc_features = _sane_features_by_validation(entry, "test_acc")
-        epoch_features = _sane_features_by_validation(entry, "epoch")
-        acc, epoch = entry["probes"]["test_acc"], entry["probes"]["epoch"]
+        selected = entry.get("selected_noise_epoch0_acc", float("nan"))
         cells = [
             _verdict(recon >= 0.9, f"{recon:.2f}"),
             _verdict(autoencoded >= 0.95, f"{autoencoded:.1%}"),
             _verdict(subsampled >= 0.85, f"{subsampled:.1%}"),
             _verdict(
-                entry["subsampled_epoch0_acc"] > noise,
-                f"{100 * entry['subsampled_epoch0_acc']:.1f} vs {100 * noise:.1f}",
+                entry["subsampled_epoch0_acc"] > selected,
+                f"{100 * entry['subsampled_epoch0_acc']:.1f} vs {100 * selected:.1f}",
             ),
-            _verdict(
-                acc[acc_features] >= acc["s(W)"],
-                f"{acc_features} {acc[acc_features]:.3f} vs {acc['s(W)']:.3f}",
-            ),
-            _verdict(
-                epoch[epoch_features] >= epoch["s(W)"] - 0.03,
-                f"{epoch_features} {epoch[epoch_features]:.3f} vs {epoch['s(W)']:.3f}",
-            ),
+        ]
+        for prop in ("test_acc", "epoch"):
+            r2, best = entry["probes"][prop], _best_sane(entry, prop)
+            weights = r2.get("W", -np.inf)
+            cells.append(
+                _verdict(
+                    r2[best] >= weights and r2[best] >= r2["s(W)"] - 0.02,
+                    f"{best} {r2[best]:.3f} vs W {weights:.3f}, s(W) {r2['s(W)']:.3f}",
+                )
+            )
+        acc = entry["probes"]["test_acc"]
+        combined = acc.get(SANE_AND_WEIGHT_STATISTICS, float("nan"))
+        cells.append(
+            _verdict(combined >= acc["s(W)"] + 0.02, f"{combined:.3f} vs {acc['s(W)']:.3f}")
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def in_distribution_markdown(suite: dict[str, Any]) -> str:
+    """RESULTS.md's table of the in-distribution signal's flag rates per zoo and network kind."""
+    kinds = list(
+        dict.fromkeys(
+            kind
+            for entry in suite["zoos"].values()
+            for kind in entry.get("in_distribution_flag_rates", {})
+        )
+    )
+    lines = ["| zoo | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for name, entry in suite["zoos"].items():
+        rates = entry.get("in_distribution_flag_rates")
+        if not rates:
+            continue
+        cells = [
+            f"{rates[k]['flagged']} / {rates[k]['networks']}" if k in rates else "-" for k in kinds
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -349,7 +466,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.markdown:
         suite = json.loads(SUITE_FILE.read_text())
-        print(suite_markdown(suite) + "\n\n" + targets_markdown(suite))
+        tables = (suite_markdown, probes_markdown, targets_markdown, in_distribution_markdown)
+        print("\n\n".join(table(suite) for table in tables))
         return
     if args.list or not args.zoo:
         for name, suite_zoo in ZOOS.items():

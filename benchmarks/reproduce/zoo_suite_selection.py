@@ -45,6 +45,11 @@ from benchmarks.common import (
     update_results_file,
 )
 from benchmarks.reproduce.zoo_suite import SAMPLING, ZOOS, autoencode_settings
+from sane_hf.downstream.features import (
+    HEAD_FEATURE_SETS,
+    SANE_AND_WEIGHT_STATISTICS,
+    SANE_ONLY_FEATURE_SETS,
+)
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE
 from sane_hf.recipes.experiments import (
@@ -170,7 +175,7 @@ def run_candidate(zoo_name: str, candidate: str, work_root: Path) -> dict[str, A
     started = time.perf_counter()
     zoo, output_dir, model = _candidate_model(zoo_name, candidate, work_root)
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
-    report = probe_stage(model, zoo, output_dir, name="probe", include_layer_means=True)
+    report = probe_stage(model, zoo, output_dir, name="probe", feature_sets=HEAD_FEATURE_SETS)
     return {
         "recipe": candidate_values(candidate),
         "val_r2": summary.get("val_r2"),
@@ -260,7 +265,7 @@ def selection_markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "| dev zoo | candidate | val. recon. R² | decode(encode), % of val. prompts | steps/s"
-        " | val. probe R² acc SANE / layers / s(W) | epoch | ggap |",
+        " | val. probe R² acc best SANE set / SANE + s(W) / s(W) | epoch | ggap |",
         "|---|---|---|---|---|---|---|---|",
     ]
     candidates = data.get("candidates", {})
@@ -270,7 +275,12 @@ def selection_markdown(data: dict[str, Any]) -> str:
         probes = entry["probe_validation_r2"]
         cells = [
             " / ".join(
-                f"{probes[p].get(f, float('nan')):.2f}" for f in ("SANE", "SANE layers", "s(W)")
+                f"{value:.2f}"
+                for value in (
+                    max(probes[p].get(f, float("nan")) for f in SANE_ONLY_FEATURE_SETS),
+                    probes[p].get(SANE_AND_WEIGHT_STATISTICS, float("nan")),
+                    probes[p].get("s(W)", float("nan")),
+                )
             )
             for p in ("test_acc", "epoch", "ggap")
         ]

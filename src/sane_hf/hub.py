@@ -39,6 +39,7 @@ from sane_hf.models.sane.processing_sane import SaneProcessor
 from sane_hf.zoo.card import build_zoo_dataset_card
 from sane_hf.zoo.formats import DATASET_METADATA_FILE, PROBE_HEADS_CONFIG_FILE
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
+from sane_hf.zoo.provenance import provenance_lines, test_accuracy_meaning
 from sane_hf.zoo.storage import as_splits, load_zoo_dataset, save_zoo_dataset
 
 LIBRARY_NAME = "sane-hf"
@@ -278,6 +279,7 @@ def folder_model_card(
             metrics[result.metric_name or result.metric_type] = result.metric_value
         sections = _extra_sections(existing.text)
     metrics.update(probe_head_metrics(folder))
+    sections.update(trust_sections(folder))
     return build_model_card(
         config,
         num_parameters=_num_parameters(folder),
@@ -297,6 +299,49 @@ TEMPLATE_SECTIONS = (
     "Usage",
     "Citation",
 )
+
+
+def trust_sections(folder: str | os.PathLike) -> dict[str, str]:
+    """Card sections on what the model's answers rest on: how the zoo's networks were made
+    (the processor's provenance) and which features each shipped probe head reads."""
+    folder, sections = Path(folder), {}
+    processor_file = folder / "preprocessor_config.json"
+    provenance = None
+    if processor_file.is_file():
+        provenance = json.loads(processor_file.read_text()).get("provenance")
+    if provenance:
+        lines = provenance_lines(provenance)
+        sections["How the zoo's networks were made"] = "\n".join(
+            [f"- {line}" for line in lines]
+            + [
+                "",
+                "Networks made another way (other init, e.g. PyTorch's default non-zero biases, "
+                "other input scaling, untrained) are outside what SANE and its probe heads "
+                "learned; `sane-hf predict` flags them (in-distribution percentiles).",
+            ]
+        )
+    heads_file = folder / PROBE_HEADS_CONFIG_FILE
+    if heads_file.is_file():
+        heads = json.loads(heads_file.read_text())["heads"]
+        rows = [
+            "| property | features (chosen on validation) | validation | test |",
+            "|---|---|---|---|",
+        ]
+        for head in heads:
+            validation = head.get("validation_score")
+            rows.append(
+                f"| {head['name']} | {head.get('features', 'SANE')} | "
+                f"{'-' if validation is None else f'{validation:.3f}'} | {head['test_score']:.3f} |"
+            )
+        note = (
+            "`sane-hf predict` leaves out a head whose R² is <= 0 on validation or test (no "
+            "better than the zoo's mean). `SANE + s(W)` reads the mean latent next to the "
+            "weight statistics s(W): it is not SANE alone."
+        )
+        if any(head["name"] == "test_acc" for head in heads):
+            note += f" test_acc is the {test_accuracy_meaning(provenance)}."
+        sections["Probe heads"] = "\n".join(rows) + "\n\n" + note
+    return sections
 
 
 def _extra_sections(text: str) -> dict[str, str]:

@@ -168,3 +168,44 @@ def test_one_prompt_gets_matched_noise_but_no_curve_or_ensemble(zoo, sampler, pr
     built = baselines.groups({"SANE": samples})
     assert list(built.groups) == ["SANE", "noise matched to SANE"]
     assert torch.isfinite(built.tokens["noise matched to SANE"]).all()
+
+
+def test_selected_samples_get_matched_noise_selected_the_same_way(zoo, sampler, prompt_tokens):
+    task = load_task_dataset({"dataset": "digits", "input_shape": [1, 8, 8]})
+    inputs, labels = task.train
+
+    def score(network):
+        return accuracy(network, inputs[:200], labels[:200])
+
+    samples = sampler.subsample(
+        prompt_tokens, 2, 6, score, generator=torch.Generator().manual_seed(0)
+    )
+    baselines = _baselines(
+        zoo,
+        sampler,
+        prompt_tokens,
+        noise_levels=(),
+        num_networks=2,
+        score_fn=score,
+        num_candidates=6,
+        selection_rounds={"SANE": 1},
+    )
+    built = baselines.groups({"SANE": samples})
+    unselected, selected = built.matched["SANE"], built.selected["SANE"]
+    assert list(built.groups)[:3] == ["SANE", unselected, selected]
+    assert selected == "noise matched to SANE, selected"
+    # the same distance from the prompts as the unselected noise, ranked by the same score
+    own = nearest_neighbor_distances(built.tokens[selected], prompt_tokens, sampler.mask)[0]
+    other = nearest_neighbor_distances(built.tokens[unselected], prompt_tokens, sampler.mask)[0]
+    torch.testing.assert_close(own.median(), other.median(), rtol=1e-4, atol=1e-4)
+    # the kept noisy networks are the two best of the six candidates under the score
+    generator = torch.Generator().manual_seed(3000)
+    indices = torch.randint(len(prompt_tokens), (6,), generator=generator)
+    distance = baselines.matched_distance(samples)
+    tokens = noise_tokens(prompt_tokens, sampler.mask, distance, indices, generator)
+    scores = sorted(score(m) for m in sampler.build(tokens))
+    assert sorted(score(m) for m in built.groups[selected]) == pytest.approx(scores[-2:])
+    with pytest.raises(ValueError, match="num_candidates >= num_networks"):
+        _baselines(zoo, sampler, prompt_tokens, num_networks=3, score_fn=score).selected_noise(
+            1.0, 1
+        )

@@ -4,17 +4,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.stats import kendalltau
 from sklearn.exceptions import ConvergenceWarning
 
 from sane_hf.cli import main
-from sane_hf.downstream.probing import (
-    LogisticProbe,
-    RidgeProbe,
-    probe_features,
-    probe_zoo,
-    raw_weight_features,
-    weight_statistics,
-)
+from sane_hf.downstream.features import latent_statistics, raw_weight_features, weight_statistics
+from sane_hf.downstream.probing import LogisticProbe, RidgeProbe, probe_features, probe_zoo
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneForPropertyPrediction, SaneModel
 from sane_hf.weights.layout import real_entry_mask
@@ -256,3 +251,35 @@ def test_cli_probe_writes_table_json_and_plot(zoo, sane, tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert {r["features"] for r in saved["results"]} == {"SANE", "s(W)", "W"}
     assert (tmp_path / "out" / "probe.png").stat().st_size > 0
+
+
+def test_latent_statistics_per_layer_match_numpy():
+    latents = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[i, layer, 0] for i, layer in enumerate([0, 0, 0, 1, 1])])
+    stats = latent_statistics(latents, positions).view(2, 2, 5, 3)  # [M, layer, stat, D]
+    for layer, tokens in ((0, slice(0, 3)), (1, slice(3, 5))):
+        values = latents[:, tokens].numpy()
+        np.testing.assert_allclose(stats[:, layer, 0], values.mean(1), rtol=1e-5)
+        np.testing.assert_allclose(stats[:, layer, 1], values.std(1), rtol=1e-5)
+        np.testing.assert_allclose(
+            stats[:, layer, 2:].permute(1, 0, 2),
+            np.quantile(values, [0.1, 0.5, 0.9], axis=1),
+            rtol=1e-5,
+        )
+
+
+def test_probe_reports_kendall_tau_and_the_sane_set_chosen_on_validation():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=400)
+    informative = y[:, None] + 0.1 * rng.normal(size=(400, 3))
+    noise = rng.normal(size=(400, 3))
+    report = probe_features(
+        {"SANE": _splits(noise), "SANE layers": _splits(informative)},
+        {"target": _splits(y)},
+    )
+    best = report.best("target", ["SANE", "SANE layers"])
+    assert best.features == "SANE layers"
+    assert best.kendall_tau == pytest.approx(kendalltau(best.true, best.predicted).statistic)
+    table = report.table()
+    assert "tau" in table
+    assert "target: SANE features chosen on validation: SANE layers" in table

@@ -1,5 +1,7 @@
 """Probe heads saved with a model, and SaneForPropertyPrediction under transformers.Trainer."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,9 @@ from sane_hf import (
     fit_probe_heads,
     with_labels,
 )
+from sane_hf.downstream.features import HEAD_FEATURE_SETS
+from sane_hf.downstream.probe_heads import split_head_inputs
+from sane_hf.downstream.probing import probe_zoo
 from sane_hf.downstream.property_prediction import LabelStandardization, predict_properties
 from synthetic_zoo import TOKENSIZE
 
@@ -22,13 +27,22 @@ def test_probe_heads_round_trip_and_predict_like_the_fitted_probes(zoo, sane, tm
     heads = fit_probe_heads(
         sane, zoo, properties=["test_acc", "epoch", "activation"], units={"epoch": "epochs"}
     )
+    report = probe_zoo(
+        sane,
+        zoo,
+        properties=["test_acc", "epoch", "activation"],
+        baselines=(),
+        feature_sets=HEAD_FEATURE_SETS,
+        progress=False,
+    )
     assert heads.names == ["test_acc", "epoch", "activation"]
     assert [h.kind for h in heads.heads] == ["ridge", "ridge", "logistic"]
     assert heads.heads[0].unit == "fraction correct"
     heads.save_pretrained(tmp_path)
     loaded = ProbeHeads.from_pretrained(tmp_path)
     test = embed(sane, zoo["test"], progress=False)
-    predicted, reloaded = heads.predict(test.mean), loaded.predict(test.mean)
+    inputs = split_head_inputs(sane, zoo["test"], loaded)
+    predicted, reloaded = heads.predict(inputs), loaded.predict(inputs)
     for name in heads.names:
         assert np.array_equal(predicted[name], reloaded[name]), name
     assert set(predicted["activation"]) <= {"tanh", "relu"}
@@ -40,8 +54,16 @@ def test_probe_heads_round_trip_and_predict_like_the_fitted_probes(zoo, sane, tm
         "R^2 epoch (shipped probe head, test split)",
         "accuracy activation (shipped probe head, test split)",
     ]
-    with pytest.raises(ValueError, match=rf"reads embeddings \[M, {sane.config.latent_dim}\]"):
-        loaded.predict(np.zeros((2, 5)))
+    # each head reads the feature set with the best validation score, and says which
+    for head in loaded.heads:
+        best = max(
+            (r for r in report.results if r.property == head.name),
+            key=lambda r: r.validation_score,
+        )
+        assert (head.features, head.validation_score) == (best.features, best.validation_score)
+    first = loaded.heads[0]
+    with pytest.raises(ValueError, match=rf"reads {re.escape(first.features)} features \[M, "):
+        first.predict(np.zeros((2, 5)))
 
 
 def test_probe_heads_missing_files_say_so(tmp_path):

@@ -21,6 +21,7 @@ from sane_hf import (
     push_model_to_hub,
 )
 from sane_hf.cli import main
+from sane_hf.downstream.probe_heads import head_inputs
 from sane_hf.models.sane.processing_sane import _check_layout
 from sane_hf.weights.alignment import apply_permutation, random_permutation
 from synthetic_zoo import write_raw_zoo
@@ -217,11 +218,21 @@ def test_predict_with_the_shipped_probe_heads(released, tmp_path):
     assert predictions.ids == ["network_0", "network_1", "network_2"]
     assert predictions.values["test_acc"].shape == (3,)
     assert np.isfinite(predictions.values["test_acc"]).all()
-    assert (tmp_path / "p.csv").read_text().startswith("id,test_acc,epoch,ggap\n")
-    embeddings = embed(model, processor(_cnns()), progress=False)
+    # a head no better than the zoo's mean is left out, and said so
+    informative = [head.name for head in heads.heads if head.informative]
+    assert list(predictions.values) == informative
+    assert set(predictions.left_out) == set(heads.names) - set(informative)
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header.startswith(",".join(["id", *informative]))
+    features = processor(_cnns())
+    inputs = head_inputs(model, features, heads, processor.layout.mask())
     np.testing.assert_allclose(
-        heads.predict(embeddings.mean)["test_acc"], predictions.values["test_acc"], rtol=1e-5
+        heads.predict(inputs)["test_acc"], predictions.values["test_acc"], rtol=1e-5
     )
+    table = predictions.table()
+    assert "test_acc is the fraction correct on the mnist test split" in table
+    for name in informative:
+        assert f"{name}: " in table and "head reads" in table
 
 
 def test_cli_embed_and_predict(tmp_path, capsys):
@@ -237,6 +248,10 @@ def test_cli_embed_and_predict(tmp_path, capsys):
     table = pq.read_table(output).to_pydict()
     assert table["id"] == ["cnn_0", "cnn_1", "cnn_2"]
     assert len(table["embedding"][0]) == 128 and len(table["layer_means"][0]) == 5
+    # untrained networks of PyTorch's default init (non-zero biases): outside the zoo's range
+    assert table["outside_zoo_range"] == [True, True, True]
+    assert all(p > 100 for p in table["weight_statistics_distance_percentile"])
+    assert "warning: 3 of 3 networks lie outside" in capsys.readouterr().out
     assert (
         main(
             [
@@ -254,6 +269,8 @@ def test_cli_embed_and_predict(tmp_path, capsys):
     assert main(["predict", str(RELEASED), str(folder), "--output", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "test_acc" in out and "cnn_2" in out and "fraction correct" in out
+    assert "warning: 3 of 3 networks (cnn_0, cnn_1, cnn_2) lie outside" in out
+    assert "init: uniform weights, zero biases" in out  # how the zoo's networks were made
     assert '"predictions"' in (tmp_path / "p.json").read_text()
 
 
@@ -309,3 +326,19 @@ def test_cli_push_of_the_released_folder_keeps_processor_heads_and_card_sections
     heads = ProbeHeads.from_pretrained("fake-user/sane-cnn-mnist")
     assert heads.names == ProbeHeads.from_pretrained(RELEASED).names
     assert SaneProcessor.from_pretrained("fake-user/sane-cnn-mnist").reference is not None
+
+
+@pytest.mark.slow
+def test_zoo_made_networks_are_not_flagged_and_their_untrained_init_is(tmp_path):
+    # the released zoo's recipe with a seed it never used: epoch 1 is an epoch SANE saw
+    argv = [
+        "zoo", "train", "--output", str(tmp_path / "zoo"), "--architecture", "cnn_s",
+        "--dataset", "mnist", "--num-models", "1", "--seed", "10000", "--epochs", "1",
+        "--no-progress", "--set", "hyperparameters.activation=tanh",
+        "--set", "hyperparameters.init=uniform", "--set", "hyperparameters.lr=3e-4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    files = sorted((tmp_path / "zoo" / "checkpoints").glob("*.safetensors"))
+    predictions = predict_networks(RELEASED, files)
+    assert predictions.ids == ["model_0000_epoch_000", "model_0000_epoch_001"]
+    assert predictions.in_distribution.outside.tolist() == [True, False]

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sane_hf import ProbeHeads, SaneModel, SaneProcessor, cli
+from sane_hf.downstream.ood import InDistributionReference
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import (
     build_model_config,
@@ -161,12 +162,19 @@ def test_cli_pretraining_lowers_the_reconstruction_loss(tiny_digits_zoo, tmp_pat
     # ... and probe heads fitted on the zoo, whose test scores the card reports
     heads = ProbeHeads.from_pretrained(output_dir)
     assert {"test_acc", "epoch"} <= set(heads.names)
+    # ... the in-distribution reference beside them, and the zoo's provenance in the processor
+    assert InDistributionReference.from_pretrained(output_dir) is not None
+    assert processor.provenance["architecture"] == "cnn_s"
+    assert processor.provenance["biases_at_init"] == "zero"
+    card = (output_dir / "README.md").read_text()
+    assert "## How the zoo's networks were made" in card and "## Probe heads" in card
 
     # The fake Hub checks our use of the client, not the real upload path.
     pushed = fake_hub.repo_files("user/sane")
     assert {"config.json", "model.safetensors", "sane_zoo.json", "README.md"} <= set(pushed)
     assert {"preprocessor_config.json", "alignment_reference.safetensors"} <= set(pushed)
     assert {"probe_heads.json", "probe_heads.safetensors"} <= set(pushed)
+    assert {"in_distribution.json", "in_distribution.safetensors"} <= set(pushed)
     assert pushed["model.safetensors"] == (output_dir / "model.safetensors").read_bytes()
     assert "pretraining_config.yaml" in pushed
     assert (output_dir / "checkpoint-30").is_dir()

@@ -50,9 +50,10 @@ def test_demo_writes_plots_tables_and_summary(demo_run):
     assert list(sampling["accuracy"]) == [
         *("SANE kde (shared)", "noise matched to SANE kde (shared)"),
         *("SANE subsampled (shared)", "noise matched to SANE subsampled (shared)"),
+        "noise matched to SANE subsampled (shared), selected",  # as many candidates, same score
         *(f"noise {level}x prompt distance" for level in ("0.25", "0.5", "1")),
-        *("ensemble of 2 prompts", "from scratch"),
-    ]  # every SANE group followed by its memorization baseline
+        *("ensemble of 2 prompts", "from scratch", "prompts"),
+    ]  # every SANE group followed by its memorization baselines; the prompts themselves last
     assert sampling["matched_noise"] == {group: f"noise matched to {group}" for group in GROUPS[:2]}
     for group in GROUPS:
         assert all(0 <= value <= 1 for value in sampling["accuracy"][group]["mean"])

@@ -60,6 +60,12 @@ def _run_embed(args) -> int:
     count, dim = embeddings.mean.reshape(-1, embeddings.mean.shape[-1]).shape
     if is_main_process():  # under a launcher every process holds the gathered result
         print(f"embedded {count} networks ({dim}-dim) into {args.output}")
+        outside = embeddings.extras.get("outside_zoo_range")
+        if outside is not None and outside.any():
+            print(
+                f"warning: {int(outside.sum())} of {count} networks lie outside the range of the "
+                "zoo's validation networks (see the outside_zoo_range and *_percentile columns)"
+            )
     return 0
 
 

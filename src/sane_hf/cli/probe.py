@@ -29,6 +29,12 @@ def register(subparsers) -> None:
         "--layer-means", action="store_true", help="also probe per-layer mean latents"
     )
     parser.add_argument(
+        "--all-features",
+        action="store_true",
+        help="probe every SANE feature set (mean, per-layer means, s(Z), SANE + s(W)); the table "
+        "names the SANE set chosen on validation per property",
+    )
+    parser.add_argument(
         "--plot",
         action="store_true",
         help="scatter plots of predicted vs true (needs --output-dir)",
@@ -38,6 +44,7 @@ def register(subparsers) -> None:
 
 
 def _run_probe(args) -> int:
+    from sane_hf.downstream.features import HEAD_FEATURE_SETS
     from sane_hf.recipes.experiments import probe_pretrained
 
     check_sources({"--model": args.model, "--dataset": args.dataset})
@@ -51,6 +58,7 @@ def _run_probe(args) -> int:
         baselines=[] if args.baselines == ["none"] else args.baselines,
         max_raw_features=args.max_raw_features,
         include_layer_means=args.layer_means,
+        **({"feature_sets": HEAD_FEATURE_SETS} if args.all_features else {}),
         window=args.window,
         halo=args.halo,
         batch_size=args.batch_size,

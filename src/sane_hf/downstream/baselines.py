@@ -8,7 +8,11 @@ making "new" networks from training checkpoints:
   space (where SANE's samples are compared) and its norm is set exactly, so a noisy prompt sits
   at a chosen distance from its prompt. One level is *matched* to a SANE method: the median
   distance of its samples to their nearest prompt, drawn around the same prompts. At the same
-  distance, SANE is only better than noise if its samples are more accurate.
+  distance, SANE is only better than noise if its samples are more accurate. A SANE method
+  that *selects* its samples (subsampling: the best 10 of 25 candidates by accuracy on training
+  images; bootstrapping: several such rounds) is also compared with matched noise *selected the
+  same way*: as many noisy candidates, the same score, the same rounds. The unselected matched
+  noise stays as a second row.
 - **ensemble**: the average of two aligned prompts (a weight-space interpolation). Averaging
   normalized tokens is averaging raw weights, since normalization is affine per value.
 
@@ -104,6 +108,7 @@ class BaselineGroups:
     tokens: dict[str, torch.Tensor]
     roles: dict[str, str] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)
+    selected: dict[str, str] = field(default_factory=dict)  # SANE group -> selected matched noise
 
 
 @dataclass
@@ -123,6 +128,10 @@ class MemorizationBaselines:
         num_networks: networks per baseline group.
         seed: seeds the noise and the pairs.
         bn_batches: BatchNorm conditioning batches (the same the samples got), or None.
+        score_fn: the score SANE's selecting methods rank candidates by (``model -> float``).
+        num_candidates: candidates per selection round, as SANE's.
+        selection_rounds: ``{SANE group: rounds}`` for the groups that were selected (1 for
+            subsampling); each gets a matched-noise group selected the same way.
     """
 
     sampler: SaneSampler
@@ -133,6 +142,9 @@ class MemorizationBaselines:
     num_networks: int = 5
     seed: int = 0
     bn_batches: Iterable | None = None
+    score_fn: Callable[[nn.Module], float] | None = None
+    num_candidates: int = 0
+    selection_rounds: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         between, _ = nearest_neighbor_distances(
@@ -164,6 +176,30 @@ class MemorizationBaselines:
         tokens = noise_tokens(self.prompt_tokens, self.mask, distance, prompt_indices, generator)
         return self._networks(tokens)
 
+    def selected_noise(self, distance: float, rounds: int, seed_offset: int = 0) -> TokenNetworks:
+        """Noise at ``distance`` selected like SANE's subsampling/bootstrapping: ``num_candidates``
+        noisy prompts (random prompts), the ``num_networks`` best by ``score_fn``; each further
+        round draws ``num_candidates`` at ``distance`` around the kept ones and keeps the best of
+        both."""
+        if self.score_fn is None or self.num_candidates < self.num_networks:
+            raise ValueError(
+                "selected noise needs a score_fn and num_candidates >= num_networks "
+                f"(got {self.num_candidates} candidates for {self.num_networks} networks)"
+            )
+        generator = torch.Generator().manual_seed(self.seed + 3000 + seed_offset)
+        parents = self.prompt_tokens
+        kept_tokens, kept_scores = None, None
+        for _ in range(rounds):
+            indices = torch.randint(len(parents), (self.num_candidates,), generator=generator)
+            tokens = noise_tokens(parents, self.mask, distance, indices, generator)
+            scores = torch.tensor([float(self.score_fn(m)) for m in self._networks(tokens).models])
+            if kept_tokens is not None:
+                tokens, scores = torch.cat([kept_tokens, tokens]), torch.cat([kept_scores, scores])
+            best = scores.topk(self.num_networks).indices
+            kept_tokens, kept_scores = tokens[best], scores[best]
+            parents = kept_tokens
+        return self._networks(kept_tokens)
+
     def ensemble(self) -> TokenNetworks:
         """``num_networks`` averages of two different prompts."""
         generator = torch.Generator().manual_seed(self.seed + 2000)
@@ -178,7 +214,8 @@ class MemorizationBaselines:
     def groups(self, sampled: Mapping[str, SampledModels]) -> BaselineGroups:
         """SANE groups, each followed by its matched-noise group, then the noise curve and the
         ensemble. Matched noise is drawn around the prompts the samples were drawn around
-        (random prompts for the Gaussian prior); it is not subsampled."""
+        (random prompts for the Gaussian prior); for a group in ``selection_rounds`` a second
+        matched-noise group is selected the way the samples were (`selected_noise`)."""
         result = BaselineGroups({}, {})
         for offset, (name, samples) in enumerate(sampled.items()):
             result.groups[name], result.tokens[name] = samples.models, samples.tokens
@@ -191,6 +228,12 @@ class MemorizationBaselines:
             noise_name = f"noise matched to {name}"
             self._add(result, noise_name, noisy, NOISE)
             result.matched[name] = noise_name
+            if name in self.selection_rounds:
+                rounds = self.selection_rounds[name]
+                selected = self.selected_noise(distance, rounds, seed_offset=offset)
+                selected_name = f"{noise_name}, selected"
+                self._add(result, selected_name, selected, NOISE)
+                result.selected[name] = selected_name
         if len(self.prompt_tokens) > 1:  # one prompt: no distance between prompts, no pairs
             for level in self.noise_levels:
                 noisy = self.noise(level * self.scale, seed_offset=100 + len(result.groups))

@@ -270,6 +270,8 @@ class Embeddings:
             columns such as ``hyperparameters`` are flattened into their fields).
         ids: which network each row is (``network_ids`` of the processor, or
             ``<model_id>_epoch_<epoch>`` for a zoo split); empty for one network.
+        extras: further per-network arrays ``[M, ...]`` computed beside the embedding by
+            `PretrainedSane.embed` (in-distribution scores, the probe heads' features).
     """
 
     mean: torch.Tensor
@@ -277,6 +279,7 @@ class Embeddings:
     token_latents: torch.Tensor | None = None
     properties: dict[str, np.ndarray] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def embed(

@@ -39,8 +39,10 @@ class SampleEvaluation:
     ``novelty[group]``: ``{"distance": [networks], "iou": [networks]}`` (distance to the nearest
     training checkpoint in normalized weight space; largest IoU of test mistakes with a prompt or
     training network). ``roles[group]``: ``samples``, ``noise`` or ``ensemble``;
-    ``matched[sane_group]``: its matched-noise group; ``scale``: the median distance between
-    distinct prompts (``rel`` in the table is a group's median distance over it).
+    ``matched[sane_group]``: its matched-noise group; ``selected[sane_group]``: its matched
+    noise selected the way the group was (selecting methods only); ``scale``: the median
+    distance between distinct prompts (``rel`` in the table is a group's median distance over
+    it). With a ``prompts`` group the table shows every group's epoch-0 share of the prompts'.
     """
 
     epochs: list[int]
@@ -49,6 +51,7 @@ class SampleEvaluation:
     roles: dict[str, str] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)
     scale: float | None = None
+    selected: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict[str, list[float]]]:
         """Mean and standard deviation over the networks of each group, per epoch."""
@@ -84,8 +87,12 @@ class SampleEvaluation:
             raise ValueError(f"epochs {missing} were not evaluated (have {self.epochs})")
         columns = [self.epochs.index(e) for e in epochs]
         novelty_columns = bool(self.novelty or relative)
+        prompts = self.accuracy.get("prompts")
+        prompt_share = prompts is not None and 0 in self.epochs
         width = max(len("method"), *(len(group) for group in self.accuracy))
         header = f"{'method':<{width}}  {'n':>3}" + "".join(f"  {f'epoch {e}':>13}" for e in epochs)
+        if prompt_share:
+            header += f"  {'of prompts':>10}"
         if novelty_columns:
             header += f"  {'dist':>8}  {'rel':>5}  {'IoU':>5}"
         lines = [header, "-" * len(header)]
@@ -94,6 +101,10 @@ class SampleEvaluation:
                 f"  {100 * values[:, c].mean():>6.1f} ± {100 * values[:, c].std():<4.1f}"
                 for c in columns
             )
+            if prompt_share:
+                first = self.epochs.index(0)
+                share = values[:, first].mean() / prompts[:, first].mean()
+                cells += f"  {share:>10.1%}"
             if novelty_columns:
                 medians = self.novelty_medians(group) or {}
                 if "relative" not in medians and relative and group in relative:
@@ -116,6 +127,7 @@ class SampleEvaluation:
             },
             "roles": self.roles,
             "matched": self.matched,
+            "selected": self.selected,
             "scale": self.scale,
         }
 
@@ -132,6 +144,7 @@ class SampleEvaluation:
             dict(data.get("roles", {})),
             dict(data.get("matched", {})),
             data.get("scale"),
+            dict(data.get("selected", {})),
         )
 
     def save_json(self, path: str | Path) -> None:
@@ -276,7 +289,8 @@ def evaluate_samples(
         seed: seeds the data order; network ``i`` of every group sees the same order.
         baselines: memorization baselines around the prompts. Every group given as
             ``SampledModels`` (SANE samples) is followed by a noise group at its median distance
-            to the prompts; the noise curve and the ensemble are added, and the novelty of every
+            to the prompts (and, for selected groups, by noise selected the same way); the noise
+            curve and the ensemble are added, and the novelty of every
             network built from tokens is measured on the test split before fine-tuning.
     """
     groups, novelty, extra = dict(groups), {}, {}
@@ -286,7 +300,12 @@ def evaluate_samples(
         novelty = baselines.novelty(built, *dataset.test)
         others = {name: g for name, g in groups.items() if name not in sampled}
         groups = {**built.groups, **others}
-        extra = {"roles": built.roles, "matched": built.matched, "scale": baselines.scale}
+        extra = {
+            "roles": built.roles,
+            "matched": built.matched,
+            "scale": baselines.scale,
+            "selected": built.selected,
+        }
     groups = {name: g.models if isinstance(g, SampledModels) else g for name, g in groups.items()}
     members = [(group, i, net) for group, nets in groups.items() for i, net in enumerate(nets)]
     by_structure: dict[str, list[tuple[str, int, nn.Module]]] = {}

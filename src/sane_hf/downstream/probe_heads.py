@@ -7,7 +7,12 @@ units, kinds, classes and test scores), it lets a user get "predicted test accur
 their own checkpoint from the model folder alone::
 
     heads = ProbeHeads.from_pretrained("checkpoints/sane-cnn-mnist")
-    heads.predict(embed(model, networks, processor=processor).mean)  # {"test_acc": [...], ...}
+    heads.predict(head_inputs(model, processor(networks), heads))  # {"test_acc": [...], ...}
+
+Each head reads the feature set that predicted its property best on the zoo's *validation*
+split (`sane_hf.downstream.features`: the mean latent, per-layer means, s(Z), or SANE next to
+s(W)), and records its validation and test scores; `informative` leaves out the heads that are
+no better than predicting the zoo's mean.
 """
 
 from __future__ import annotations
@@ -22,8 +27,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import BatchFeature
 from transformers.utils import cached_file
 
+from sane_hf.downstream.embedding import embed
+from sane_hf.downstream.features import (
+    HEAD_FEATURE_SETS,
+    SANE,
+    SANE_AND_WEIGHT_STATISTICS,
+    feature_matrices,
+    latent_statistics,
+    needs_token_latents,
+    split_tokens,
+    weight_statistics,
+)
 from sane_hf.downstream.probing import LogisticProbe, ProbeReport, probe_zoo
 from sane_hf.zoo.formats import (
     PROBE_HEADS_CONFIG_FILE,
@@ -34,8 +51,8 @@ from sane_hf.zoo.formats import (
 )
 
 PROBE_HEADS_FORMAT = "sane_hf.ProbeHeads"
-PROBE_HEADS_VERSION = 1
-FEATURES = "SANE"  # the mean token latent: `Embeddings.mean`
+PROBE_HEADS_VERSION = 2  # version 1: every head reads the mean latent, no validation score
+READABLE_VERSIONS = (1, 2)
 # Units of the properties a sane-hf zoo records; other properties get "" unless given.
 DEFAULT_UNITS = {
     "test_acc": "fraction correct",
@@ -55,16 +72,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class PropertyHead:
-    """One fitted linear probe on standardized mean embeddings.
+    """One fitted linear probe on one standardized feature set.
 
     Attributes:
         name, unit: the property and its unit.
         kind: ``"ridge"`` (numeric) or ``"logistic"`` (categorical, ``classes`` holds the labels).
-        feature_mean, feature_std: ``[D]`` training-split standardization of the embeddings.
+        features: the feature set it reads (``HEAD_FEATURE_SETS``), chosen on validation.
+        feature_mean, feature_std: ``[D]`` training-split standardization of the features.
         coef: ``[D]`` (ridge) or ``[C, D]`` (logistic; ``[1, D]`` for two classes).
         intercept: ``[1]`` (ridge) or ``[C]`` / ``[1]`` (logistic).
         metric, test_score: test R^2 (ridge) or accuracy (logistic) of the fitted probe.
         regularization: the ridge alpha or logistic C picked on the validation split.
+        validation_score: the same metric on the validation split (None in version-1 files).
     """
 
     name: str
@@ -78,17 +97,34 @@ class PropertyHead:
     test_score: float
     regularization: float
     classes: list[str] = field(default_factory=list)
+    features: str = SANE
+    validation_score: float | None = None
 
-    def predict(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Predictions for mean embeddings ``[M, D]``: values in ``unit``, or class labels."""
-        if isinstance(embeddings, torch.Tensor):  # bfloat16 models give bfloat16 embeddings
-            x = embeddings.detach().cpu().double()
+    @property
+    def informative(self) -> bool:
+        """Better than predicting the zoo's mean (R^2 > 0) on both validation and test; for
+        classification heads always True."""
+        if self.metric != "r2":
+            return True
+        scores = [self.test_score, self.validation_score]
+        return all(score > 0 for score in scores if score is not None)
+
+    def predict(self, features: torch.Tensor | np.ndarray | Mapping[str, Any]) -> np.ndarray:
+        """Predictions for features ``[M, D]`` of this head's feature set (or a mapping of feature
+        set name to features, as `head_inputs` returns): values in ``unit``, or class labels."""
+        if isinstance(features, Mapping):
+            if self.features not in features:
+                raise ValueError(f"probe head {self.name!r} reads {self.features!r} features")
+            features = features[self.features]
+        if isinstance(features, torch.Tensor):  # bfloat16 models give bfloat16 embeddings
+            x = features.detach().cpu().double()
         else:
-            x = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
+            x = torch.as_tensor(np.asarray(features, dtype=np.float64))
         if x.dim() != 2 or x.shape[1] != self.feature_mean.numel():
             raise ValueError(
-                f"probe head {self.name!r} reads embeddings [M, {self.feature_mean.numel()}], "
-                f"got {tuple(x.shape)}: is it from another SANE model?"
+                f"probe head {self.name!r} reads {self.features} features "
+                f"[M, {self.feature_mean.numel()}], got {tuple(x.shape)}: is it from another "
+                "SANE model?"
             )
         x = (x - self.feature_mean) / self.feature_std
         if self.kind == "ridge":
@@ -111,9 +147,21 @@ class ProbeHeads:
     def names(self) -> list[str]:
         return [head.name for head in self.heads]
 
-    def predict(self, embeddings: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        """``{property: [M] predictions}`` for mean embeddings ``[M, D]`` (``Embeddings.mean``)."""
-        return {head.name: head.predict(embeddings) for head in self.heads}
+    @property
+    def feature_sets(self) -> list[str]:
+        """The feature sets the heads read."""
+        return list(dict.fromkeys(head.features for head in self.heads))
+
+    def predict(
+        self, features: torch.Tensor | np.ndarray | Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """``{property: [M] predictions}`` for `head_inputs` (or, when every head reads the
+        mean latent, for mean embeddings ``[M, D]``)."""
+        return {head.name: head.predict(features) for head in self.heads}
+
+    def informative(self) -> ProbeHeads:
+        """The heads better than predicting the zoo's mean (`PropertyHead.informative`)."""
+        return ProbeHeads([head for head in self.heads if head.informative], self.zoo_dataset)
 
     def test_scores(self) -> dict[str, float]:
         """Model-card metrics: ``"R^2 test_acc (shipped probe head, test split)" -> score``."""
@@ -136,15 +184,16 @@ class ProbeHeads:
         description = {
             "format": PROBE_HEADS_FORMAT,
             "version": PROBE_HEADS_VERSION,
-            "features": FEATURES,
             "zoo_dataset": self.zoo_dataset,
             "heads": [
                 {
                     "name": head.name,
                     "unit": head.unit,
                     "kind": head.kind,
+                    "features": head.features,
                     "metric": head.metric,
                     "test_score": head.test_score,
+                    "validation_score": head.validation_score,
                     "regularization": head.regularization,
                     "classes": head.classes,
                 }
@@ -185,17 +234,19 @@ class ProbeHeads:
         units: Mapping[str, str] | None = None,
         zoo_dataset: str | None = None,
     ) -> ProbeHeads:
-        """The heads of a `probe_zoo` report's SANE probes (baseline probes are not shipped)."""
+        """One head per property of a `probe_zoo` report: the fitted probe of the feature set
+        (among ``HEAD_FEATURE_SETS``) with the best validation score; baselines are not shipped."""
         units = {**DEFAULT_UNITS, **(units or {})}
-        heads = [
-            _head(result.probe, result.property, units.get(result.property, ""), result.score)
-            for result in report.results
-            if result.features == FEATURES and result.probe is not None
-        ]
+        heads = []
+        for name in report.properties:
+            fitted = [
+                r for r in report.results if r.features in HEAD_FEATURE_SETS and r.probe is not None
+            ]
+            if any(r.property == name for r in fitted):
+                best = report.best(name, [r.features for r in fitted])
+                heads.append(_head(best, units.get(name, "")))
         if not heads:
-            raise ValueError(
-                f"the report has no fitted {FEATURES} probe (skipped: {report.skipped})"
-            )
+            raise ValueError(f"the report has no fitted SANE probe (skipped: {report.skipped})")
         return cls(heads, zoo_dataset)
 
 
@@ -208,6 +259,7 @@ HEAD_ENTRY_TYPES = {
     "regularization": (int, float),
     "classes": list,
 }
+OPTIONAL_ENTRY_TYPES = {"features": str, "validation_score": (int, float, type(None))}
 HEAD_ARRAYS = ("feature_mean", "feature_std", "coef", "intercept")
 
 
@@ -221,9 +273,9 @@ def _read_description(path: Path) -> dict[str, Any]:
     if (
         not isinstance(description, dict)
         or description.get("format") != PROBE_HEADS_FORMAT
-        or description.get("version") != PROBE_HEADS_VERSION
+        or description.get("version") not in READABLE_VERSIONS
     ):
-        raise ValueError(f"{path}: not a {PROBE_HEADS_FORMAT} version {PROBE_HEADS_VERSION} file")
+        raise ValueError(f"{path}: not a {PROBE_HEADS_FORMAT} file of version {READABLE_VERSIONS}")
     entries = description.get("heads")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: `heads` must be a non-empty list")
@@ -234,6 +286,14 @@ def _read_description(path: Path) -> dict[str, Any]:
             value = entry.get(name)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"{path}: heads[{index}].{name} is {value!r}")
+        for name, kind in OPTIONAL_ENTRY_TYPES.items():  # version 2 fields
+            value = entry.get(name)
+            if name in entry and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ValueError(f"{path}: heads[{index}].{name} is {value!r}")
+        if entry.get("features", HEAD_FEATURE_SETS[0]) not in HEAD_FEATURE_SETS:
+            raise ValueError(
+                f"{path}: heads[{index}].features must be one of {list(HEAD_FEATURE_SETS)}"
+            )
         if entry["kind"] not in ("ridge", "logistic"):
             raise ValueError(f"{path}: heads[{index}].kind must be ridge or logistic")
     return description
@@ -281,13 +341,16 @@ def _load_head(
         raise ValueError(f"{config_path}: head {name!r}: {error}") from None
 
 
-def _head(probe: Any, name: str, unit: str, score: float) -> PropertyHead:
+def _head(result: Any, unit: str) -> PropertyHead:
+    probe = result.probe
     standardizer = probe.standardizer
     common = {
-        "name": name,
+        "name": result.property,
         "unit": unit,
+        "features": result.features,
         "metric": probe.metric,
-        "test_score": float(score),
+        "test_score": float(result.score),
+        "validation_score": float(result.validation_score),
         "regularization": float(probe.regularization),
         "feature_mean": torch.as_tensor(standardizer.mean, dtype=torch.float64),
         "feature_std": torch.as_tensor(standardizer.std, dtype=torch.float64),
@@ -316,9 +379,11 @@ def fit_probe_heads(
     properties: Sequence[str] = DEFAULT_PROPERTIES,
     units: Mapping[str, str] | None = None,
     zoo_dataset: str | None = None,
+    feature_sets: Sequence[str] = HEAD_FEATURE_SETS,
     progress: bool = False,
 ) -> ProbeHeads:
-    """Fit linear probe heads on a zoo's SANE embeddings (train; alpha/C on validation; test R^2).
+    """Fit linear probe heads on a zoo's SANE features (train; alpha/C and the feature set on
+    validation; test R^2 recorded).
 
     Properties a zoo cannot be probed for (constant, missing) are left out, as in `probe_zoo`;
     none left is an error.
@@ -330,8 +395,66 @@ def fit_probe_heads(
     unknown = [name for name in properties if name not in present]
     if unknown:
         raise ValueError(f"properties {unknown} are not columns of the zoo")
-    report = probe_zoo(model, dataset, properties=list(properties), baselines=(), progress=progress)
+    report = probe_zoo(
+        model,
+        dataset,
+        properties=list(properties),
+        baselines=(),
+        feature_sets=feature_sets,
+        progress=progress,
+    )
     return ProbeHeads.from_report(report, units, zoo_dataset)
 
 
-__all__ = ["ProbeHeads", "PropertyHead", "fit_probe_heads"]
+def head_inputs(
+    model: nn.Module,
+    features: Any,
+    heads: ProbeHeads,
+    mask: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    embeddings: Any = None,
+) -> dict[str, np.ndarray]:
+    """The feature sets ``heads`` read, for a `SaneProcessor` output ``features`` (normalized
+    tokens ``[M, N, T]`` and positions); ``mask`` ``[N, T]`` marks the real values (the
+    processor's ``layout.mask()``), for s(W). ``embeddings``: already computed ones of the same
+    networks, reused when they hold what is needed."""
+    wanted = heads.feature_sets
+    token_latents = needs_token_latents(wanted)
+    if embeddings is None or (token_latents and embeddings.token_latents is None):
+        embeddings = embed(
+            model,
+            features,
+            batch_size=batch_size,
+            return_token_latents=token_latents,
+            progress=False,
+        )
+    tokens, positions = features["tokens"], features["positions"]
+    positions = positions.reshape(-1, *positions.shape[-2:])[0].long()
+    weight_stats = None
+    if SANE_AND_WEIGHT_STATISTICS in wanted:
+        weight_stats = weight_statistics(
+            tokens.reshape(-1, *tokens.shape[-2:]).float(), mask, positions
+        )
+    mean = embeddings.mean.reshape(-1, embeddings.mean.shape[-1])
+    return feature_matrices(
+        wanted,
+        mean=mean,
+        layer_means=embeddings.layer_means.reshape(len(mean), -1),
+        latent_stats=(
+            latent_statistics(embeddings.token_latents, positions) if token_latents else None
+        ),
+        weight_stats=weight_stats,
+    )
+
+
+def split_head_inputs(
+    model: nn.Module, split: Dataset, heads: ProbeHeads, *, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """`head_inputs` of every row of a zoo dataset split (normalized tokens already)."""
+    tokens, positions, mask = split_tokens(split)
+    features = BatchFeature({"tokens": tokens, "positions": positions.expand(len(tokens), -1, -1)})
+    return head_inputs(model, features, heads, mask, batch_size=batch_size)
+
+
+__all__ = ["ProbeHeads", "PropertyHead", "fit_probe_heads", "head_inputs", "split_head_inputs"]

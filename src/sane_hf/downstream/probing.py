@@ -13,6 +13,8 @@ Everything here follows one protocol so that SANE and its baselines are comparab
   the validation split from a log grid (1e-5 .. 1e3, as the reference), R^2 reported on test;
 - categorical properties (activation, init, optimizer): logistic regression, ``C`` picked by
   validation accuracy, test accuracy reported;
+- numeric probes also report Kendall's tau between predicted and true test values (the rank
+  measure of neural-functional work: is a better network ranked higher?);
 - baselines on the same splits: ``s(W)`` (per-layer mean, variance and 1/25/50/75/99 percentiles
   of the real weights, Unterthiner et al. 2020) and the raw weights ``W`` for small models.
 """
@@ -33,6 +35,17 @@ import torch
 from torch import nn
 
 from sane_hf.downstream.embedding import embed
+from sane_hf.downstream.features import (
+    SANE,
+    SANE_AND_WEIGHT_STATISTICS,
+    SANE_LAYERS,
+    SANE_ONLY_FEATURE_SETS,
+    feature_matrices,
+    latent_statistics,
+    needs_token_latents,
+    raw_weight_features,
+    weight_statistics,
+)
 from sane_hf.weights.layout import real_entry_mask
 
 if TYPE_CHECKING:
@@ -51,88 +64,6 @@ PROPERTY_LABELS = {
     "dropout": "dropout",
 }
 REGULARIZATION_GRID = tuple(10.0**exponent for exponent in range(-5, 4))  # 1e-5 .. 1e3
-STATISTIC_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
-STATISTIC_NAMES = ("mean", "var", *(f"q{round(100 * q):02d}" for q in STATISTIC_QUANTILES))
-
-
-def _as_model_batch(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Accept ``[N, T]`` (one model) or ``[M, N, T]`` tokens; return ``[M, N, T]`` and whether one."""
-    single = tokens.dim() == 2
-    batch = tokens[None] if single else tokens
-    if batch.dim() != 3 or batch.shape[1:] != mask.shape:
-        raise ValueError(
-            f"tokens must be [N, T] or [M, N, T] matching mask {tuple(mask.shape)}, "
-            f"got {tuple(tokens.shape)}"
-        )
-    return batch, single
-
-
-def weight_statistics(
-    tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """The ``s(W)`` baseline: per layer mean, variance and 1/25/50/75/99 percentiles.
-
-    Args:
-        tokens: ``[N, T]`` tokens of one model or ``[M, N, T]`` of models sharing one layout.
-        mask: ``[N, T]`` bool, True on real weights; padding never enters a statistic.
-        positions: ``[N, 3]`` (global, layer, row); the layer index groups the values.
-
-    Returns:
-        ``[7 * L]`` (one model) or ``[M, 7 * L]`` features, ordered by layer index, then
-        ``STATISTIC_NAMES``. Variance is the population variance; percentiles interpolate
-        linearly like ``numpy.percentile``.
-
-    All models are handled at once: the values are sorted per model, then stably regrouped by
-    layer, so every percentile is a gather at a per-layer offset.
-    """
-    batch, single = _as_model_batch(tokens, mask)
-    mask = mask.to(batch.device)
-    values = batch[:, mask].double()  # [M, V], token-major order
-    layer_of_value = positions[:, 1].to(batch.device).repeat_interleave(mask.sum(1))
-    _, layer_of_value = torch.unique(layer_of_value, return_inverse=True)
-    sizes = torch.bincount(layer_of_value)
-    num_layers = sizes.numel()
-
-    mean = values.new_zeros(len(values), num_layers).index_add_(1, layer_of_value, values) / sizes
-    centered = values - mean[:, layer_of_value]
-    var = values.new_zeros(mean.shape).index_add_(1, layer_of_value, centered**2) / sizes
-
-    by_value = values.argsort(dim=1)
-    by_layer = layer_of_value[by_value].argsort(dim=1, stable=True)
-    grouped = values.gather(1, by_value).gather(1, by_layer)  # per layer, ascending
-    starts = sizes.cumsum(0) - sizes
-    quantiles = torch.tensor(STATISTIC_QUANTILES, dtype=values.dtype, device=values.device)
-    rank = quantiles * (sizes[:, None] - 1)  # [L, Q]
-    lower = rank.floor().long()
-    fraction = rank - lower
-    upper = torch.minimum(lower + 1, sizes[:, None] - 1)
-    percentiles = (
-        grouped[:, starts[:, None] + lower] * (1 - fraction)
-        + grouped[:, starts[:, None] + upper] * fraction
-    )
-
-    features = torch.cat([mean[..., None], var[..., None], percentiles], dim=-1).flatten(1)
-    features = features.to(tokens.dtype)
-    return features[0] if single else features
-
-
-def raw_weight_features(
-    tokens: torch.Tensor, mask: torch.Tensor, max_features: int | None = None
-) -> torch.Tensor:
-    """The ``W`` baseline: the real weights of each model, flattened (padding dropped).
-
-    Raises ``ValueError`` when a model has more than ``max_features`` weights: a linear probe on
-    millions of raw weights is neither meaningful nor affordable, and callers should say so.
-    """
-    batch, single = _as_model_batch(tokens, mask)
-    num_weights = int(mask.sum())
-    if max_features is not None and num_weights > max_features:
-        raise ValueError(
-            f"models have {num_weights} weights, more than max_features={max_features} "
-            "for the raw-weight baseline"
-        )
-    features = batch[:, mask.to(batch.device)]
-    return features[0] if single else features
 
 
 class _Standardizer:
@@ -266,6 +197,7 @@ class ProbeResult:
     true: np.ndarray
     predicted: np.ndarray
     probe: RidgeProbe | LogisticProbe | None = None  # the fitted probe (for shipped probe heads)
+    kendall_tau: float | None = None  # test split, numeric properties only
 
     def to_dict(self) -> dict:
         return {
@@ -273,9 +205,19 @@ class ProbeResult:
             "features": self.features,
             "metric": self.metric,
             "score": self.score,
+            "kendall_tau": self.kendall_tau,
             "regularization": self.regularization,
             "validation_score": self.validation_score,
         }
+
+
+def kendall_tau(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Kendall's tau-b of predictions against true values (NaN when either is constant)."""
+    from scipy.stats import kendalltau  # here: predicting with saved probes needs no scipy
+
+    with warnings.catch_warnings():  # a constant input warns and returns NaN: NaN is the answer
+        warnings.simplefilter("ignore")
+        return float(kendalltau(true, predicted).statistic)
 
 
 @dataclass
@@ -294,13 +236,27 @@ class ProbeReport:
         return list(dict.fromkeys(r.property for r in self.results))
 
     def score(self, property_name: str, features: str) -> float:
+        return self.result(property_name, features).score
+
+    def result(self, property_name: str, features: str) -> ProbeResult:
         for result in self.results:
             if result.property == property_name and result.features == features:
-                return result.score
+                return result
         raise KeyError(f"no result for property {property_name!r} with features {features!r}")
 
+    def best(self, property_name: str, feature_sets: Sequence[str]) -> ProbeResult:
+        """The probe of ``property_name`` with the highest *validation* score among
+        ``feature_sets`` (those that were probed): the test split chooses nothing."""
+        candidates = [
+            r for r in self.results if r.property == property_name and r.features in feature_sets
+        ]
+        if not candidates:
+            raise KeyError(f"no probe of {property_name!r} on any of {list(feature_sets)}")
+        return max(candidates, key=lambda r: r.validation_score)
+
     def table(self) -> str:
-        """A terminal table: one row per property, one column per feature set."""
+        """A terminal table: one row per property, one column per feature set, and for numeric
+        properties a second row with Kendall's tau."""
         feature_sets = self.feature_sets
         by_key = {(r.property, r.features): r for r in self.results}
         width = max([len("property"), *(len(p) for p in self.properties)])
@@ -315,6 +271,22 @@ class ProbeReport:
                 for f in feature_sets
             )
             lines.append(f"{name:<{width}}  {metric:<8}{cells}")
+            if metric == "r2":
+                taus = "".join(
+                    f"  {by_key[name, f].kendall_tau:>10.3f}"
+                    if (name, f) in by_key
+                    else f"  {'-':>10}"
+                    for f in feature_sets
+                )
+                lines.append(f"{'':<{width}}  {'tau':<8}{taus}")
+        sane_sets = [f for f in SANE_ONLY_FEATURE_SETS if f in feature_sets]
+        if len(sane_sets) > 1:
+            for name in self.properties:
+                best = self.best(name, sane_sets)
+                lines.append(
+                    f"{name}: SANE features chosen on validation: {best.features} "
+                    f"(validation {best.validation_score:.3f}, test {best.score:.3f})"
+                )
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -420,6 +392,8 @@ def probe_features(
                 predicted=probe.predict(splits["test"]),
                 probe=probe,
             )
+            if not categorical:
+                result.kendall_tau = kendall_tau(result.true, result.predicted)
             results.append(result)
     return ProbeReport(results, skipped)
 
@@ -476,6 +450,7 @@ def probe_zoo(
     baselines: Sequence[str] = BASELINES,
     max_raw_features: int = 50_000,
     include_layer_means: bool = False,
+    feature_sets: Sequence[str] = (SANE,),
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 256,
@@ -493,6 +468,9 @@ def probe_zoo(
         baselines: ``"s(W)"`` and/or ``"W"``, computed on the same splits. ``W`` is skipped
             (noted in ``ProbeReport.skipped``) for models above ``max_raw_features`` weights.
         include_layer_means: also probe the concatenated per-layer mean latents ("SANE layers").
+        feature_sets: the SANE feature sets to probe (`sane_hf.downstream.features`: "SANE",
+            "SANE layers", "s(Z)", "SANE + s(W)"); "SANE + s(W)" is SANE next to s(W), its
+            own row, not SANE alone.
         window, halo, batch_size: halo-window encoding (see ``sane_hf.embed``).
     """
     missing = [split for split in SPLITS if split not in dataset]
@@ -508,6 +486,7 @@ def probe_zoo(
                 f"{num_weights} weights per model > max_raw_features={max_raw_features}"
             )
             baselines = [name for name in baselines if name != "W"]
+    feature_sets = list(dict.fromkeys([*feature_sets, *([SANE_LAYERS] * include_layer_means)]))
     for split in SPLITS:
         embeddings = embed(
             model,
@@ -515,13 +494,21 @@ def probe_zoo(
             window=window,
             halo=halo,
             batch_size=batch_size,
+            return_token_latents=needs_token_latents(feature_sets),
             progress=progress,
         )
-        features.setdefault("SANE", {})[split] = embeddings.mean.double().numpy()
-        if include_layer_means:
-            layer_means = embeddings.layer_means.flatten(1).double().numpy()
-            features.setdefault("SANE layers", {})[split] = layer_means
-        for name, values in baseline_features(dataset[split], baselines, max_raw_features).items():
+        weight_baselines = baseline_features(dataset[split], baselines, max_raw_features)
+        weight_stats = weight_baselines.get("s(W)")
+        if SANE_AND_WEIGHT_STATISTICS in feature_sets and weight_stats is None:
+            weight_stats = baseline_features(dataset[split], ("s(W)",))["s(W)"]
+        sane_features = feature_matrices(
+            feature_sets,
+            mean=embeddings.mean,
+            layer_means=embeddings.layer_means,
+            latent_stats=zoo_latent_statistics(embeddings, dataset[split]),
+            weight_stats=weight_stats,
+        )
+        for name, values in {**sane_features, **weight_baselines}.items():
             features.setdefault(name, {})[split] = values
         if properties is None:
             properties = default_properties(
@@ -537,6 +524,14 @@ def probe_zoo(
     report = probe_features(features, targets, regularization_grid)
     report.skipped.update(skipped)
     return report
+
+
+def zoo_latent_statistics(embeddings, split: Dataset) -> torch.Tensor | None:
+    """`latent_statistics` of a zoo split's embeddings (None without token latents)."""
+    if embeddings.token_latents is None:
+        return None
+    positions = torch.as_tensor(np.asarray(split[0]["positions"])).long()
+    return latent_statistics(embeddings.token_latents, positions)
 
 
 def _categorical_hyperparameters(split: Dataset) -> list[str]:
@@ -560,6 +555,4 @@ __all__ = [
     "default_properties",
     "probe_features",
     "probe_zoo",
-    "raw_weight_features",
-    "weight_statistics",
 ]

@@ -62,4 +62,8 @@ def concatenate_embeddings(
             for name in names
         },
         ids=[ids[i] for i in order.tolist()] if ids else [],
+        extras={
+            name: np.concatenate([piece.extras[name] for piece in pieces])[order.numpy()]
+            for name in pieces[0].extras
+        },
     )

@@ -267,7 +267,7 @@ class SamplingRun:
     changes: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     table_epochs: list[int] | None = None
-    include_prompts: bool = False
+    include_prompts: bool = True
 
 
 @dataclass

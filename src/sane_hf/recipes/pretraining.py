@@ -1,6 +1,6 @@
 """`pretrain`, the one pretraining entry point (`sane-hf pretrain`, the demo, the experiments):
-the Accelerate run of `sane_hf.pretraining.loop.train_sane`, then the probe heads that ship with
-the model, then the push.
+the Accelerate run of `sane_hf.pretraining.loop.train_sane`, then the probe heads and the
+in-distribution reference (`sane_hf.downstream.ood`) that ship with the model, then the push.
 
 The heads are fitted here, not in the pretraining layer, because fitting them embeds the zoo with
 the trained model (a downstream task). The push, when asked for, comes last, so the Hub repo holds
@@ -15,6 +15,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from sane_hf.downstream.ood import InDistributionReference
 from sane_hf.downstream.probe_heads import fit_probe_heads
 from sane_hf.hub import HubError, folder_model_card, push_folder
 from sane_hf.models.sane.modeling_sane import SaneModel
@@ -51,13 +52,15 @@ def _pretrain(config: PretrainingConfig) -> dict[str, Any]:
 def finish_run(config: PretrainingConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """What follows a finished training run on the main process (also of
     ``training/pretrain_sane.py``): probe heads fitted on the zoo's splits saved beside the
-    model, the model card that lists them, then with ``push_to_hub`` one push of it all.
+    model with the in-distribution reference, the model card that lists them, then with ``push_to_hub`` one push of it all.
     Returns ``summary`` with the heads' test scores under ``probe_heads``."""
     output_dir = Path(config.output_dir)
     model = SaneModel.from_pretrained(output_dir).eval()
     zoo = load_zoo_dataset(config.dataset)
     heads = fit_probe_heads(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
     heads.save_pretrained(output_dir)
+    reference = InDistributionReference.fit(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
+    reference.save_pretrained(output_dir)
     folder_model_card(output_dir, config.hub_model_id or str(output_dir)).save(
         output_dir / "README.md"
     )

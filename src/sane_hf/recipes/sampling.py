@@ -237,7 +237,7 @@ def compare_sampling(
     prompt_zoo: ZooDataset | None = None,
     task: ImageDataset | None = None,
     extra_groups: Mapping[str, Sequence[nn.Module]] | None = None,
-    include_prompts: bool = False,
+    include_prompts: bool = True,
     on_samples: Callable[[str, SampledModels], None] | None = None,
 ) -> SamplingResults:
     """Sample networks with every method, fine-tune them next to from-scratch networks.
@@ -315,6 +315,9 @@ def compare_sampling(
                     settings.num_samples,
                     settings.seed,
                     bn_batches,
+                    score_fn,
+                    settings.num_candidates,
+                    selection_rounds(methods, settings),
                 )
             evaluation = evaluate_samples(
                 groups,
@@ -327,6 +330,18 @@ def compare_sampling(
             )
         evaluation = ranks.from_rank_0(evaluation)
     return SamplingResults(evaluation, novelties)
+
+
+def selection_rounds(
+    methods: Sequence[SamplingMethod], settings: SamplingSettings
+) -> dict[str, int]:
+    """Rounds of candidate selection of every selecting method (the baselines select their
+    matched noise the same way): subsampling one, bootstrapping and the prior ``rounds``."""
+    return {
+        method.name: 1 if method.kind == "subsampled" else settings.rounds
+        for method in methods
+        if method.kind != "kde"
+    }
 
 
 def prompt_split_epoch(prompt_zoo: ZooDataset, settings: SamplingSettings) -> int:
@@ -361,7 +376,7 @@ def sample_networks(
     *,
     prompt_dataset: str | os.PathLike | ZooDataset | None = None,
     task_dataset: str | None = None,
-    include_prompts: bool = False,
+    include_prompts: bool = True,
     extra_groups: Mapping[str, Sequence[nn.Module]] | None = None,
     device: str | None = None,
     resume: bool = False,

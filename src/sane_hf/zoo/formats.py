@@ -48,6 +48,8 @@ PROBE_HEADS_FILE = "probe_heads.safetensors"
 PROBE_HEADS_CONFIG_FILE = "probe_heads.json"
 # Beside a SANE model: what AutoProcessor(trust_remote_code=True) runs (it points to sane-hf).
 REMOTE_PROCESSOR_FILE = "processing_sane.py"
+IN_DISTRIBUTION_FILE = "in_distribution.safetensors"
+IN_DISTRIBUTION_CONFIG_FILE = "in_distribution.json"
 LOCK_FILE = ".sane_zoo.lock"
 # A pretraining output folder (checkpoints, metrics.jsonl, the final model) has one run at a time.
 PRETRAINING_LOCK_FILE = ".sane_pretraining.lock"

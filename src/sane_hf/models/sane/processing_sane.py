@@ -51,6 +51,7 @@ from sane_hf.zoo.formats import (
     read_safetensors,
 )
 from sane_hf.zoo.metadata import ZooDataset, ZooMetadata
+from sane_hf.zoo.provenance import zoo_provenance
 
 from .configuration_sane import SaneConfig
 from .network_inputs import NetworkInput, iter_networks
@@ -72,6 +73,8 @@ class SaneProcessor(FeatureExtractionMixin):
         reference: the alignment reference network (state_dict), the zoo's alignment target.
         max_positions: the model's position-table sizes; longer networks are refused.
         zoo_dataset: where the statistics come from (a Hub id or a description).
+        provenance: how the zoo's networks were made (`sane_hf.zoo.provenance.zoo_provenance`:
+            architecture, init and biases, data and input standardization, optimizer, epochs).
     """
 
     model_input_names: ClassVar[list[str]] = ["tokens", "positions", "attention_mask"]
@@ -90,6 +93,7 @@ class SaneProcessor(FeatureExtractionMixin):
         alignment_reference: str | None = None,
         max_positions: Sequence[int] | None = None,
         zoo_dataset: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
         for name in ("feature_extractor_type", "processor_class", "trust_remote_code", "auto_map"):
@@ -121,6 +125,7 @@ class SaneProcessor(FeatureExtractionMixin):
                 f"alignment_reference must be {ALIGNMENT_REFERENCE_FILE!r} (the file beside the "
                 f"config) or null, got {alignment_reference!r}"
             )
+        self.provenance = None if provenance is None else dict(provenance)
         # set when the config names a reference file that from_pretrained has still to load
         self._reference_file = alignment_reference if reference is None else None
         self.reference = None
@@ -160,6 +165,7 @@ class SaneProcessor(FeatureExtractionMixin):
             reference=reference,
             max_positions=None if config is None else config.max_positions,
             zoo_dataset=None if config is None else config.zoo_dataset,
+            provenance=zoo_provenance(zoo, metadata.statistics.get("epochs")),
         )
 
     @classmethod
@@ -247,6 +253,7 @@ class SaneProcessor(FeatureExtractionMixin):
             "architecture_kwargs": self.architecture_kwargs,
             "max_positions": self.max_positions,
             "zoo_dataset": self.zoo_dataset,
+            "provenance": self.provenance,
             "alignment_reference": ALIGNMENT_REFERENCE_FILE if has_reference else None,
             "permutation_spec": (
                 None if self.permutation_spec is None else self.permutation_spec.to_dict()
