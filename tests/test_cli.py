@@ -80,13 +80,21 @@ def test_hub_http_errors_name_the_repo_and_status():
     assert cli.error_line(KeyError("no column 'x'")) == "no column 'x'"
 
 
-def test_thread_settings_for_shared_machines_unless_the_user_chose():
+@pytest.mark.parametrize("busy", [True, False])
+def test_passive_waiting_only_while_other_processes_keep_cpus_busy(monkeypatch, busy):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cli, "free_cpus", lambda: cpus - 1 if busy else cpus)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cli.configure_threads()
+    assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if busy else None)
+    assert os.environ["OMP_NUM_THREADS"] == str(cpus - 1 if busy else cpus)
+
+
+def test_thread_settings_unless_the_user_chose():
     code = "import os, sane_hf.cli as c; c.configure_threads(); "
     code += "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'])"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    policy, threads = result.stdout.split()
-    assert policy == "PASSIVE" and 1 <= int(threads) <= len(os.sched_getaffinity(0))
     env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["ACTIVE", "3"]

@@ -8,12 +8,13 @@ Errors, for every command alike (`main`): a user error (bad value, missing file,
 is one line on stderr and exit status 1; a usage error is argparse's message and exit status 2;
 the traceback only with ``--debug`` or ``SANE_HF_DEBUG=1``.
 
-Threads: parsing imports no torch, so `main` sets ``OMP_WAIT_POLICY=PASSIVE`` and
-``OMP_NUM_THREADS`` before the command imports it, each unless the user set it: ``--threads N``,
-else the CPUs this process may use minus those other processes keep busy (`free_cpus`). OpenMP's
-default lets idle threads spin for their next task, one per core; next to other busy processes
-the spinning threads took the CPU from the working ones and a one-minute demo took 6-8 minutes
-on a shared 2-core machine (1:05 with ``OMP_NUM_THREADS=1``).
+Threads: parsing imports no torch, so `main` sets ``OMP_NUM_THREADS`` and, while other
+processes keep CPUs busy, ``OMP_WAIT_POLICY=PASSIVE`` before the command imports it, each
+unless the user set it: ``--threads N``, else the CPUs this process may use minus those other
+processes keep busy (`free_cpus`). OpenMP's default lets idle threads spin for their next task,
+one per core; next to other busy processes the spinning threads took the CPU from the working
+ones and a one-minute demo took 6-8 minutes on a shared 2-core machine (1:05 with
+``OMP_NUM_THREADS=1``); on a machine of its own, spinning is what makes two threads pay.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeErro
 
 
 def configure_threads(threads: int | None = None) -> None:
-    """Thread settings for shared machines (before torch is imported): passive OpenMP waiting
-    unless the user chose a policy, and ``threads`` threads, else ``OMP_NUM_THREADS`` as the
-    user set it, else `free_cpus`."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Thread settings (before torch is imported): ``threads`` threads, else ``OMP_NUM_THREADS``
+    as the user set it, else `free_cpus`; and, unless the user chose a policy, passive OpenMP
+    waiting while other processes keep CPUs busy. Measured on a 2-core CPU (BENCHMARKS.md):
+    with the machine to itself, OpenMP's default (idle threads spin a while) made 2 threads
+    1.5x faster than one and passive waiting 0.9-1.0x; next to other jobs, spinning made them
+    5-20x slower than one thread and passive waiting 1.2-1.9x faster."""
+    cpus = _affinity_cpus()
+    if "OMP_WAIT_POLICY" not in os.environ and free_cpus() < cpus:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
@@ -51,13 +57,17 @@ def free_cpus() -> int:
     at least one. Busy: the fewer of the one-minute load average and the tasks running right
     now besides this one (``/proc/loadavg``); the average alone still counts a job that ended
     a minute ago, which kept a run that started after it on one core of two."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
+    cpus = _affinity_cpus()
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     with contextlib.suppress(OSError, ValueError, IndexError):
         running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
         busy = min(busy, running - 1)
     return max(1, min(cpus, round(cpus - busy)))
+
+
+def _affinity_cpus() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus or 1
 
 
 def _positive_int(text: str) -> int:
