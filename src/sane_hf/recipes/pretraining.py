@@ -19,6 +19,7 @@ from sane_hf.hub import folder_model_card
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE, pretrain, push_run
+from sane_hf.zoo.mixed import is_mixed_dataset, load_mixed_dataset
 from sane_hf.zoo.storage import load_zoo_dataset
 
 
@@ -34,7 +35,8 @@ def pretrain_with_probe_heads(config: PretrainingConfig) -> dict[str, Any]:
     if not finished or not PartialState().is_main_process:
         return summary  # a run stopped early (stop_at_step) resumes later; other ranks are done
     model = SaneModel.from_pretrained(output_dir).eval()
-    zoo = load_zoo_dataset(config.dataset)
+    load = load_mixed_dataset if is_mixed_dataset(config.dataset) else load_zoo_dataset
+    zoo = load(config.dataset)
     heads = fit_probe_heads(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
     heads.save_pretrained(output_dir)
     folder_model_card(output_dir, config.hub_model_id or str(output_dir)).save(

@@ -39,6 +39,8 @@ ZOO_FILE = "zoo.json"
 RAW_METADATA_FILE = "metadata.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 DATASET_METADATA_FILE = "sane_zoo.json"
+# Beside the Arrow files of a dataset of several architectures (sane_hf.zoo.mixed).
+MIXED_METADATA_FILE = "sane_mixed.json"
 # Beside a SANE model: the processor's alignment target and the fitted property probes.
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"

@@ -9,6 +9,8 @@ say which input each row came from:
 - a raw zoo folder (``zoo.json``): every checkpoint of ``metadata.jsonl``, as ``<model>_epoch_<e>``;
 - a zoo dataset folder (``sane_zoo.json``) or a zoo split (``datasets.Dataset``): every row,
   decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
+- a mixed zoo dataset folder (``sane_mixed.json``): every row decoded into its architecture,
+  as ``<zoo>/<model>_epoch_<e>``;
 - any other folder: its ``*.safetensors`` files, sorted by name;
 - a Hub id (``owner/name``, not an existing path): a zoo dataset repo, else a model repo's
   ``*.safetensors`` files;
@@ -33,6 +35,7 @@ from torch import nn
 from sane_hf.zoo.dataset import load_zoo_dataset
 from sane_hf.zoo.formats import DATASET_METADATA_FILE, ZOO_FILE, load_zoo_metadata
 from sane_hf.zoo.metadata import zoo_metadata
+from sane_hf.zoo.mixed import is_mixed_dataset, load_mixed_dataset
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     if (path / DATASET_METADATA_FILE).is_file():
         for split in load_zoo_dataset(path).splits.values():
             yield from _zoo_rows(split)
+    elif is_mixed_dataset(path):
+        mixed = load_mixed_dataset(path)
+        for split in mixed.splits.values():
+            for row in split.select_columns(["network_id", "architecture", "tokens", "scales"]):
+                yield row["network_id"], mixed.metadata.decode(row)
     elif (path / ZOO_FILE).is_file():
         for record in load_zoo_metadata(path):
             file = path / record["file"]

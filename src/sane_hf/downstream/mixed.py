@@ -1,0 +1,185 @@
+"""Downstream tasks across architectures on a mixed zoo (`sane_hf.zoo.mixed`).
+
+- ``probe_mixed``: one linear probe of a property (test accuracy) over the embeddings of all
+  architectures, fitted on the train split (ridge alpha on validation) and scored on the whole
+  test split and per architecture, with R^2 and Kendall tau; next to ``s(W)`` for mixed zoos
+  (`mixed_weight_statistics`: statistics of the weights per layer type and relative depth, so
+  networks of different shapes get features of one length).
+- ``reconstruction_accuracies``: decode(encode(network)) for rows of a mixed split, decoded
+  into their architecture and evaluated on their task, next to the originals' accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+from scipy.stats import kendalltau
+from sklearn.metrics import r2_score
+from torch import nn
+
+from sane_hf.downstream.embedding import decode_latents, embed, encode_tokens
+from sane_hf.downstream.evaluation import accuracy, load_task_dataset
+from sane_hf.downstream.probing import REGULARIZATION_GRID, RidgeProbe
+from sane_hf.weights.universal import LAYER_TYPES, layer_types
+from sane_hf.zoo.dataset import SPLITS
+from sane_hf.zoo.mixed import MixedMetadata, MixedZooDataset
+
+DEPTH_BINS = 3  # early, middle, late layers of a network
+STATISTIC_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+
+
+def mixed_weight_statistics(split: Dataset, metadata: MixedMetadata) -> np.ndarray:
+    """``s(W)`` for mixed zoos: ``[M, F]`` features of one length for every architecture.
+
+    Each network's weights are grouped by (layer type, third of its depth); every group gives
+    mean, variance and the 1/25/50/75/99 percentiles of its raw values and its share of the
+    network's values (all zero where a network has no such layer).
+    """
+    stats_per_group = 2 + len(STATISTIC_QUANTILES) + 1
+    features = np.zeros((len(split), len(LAYER_TYPES), DEPTH_BINS, stats_per_group))
+    rows = split.select_columns(["architecture", "tokens", "scales"]).with_format("numpy")
+    for index, row in enumerate(rows):
+        entry = metadata.architectures[row["architecture"]]
+        state_dict = metadata.decode(row)
+        layout, groups = entry.layout, {}
+        types, depth = layer_types(layout), _depth_bins(layout)
+        for layer, type_name, depth_bin in zip(layout.layers, types, depth):
+            values = torch.cat([state_dict[p.key].flatten() for p in layer.parameters])
+            groups.setdefault((LAYER_TYPES.index(type_name), depth_bin), []).append(values)
+        total = sum(v.numel() for values in groups.values() for v in values)
+        for (type_id, depth_bin), values in groups.items():
+            flat = torch.cat(values).double().numpy()
+            features[index, type_id, depth_bin] = [
+                flat.mean(),
+                flat.var(),
+                *np.quantile(flat, STATISTIC_QUANTILES),
+                flat.size / total,
+            ]
+    return features.reshape(len(split), -1)
+
+
+def _depth_bins(layout) -> list[int]:
+    modules = list(
+        dict.fromkeys(layer.parameters[0].key.rpartition(".")[0] for layer in layout.layers)
+    )
+    position = {name: i / max(len(modules) - 1, 1) for i, name in enumerate(modules)}
+    return [
+        min(int(position[layer.parameters[0].key.rpartition(".")[0]] * DEPTH_BINS), DEPTH_BINS - 1)
+        for layer in layout.layers
+    ]
+
+
+@dataclass
+class MixedProbeResult:
+    """Test R^2 and Kendall tau of one probe, over the whole test split and per architecture."""
+
+    features: str
+    property: str
+    r2: float
+    kendall_tau: float
+    validation_r2: float
+    per_architecture: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "features": self.features,
+            "property": self.property,
+            "r2": self.r2,
+            "kendall_tau": self.kendall_tau,
+            "validation_r2": self.validation_r2,
+            "per_architecture": self.per_architecture,
+        }
+
+
+def probe_mixed(
+    features: Mapping[str, Mapping[str, np.ndarray]],
+    targets: Mapping[str, np.ndarray],
+    architectures: Mapping[str, np.ndarray],
+    property_name: str = "test_acc",
+    regularization_grid: Sequence[float] = REGULARIZATION_GRID,
+) -> list[MixedProbeResult]:
+    """One ridge probe per feature set (``{name: {split: [n, d]}}``), scored on the test split
+    overall and per architecture (``architectures[split]`` names each row's architecture)."""
+    results = []
+    for name, splits in features.items():
+        probe = RidgeProbe(regularization_grid).fit(
+            splits["train"], targets["train"], splits["validation"], targets["validation"]
+        )
+        predicted, true = probe.predict(splits["test"]), np.asarray(targets["test"], dtype=float)
+        labels = np.asarray(architectures["test"])
+        per_architecture = {
+            architecture: _scores(true[labels == architecture], predicted[labels == architecture])
+            for architecture in sorted(set(labels))
+        }
+        overall = _scores(true, predicted)
+        results.append(
+            MixedProbeResult(
+                name,
+                property_name,
+                overall["r2"],
+                overall["kendall_tau"],
+                float(np.max(probe.validation_scores)),
+                per_architecture,
+            )
+        )
+    return results
+
+
+def _scores(true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    tau = kendalltau(true, predicted).statistic if len(true) > 1 else float("nan")
+    return {"r2": float(r2_score(true, predicted)), "kendall_tau": float(tau)}
+
+
+def mixed_probe_inputs(
+    model: nn.Module,
+    mixed: MixedZooDataset,
+    property_name: str = "test_acc",
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Feature sets (SANE mean embedding, SANE per-layer-type means, s(W)), targets and
+    architecture labels of every split of a mixed zoo."""
+    features: dict[str, dict[str, np.ndarray]] = {}
+    targets, architectures = {}, {}
+    for split in SPLITS:
+        rows = mixed.splits[split]
+        embeddings = embed(model, rows, progress=progress)
+        features.setdefault("SANE", {})[split] = embeddings.mean.double().numpy()
+        features.setdefault("SANE layer types", {})[split] = (
+            embeddings.layer_means.flatten(1).double().numpy()
+        )
+        features.setdefault("s(W)", {})[split] = mixed_weight_statistics(rows, mixed.metadata)
+        targets[split] = np.asarray(rows[property_name], dtype=float)
+        architectures[split] = np.asarray(rows["architecture"])
+    return features, targets, architectures
+
+
+@torch.no_grad()
+def reconstruction_accuracies(
+    model: nn.Module, rows: Dataset, metadata: MixedMetadata, num_test_samples: int | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """Test accuracy of every row's network and of decode(encode(network)), per architecture:
+    ``{architecture: {"original": [...], "reconstructed": [...]}}``."""
+    results: dict[str, dict[str, list[float]]] = {}
+    tasks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tokenizer = metadata.tokenizer
+    for row in rows.with_format("numpy"):
+        name = row["architecture"]
+        entry = metadata.architectures[name]
+        if name not in tasks:
+            inputs, labels = load_task_dataset(entry.zoo).test
+            tasks[name] = (inputs[:num_test_samples], labels[:num_test_samples])
+        tokens = torch.as_tensor(row["tokens"], dtype=torch.float32)
+        positions = torch.as_tensor(row["positions"], dtype=torch.long)
+        scales = torch.as_tensor(row["scales"], dtype=torch.float32)
+        latents = encode_tokens(model, tokens, positions)
+        reconstructed = decode_latents(model, latents, positions).float()
+        scores = results.setdefault(name, {"original": [], "reconstructed": []})
+        for key, values in (("original", tokens), ("reconstructed", reconstructed)):
+            network = entry.build()
+            network.load_state_dict(tokenizer.decode(values, entry.layout, scales))
+            scores[key].append(accuracy(network, *tasks[name]))
+    return results
