@@ -6,7 +6,9 @@
   (`mixed_weight_statistics`: statistics of the weights per layer type and relative depth, so
   networks of different shapes get features of one length).
 - ``reconstruction_accuracies``: decode(encode(network)) for rows of a mixed split, decoded
-  into their architecture and evaluated on their task, next to the originals' accuracy.
+  into their architecture and evaluated on their task, next to the originals' accuracy;
+- ``sample_from_prompts``: KDE samples in latent space around prompts of any architecture
+  (also one the model never saw), next to prompts + noise at the same distance.
 """
 
 from __future__ import annotations
@@ -154,7 +156,28 @@ def mixed_probe_inputs(
         features.setdefault("s(W)", {})[split] = mixed_weight_statistics(rows, mixed.metadata)
         targets[split] = np.asarray(rows[property_name], dtype=float)
         architectures[split] = np.asarray(rows["architecture"])
+    for name in list(features):
+        features[f"{name}, centred"] = centre_per_architecture(features[name], architectures)
     return features, targets, architectures
+
+
+def centre_per_architecture(
+    features: Mapping[str, np.ndarray], architectures: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every split's features minus the training split's mean of the row's architecture.
+
+    A network's architecture is known wherever it is embedded (its layout says it), so one
+    probe over all architectures may compare each network with its own kind: the offsets
+    between architectures' clusters then no longer mask the direction of accuracy.
+    """
+    means = {
+        name: features["train"][architectures["train"] == name].mean(0)
+        for name in set(architectures["train"])
+    }
+    return {
+        split: values - np.stack([means[name] for name in architectures[split]])
+        for split, values in features.items()
+    }
 
 
 @torch.no_grad()
@@ -182,4 +205,65 @@ def reconstruction_accuracies(
             network = entry.build()
             network.load_state_dict(tokenizer.decode(values, entry.layout, scales))
             scores[key].append(accuracy(network, *tasks[name]))
+    return results
+
+
+@torch.no_grad()
+def sample_from_prompts(
+    model: nn.Module,
+    rows: Dataset,
+    metadata: MixedMetadata,
+    *,
+    bandwidth: float = 0.5,
+    seed: int = 0,
+    num_test_samples: int | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """KDE samples around prompts of any architecture, next to prompts + matched noise.
+
+    Every prompt's token latents are encoded; a sample adds Gaussian noise of ``bandwidth``
+    times the per-dimension spread of the prompts' latents (a Gaussian KDE over the prompts of
+    one architecture, centred on this prompt) and is decoded into the prompt's architecture.
+    The memorization baseline adds Gaussian noise to the prompt's learned weights at the same
+    L2 distance as the sample's (BatchNorm running statistics are kept). Returns test accuracies per architecture:
+    ``{architecture: {"prompts": [...], "samples": [...], "prompts + matched noise": [...]}}``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer, results, tasks, latents_of = metadata.tokenizer, {}, {}, {}
+    rows = rows.with_format("numpy")
+    for index, row in enumerate(rows):
+        tokens = torch.as_tensor(row["tokens"], dtype=torch.float32)
+        positions = torch.as_tensor(row["positions"], dtype=torch.long)
+        latents_of[index] = (encode_tokens(model, tokens, positions), positions)
+    spread = {}
+    for index, row in enumerate(rows):
+        spread.setdefault(row["architecture"], []).append(latents_of[index][0])
+    spread = {name: torch.stack(values).std(0) for name, values in spread.items()}
+    for index, row in enumerate(rows):
+        name = row["architecture"]
+        entry = metadata.architectures[name]
+        if name not in tasks:
+            inputs, labels = load_task_dataset(entry.zoo).test
+            tasks[name] = (inputs[:num_test_samples], labels[:num_test_samples])
+        latents, positions = latents_of[index]
+        noise = torch.randn(latents.shape, generator=generator) * spread[name] * bandwidth
+        decoded = decode_latents(model, latents + noise, positions).float()
+        scales = torch.as_tensor(row["scales"], dtype=torch.float32)
+        prompt = tokenizer.decode(torch.as_tensor(row["tokens"]), entry.layout, scales)
+        sample = tokenizer.decode(decoded, entry.layout, scales)
+        learned = [k for k, v in prompt.items() if v.is_floating_point() and "running_" not in k]
+        distance = torch.sqrt(sum((sample[k] - prompt[k]).square().sum() for k in learned))
+        direction = {k: torch.randn(prompt[k].shape, generator=generator) for k in learned}
+        norm = torch.sqrt(sum(d.square().sum() for d in direction.values()))
+        noisy = {**prompt, **{k: prompt[k] + direction[k] * distance / norm for k in learned}}
+        scores = results.setdefault(
+            name, {"prompts": [], "samples": [], "prompts + matched noise": []}
+        )
+        for group, state_dict in (
+            ("prompts", prompt),
+            ("samples", sample),
+            ("prompts + matched noise", noisy),
+        ):
+            network = entry.build()
+            network.load_state_dict(state_dict)
+            scores[group].append(accuracy(network, *tasks[name]))
     return results
