@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from sane_hf.models.sane.configuration_sane import SaneConfig
@@ -101,16 +102,20 @@ def test_unsupported_layer_is_refused_in_one_line():
         processor({"w.weight": torch.zeros(2, 2, 2, 2, 2)})
 
 
-def test_loss_normalization_scales_out():
-    targets = torch.randn(2, 3, 4) * 0.01 + 5
+@pytest.mark.parametrize(
+    ("mode", "dims"), [("batch", (0, 1, 2)), ("window", (1, 2)), ("token", (2,))]
+)
+def test_loss_normalization_standardizes_by_the_targets(mode, dims):
+    torch.manual_seed(0)
+    targets = torch.randn(2, 3, 4) * 0.01 + 5  # raw weights: tiny spread, large offset
     reconstructions = targets + 0.001
     mask = torch.ones_like(targets, dtype=torch.bool)
-    for mode in ("batch", "window", "token"):
-        scored, normalized = normalize_for_loss(reconstructions, targets, mask, mode)
-        assert normalized[mask].std() == pytest.approx(1.0, abs=0.2)
-        assert torch.allclose(
-            scored - normalized, (reconstructions - targets) / targets.std(), rtol=0.5
-        )
+    scored, normalized = normalize_for_loss(reconstructions, targets, mask, mode)
+    std = targets.std(dim=dims, keepdim=True, correction=0)
+    assert torch.allclose(normalized.mean(dim=dims), torch.zeros(()), atol=1e-4)
+    assert torch.allclose(scored - normalized, 0.001 / std, rtol=1e-3)
+    unchanged = normalize_for_loss(reconstructions, targets, mask, "none")
+    assert unchanged[0] is reconstructions and unchanged[1] is targets
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +143,33 @@ def tiny_mixed(tmp_path_factory) -> Path:
     return root
 
 
-def test_mixed_zoo_build_pretrain_embed(tiny_mixed, tmp_path):
-    from sane_hf.downstream.embedding import embed
-    from sane_hf.zoo.mixed import load_mixed_dataset
-
-    env_python = [sys.executable, "-m", "sane_hf"]
-    dataset = tmp_path / "mixed"
+@pytest.fixture(scope="module")
+def tiny_run(tiny_mixed, tmp_path_factory) -> tuple[Path, Path]:
+    """``sane-hf zoo build`` of the two zoos and ``sane-hf pretrain --config multi-cpu`` on it
+    (a few steps of a tiny SANE): the dataset and the model folder."""
+    root = tmp_path_factory.mktemp("run")
+    dataset, output = root / "mixed", root / "sane"
+    command = [sys.executable, "-m", "sane_hf"]
     subprocess.run(
-        [*env_python, "zoo", "build", str(tiny_mixed / "mlp"), str(tiny_mixed / "cnn"),
+        [*command, "zoo", "build", str(tiny_mixed / "mlp"), str(tiny_mixed / "cnn"),
          "--output", str(dataset), "--tokensize", "32", "--no-progress"],
         check=True, capture_output=True,
     )  # fmt: skip
+    subprocess.run(
+        [*command, "pretrain", "--config", "multi-cpu", "--dataset", str(dataset),
+         "--output-dir", str(output), "--max-steps", "4", "--batch-size", "4",
+         "--set", "model.d_model=32", "--set", "model.latent_dim=16",
+         "--set", "model.windowsize=8", "--set", "model.projection_dim=8"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return dataset, output
+
+
+def test_mixed_zoo_build_pretrain_embed(tiny_run):
+    from sane_hf.downstream.embedding import embed
+    from sane_hf.zoo.mixed import load_mixed_dataset
+
+    dataset, output = tiny_run
     mixed = load_mixed_dataset(dataset)
     assert set(mixed.splits["train"]["architecture"]) == {"mlp", "cnn"}
     assert set(mixed.splits["test"]["architecture"]) == {"mlp", "cnn"}  # stratified
@@ -156,16 +177,9 @@ def test_mixed_zoo_build_pretrain_embed(tiny_mixed, tmp_path):
     assert set(mixed.metadata.decode(row)) == set(
         mixed.metadata.architectures[row["architecture"]].build().state_dict()
     )
-    output = tmp_path / "sane"
-    subprocess.run(
-        [*env_python, "pretrain", "--config", "multi-cpu", "--dataset", str(dataset),
-         "--output-dir", str(output), "--max-steps", "4", "--batch-size", "4",
-         "--set", "model.d_model=32", "--set", "model.latent_dim=16",
-         "--set", "model.windowsize=8", "--set", "model.projection_dim=8"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
     files = sorted(p.name for p in output.iterdir())
     assert "sane_zoo.json" not in files and "alignment_reference.safetensors" not in files
+    assert "probe_heads.safetensors" in files
     processor = SaneProcessor.from_pretrained(output)
     assert isinstance(processor, SaneUniversalProcessor)
     model = SaneModel.from_pretrained(output).eval()
@@ -176,6 +190,44 @@ def test_mixed_zoo_build_pretrain_embed(tiny_mixed, tmp_path):
     assert embeddings.mean.shape == (4, 16) and torch.isfinite(embeddings.mean).all()
     alone = embed(model, processor(networks[2]), progress=False)
     assert torch.allclose(alone.mean[0], embeddings.mean[2], atol=1e-5)  # padding changes nothing
+
+
+def test_cli_probe_and_predict_on_mixed(tiny_run, tmp_path):
+    dataset, output = tiny_run
+    command = [sys.executable, "-m", "sane_hf"]
+    probe = subprocess.run(
+        [*command, "probe", "--model", str(output), "--dataset", str(dataset),
+         "--output-dir", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "s(W)" in probe.stdout and "cnn" in probe.stdout
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert {r["features"] for r in result["universal"]} >= {"SANE", "s(W)"}
+    assert set(result["universal"][0]["per_architecture"]) == {"mlp", "cnn"}
+    folder = tmp_path / "networks"  # a folder mixing architectures
+    folder.mkdir()
+    for index, network in enumerate(_networks()):
+        save_file(network.state_dict(), folder / f"net_{index}.safetensors")
+    predict = subprocess.run(
+        [*command, "predict", str(output), str(folder)], check=True, capture_output=True, text=True
+    )
+    assert all(f"net_{i}" in predict.stdout for i in range(len(ARCHITECTURES)))
+
+
+def test_reconstruction_and_sampling_across_architectures(tiny_run):
+    from sane_hf.downstream.mixed import reconstruction_accuracies, sample_from_prompts
+    from sane_hf.zoo.mixed import load_mixed_dataset
+
+    dataset, output = tiny_run
+    mixed = load_mixed_dataset(dataset)
+    model = SaneModel.from_pretrained(output).eval()
+    rows = mixed.splits["test"].select(range(4))
+    scores = reconstruction_accuracies(model, rows, mixed.metadata, num_test_samples=50)
+    assert all(len(s["original"]) == len(s["reconstructed"]) for s in scores.values())
+    samples = sample_from_prompts(model, rows, mixed.metadata, num_test_samples=50)
+    for groups in samples.values():
+        assert set(groups) == {"prompts", "samples", "prompts + matched noise"}
+        assert all(0 <= value <= 1 for values in groups.values() for value in values)
 
 
 def test_processor_round_trip_and_decode_into_target(tmp_path):
@@ -207,3 +259,15 @@ def test_old_config_loads_with_absolute_positions():
     assert config.position_scheme == "absolute" and config.loss_normalization == "none"
     with pytest.raises(ValueError, match="position_scheme"):
         SaneConfig.from_preset("tiny", position_scheme="sinusoidal")
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_module_and_its_safetensors_file_tokenize_alike(name, tmp_path):
+    from safetensors.torch import load_file
+
+    module = build_model(name, **ARCHITECTURES[name])
+    save_file(module.state_dict(), tmp_path / "net.safetensors")  # the file reorders the keys
+    tokenizer = UniversalTokenizer(TokenScheme(token_mode="dense"))
+    from_module, from_file = tokenizer(module), tokenizer(load_file(tmp_path / "net.safetensors"))
+    assert torch.equal(from_module.tokens, from_file.tokens)
+    assert torch.equal(from_module.positions, from_file.positions)

@@ -21,7 +21,9 @@ blocks are compositions of these) with nothing fitted:
   permutation group of a `PermutationSpec` by a permutation-covariant key (the squared norm of
   the unit's weights over every tensor the group moves), so equivalent networks get one order.
 
-``decode`` needs the tokens, the scales and the target architecture's layout only.
+``decode`` needs the tokens, the scales and the target architecture's layout only. Tensors are
+read in sorted key order, the order of every ``.safetensors`` file, so that a module and its
+saved file tokenize alike (a file does not keep the module's order); relative depth follows it.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class UniversalTokenizer:
         """The row layout of an architecture (a module or a state_dict of it)."""
         if isinstance(weights, nn.Module):
             check_supported_modules(weights)
-        layout = self._rows.layout(weights)
+        layout = self._rows.layout(sorted_state_dict(weights))
         layer_types(layout)
         return layout
 
@@ -179,7 +181,7 @@ class UniversalTokenizer:
         """Tokens of one network; ``spec`` is needed for ``alignment="canonical"``."""
         if isinstance(weights, nn.Module):
             check_supported_modules(weights)
-            weights = weights.state_dict()
+        weights = sorted_state_dict(weights)
         if self.scheme.alignment == "canonical":
             if spec is None:
                 raise ValueError("canonical alignment needs the architecture's PermutationSpec")
@@ -274,6 +276,13 @@ class UniversalTokenizer:
             return rows[:, : layer.row_length]
         flat = tokens.reshape(-1)[: layer.rows * layer.row_length]
         return flat.view(layer.rows, layer.row_length)
+
+
+def sorted_state_dict(weights: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors in sorted key order: the order every ``.safetensors`` file has, so a module,
+    its state_dict and its saved file give the same tokens and positions."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    return {key: state[key] for key in sorted(state)}
 
 
 def canonical_order(state_dict: Mapping[str, Tensor], spec: PermutationSpec) -> dict[str, Tensor]:
