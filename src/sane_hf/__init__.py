@@ -24,6 +24,7 @@ _PUBLIC_API: dict[str, list[str]] = {
     "weights.layout": ["WeightLayout"],
     "weights.tokenization": ["TokenizedWeights", "WeightTokenizer"],
     "weights.normalization": ["NormalizationStats"],
+    "weights.universal": ["TokenScheme", "UniversalTokenizer"],
     "weights.alignment": [
         "AlignmentResult",
         "PermutationSpec",
@@ -60,6 +61,8 @@ _PUBLIC_API: dict[str, list[str]] = {
         "SanePreTrainedModel",
     ],
     "models.sane.processing_sane": ["SaneProcessor"],
+    "models.sane.processing_universal": ["SaneUniversalProcessor"],
+    "zoo.mixed": ["build_mixed_dataset", "load_mixed_dataset", "save_mixed_dataset"],
     "hub": ["HubError", "push_folder", "push_model_to_hub", "push_zoo_dataset"],
     "pretraining.augmentation": ["TokenPermutation", "WindowSampler"],
     "pretraining.config": ["PretrainingConfig"],
@@ -173,6 +176,7 @@ if TYPE_CHECKING:
         SanePreTrainedModel,
     )
     from sane_hf.models.sane.processing_sane import SaneProcessor
+    from sane_hf.models.sane.processing_universal import SaneUniversalProcessor
     from sane_hf.pretraining.augmentation import TokenPermutation, WindowSampler
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.pretraining.loop import pretrain
@@ -196,6 +200,7 @@ if TYPE_CHECKING:
     from sane_hf.weights.layout import WeightLayout
     from sane_hf.weights.normalization import NormalizationStats
     from sane_hf.weights.tokenization import TokenizedWeights, WeightTokenizer
+    from sane_hf.weights.universal import TokenScheme, UniversalTokenizer
     from sane_hf.zoo.architectures import (
         build_model,
         initialize,
@@ -212,5 +217,6 @@ if TYPE_CHECKING:
     )
     from sane_hf.zoo.formats import ZooBusyError
     from sane_hf.zoo.importing import ImportReport, ZooImportError, import_zoo
+    from sane_hf.zoo.mixed import build_mixed_dataset, load_mixed_dataset, save_mixed_dataset
     from sane_hf.zoo.tasks import ImageDataset, dataset_from_tensors, load_dataset_by_name
     from sane_hf.zoo.training import fine_tune_population, train_zoo
