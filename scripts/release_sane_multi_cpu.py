@@ -65,7 +65,17 @@ def card(results: dict) -> str:
     ]
     for name, row in probes.items():
         lines.append(f"| {name} | {row['r2']:.3f} | {row['kendall_tau']:.3f} |")
-    lines += ["", "| architecture | decode(encode) / original accuracy |", "|---|---|"]
+    lines += [
+        "",
+        'One ridge probe over all architectures; "centred": each architecture\'s training-split '
+        "mean subtracted (the architecture is known from the network). At this scale s(W) "
+        "predicts accuracy across architectures far better than SANE's embeddings, and the "
+        "shipped probe heads (on the mean embedding) are weak: use them as a demonstration, "
+        "not as a predictor.",
+        "",
+        "| architecture | decode(encode) / original accuracy |",
+        "|---|---|",
+    ]
     for name, row in results["reconstruction"].items():
         held = " (never seen in pretraining)" if row["split"] == "held_out" else ""
         lines.append(

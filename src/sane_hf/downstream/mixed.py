@@ -24,8 +24,9 @@ from sklearn.metrics import r2_score
 from torch import nn
 
 from sane_hf.downstream.embedding import decode_latents, embed, encode_tokens
-from sane_hf.downstream.evaluation import accuracy, load_task_dataset
+from sane_hf.downstream.evaluation import accuracy, load_task_dataset, random_batches
 from sane_hf.downstream.probing import REGULARIZATION_GRID, RidgeProbe
+from sane_hf.downstream.sampling import condition_batchnorm
 from sane_hf.weights.universal import LAYER_TYPES, layer_types
 from sane_hf.zoo.dataset import SPLITS
 from sane_hf.zoo.mixed import MixedMetadata, MixedZooDataset
@@ -187,14 +188,11 @@ def reconstruction_accuracies(
     """Test accuracy of every row's network and of decode(encode(network)), per architecture:
     ``{architecture: {"original": [...], "reconstructed": [...]}}``."""
     results: dict[str, dict[str, list[float]]] = {}
-    tasks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tasks = _Tasks(metadata, num_test_samples)
     tokenizer = metadata.tokenizer
     for row in rows.with_format("numpy"):
         name = row["architecture"]
         entry = metadata.architectures[name]
-        if name not in tasks:
-            inputs, labels = load_task_dataset(entry.zoo).test
-            tasks[name] = (inputs[:num_test_samples], labels[:num_test_samples])
         tokens = torch.as_tensor(row["tokens"], dtype=torch.float32)
         positions = torch.as_tensor(row["positions"], dtype=torch.long)
         scales = torch.as_tensor(row["scales"], dtype=torch.float32)
@@ -202,10 +200,33 @@ def reconstruction_accuracies(
         reconstructed = decode_latents(model, latents, positions).float()
         scores = results.setdefault(name, {"original": [], "reconstructed": []})
         for key, values in (("original", tokens), ("reconstructed", reconstructed)):
-            network = entry.build()
-            network.load_state_dict(tokenizer.decode(values, entry.layout, scales))
-            scores[key].append(accuracy(network, *tasks[name]))
+            state_dict = tokenizer.decode(values, entry.layout, scales)
+            scores[key].append(tasks.accuracy(name, state_dict, generated=key != "original"))
     return results
+
+
+class _Tasks:
+    """The test task of every architecture, loaded once; evaluates decoded networks.
+
+    Generated networks (reconstructions, samples, noised prompts) get their BatchNorm running
+    statistics re-estimated on 10 training batches (`condition_batchnorm`, as SANE's sampling
+    does): decoded running variances are approximations and may come out negative.
+    """
+
+    def __init__(self, metadata: MixedMetadata, num_test_samples: int | None):
+        self.metadata, self.num_test_samples, self._datasets = metadata, num_test_samples, {}
+
+    def accuracy(self, name: str, state_dict: dict[str, torch.Tensor], generated: bool) -> float:
+        entry = self.metadata.architectures[name]
+        if name not in self._datasets:
+            self._datasets[name] = load_task_dataset(entry.zoo)
+        dataset = self._datasets[name]
+        network = entry.build()
+        network.load_state_dict(state_dict)
+        if generated:
+            condition_batchnorm(network, random_batches(dataset, 10))
+        inputs, labels = dataset.test
+        return accuracy(network, inputs[: self.num_test_samples], labels[: self.num_test_samples])
 
 
 @torch.no_grad()
@@ -228,7 +249,8 @@ def sample_from_prompts(
     ``{architecture: {"prompts": [...], "samples": [...], "prompts + matched noise": [...]}}``.
     """
     generator = torch.Generator().manual_seed(seed)
-    tokenizer, results, tasks, latents_of = metadata.tokenizer, {}, {}, {}
+    tokenizer, results, latents_of = metadata.tokenizer, {}, {}
+    tasks = _Tasks(metadata, num_test_samples)
     rows = rows.with_format("numpy")
     for index, row in enumerate(rows):
         tokens = torch.as_tensor(row["tokens"], dtype=torch.float32)
@@ -241,9 +263,6 @@ def sample_from_prompts(
     for index, row in enumerate(rows):
         name = row["architecture"]
         entry = metadata.architectures[name]
-        if name not in tasks:
-            inputs, labels = load_task_dataset(entry.zoo).test
-            tasks[name] = (inputs[:num_test_samples], labels[:num_test_samples])
         latents, positions = latents_of[index]
         noise = torch.randn(latents.shape, generator=generator) * spread[name] * bandwidth
         decoded = decode_latents(model, latents + noise, positions).float()
@@ -263,7 +282,5 @@ def sample_from_prompts(
             ("samples", sample),
             ("prompts + matched noise", noisy),
         ):
-            network = entry.build()
-            network.load_state_dict(state_dict)
-            scores[group].append(accuracy(network, *tasks[name]))
+            scores[group].append(tasks.accuracy(name, state_dict, generated=group != "prompts"))
     return results

@@ -48,6 +48,7 @@ from sane_hf.zoo.formats import (
     load_zoo_metadata,
     resolve_in_zoo,
 )
+from sane_hf.zoo.population import structural_kwargs
 
 PROPERTIES = ("train_acc", "val_acc", "test_acc", "test_loss", "ggap")
 
@@ -183,12 +184,13 @@ def build_mixed_dataset(
         records = [r for r in load_zoo_metadata(raw_dir) if epochs is None or r["epoch"] in epochs]
         if not records:
             raise ValueError(f"{raw_dir}: no checkpoints (epochs {epochs})")
-        module = build_model(zoo["architecture"], **zoo.get("architecture_kwargs", {}))
+        kwargs = {**zoo.get("architecture_kwargs", {}), **_structural_kwargs(records, raw_dir)}
+        module = build_model(zoo["architecture"], **kwargs)
         layout = tokenizer.layout(module)
         spec = PermutationSpec.from_model(module) if scheme.alignment == "canonical" else None
         architectures[name] = MixedArchitecture(
             zoo["architecture"],
-            dict(zoo.get("architecture_kwargs", {})),
+            kwargs,
             layout,
             {
                 **{k: zoo.get(k) for k in ("dataset", "input_shape", "num_classes")},
@@ -268,6 +270,22 @@ def _load_checkpoint(
     float_keys = [k for k, v in module.state_dict().items() if v.is_floating_point()]
     check_checkpoint_tensors(state_dict, float_keys, f"checkpoint {path}")
     return state_dict
+
+
+def _structural_kwargs(records: Sequence[Mapping[str, Any]], raw_dir: Any) -> dict[str, Any]:
+    """The module-changing hyperparameters (activation, dropout) every model of a zoo shares:
+    the architecture a row decodes into must compute what the trained network computed."""
+    found = {
+        json.dumps(structural_kwargs(r["hyperparameters"]), sort_keys=True)
+        for r in records
+        if "hyperparameters" in r
+    }
+    if len(found) > 1:
+        raise ValueError(
+            f"{raw_dir}: models differ in activation or dropout ({sorted(found)}); build one "
+            "zoo per setting so that each architecture of the mixed dataset is one module"
+        )
+    return json.loads(found.pop()) if found else {}
 
 
 def _zoo_name(path: Path) -> str:
