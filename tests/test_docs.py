@@ -34,7 +34,8 @@ def python_blocks(markdown: str) -> list[str]:
 
 def run_blocks(blocks: list[str], name: str, workdir: Path, monkeypatch) -> dict:
     (workdir / "checkpoints").mkdir()
-    (workdir / "checkpoints" / RELEASED.name).symlink_to(RELEASED, target_is_directory=True)
+    for released in RELEASED.parent.iterdir():  # every shipped checkpoint, as in the repository
+        (workdir / "checkpoints" / released.name).symlink_to(released, target_is_directory=True)
     monkeypatch.chdir(workdir)
     namespace: dict = {"__name__": "__docs__"}
     for index, code in enumerate(blocks):
@@ -70,3 +71,4 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = run_blocks(blocks, "README.md", tmp_path, monkeypatch)
     assert namespace["embeddings"].mean.shape == (3, 128)  # the five-line example ran
+    assert namespace["mixed_embeddings"].mean.shape == (3, 64)  # three architectures, one space

@@ -8,6 +8,9 @@ files (``sane_hf/presets/model/*.yaml``).
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+POSITION_SCHEMES = ("absolute", "relative")
+LOSS_NORMALIZATIONS = ("none", "batch", "window", "token")
+
 
 @strict
 class SaneConfig(PreTrainedConfig):
@@ -53,6 +56,21 @@ class SaneConfig(PreTrainedConfig):
             Epsilon of the layer norms.
         zoo_dataset (`str`, *optional*):
             Hub id of the model-zoo dataset the model was trained on; written into the model card.
+        position_scheme (`str`, *optional*, defaults to `"absolute"`):
+            What the three position indices mean. `"absolute"`: (global token index, layer
+            index, row index) of one architecture. `"relative"`: (relative depth bucket,
+            layer-type id, token index within the layer) of universal tokens, which do not
+            depend on one architecture's depth; the layer table is then the layer-type
+            embedding.
+        loss_normalization (`str`, *optional*, defaults to `"none"`):
+            Masked loss normalization of the reconstruction loss: `"batch"`, `"window"` or
+            `"token"` standardize targets and reconstructions alike with the mean and standard
+            deviation of the targets' real values over the batch, each window or each token
+            (for tokens of raw, unstandardized weights); `"none"` scores them as they are.
+        token_scheme (`dict`, *optional*):
+            The universal token scheme the model reads (`sane_hf.weights.universal.TokenScheme`
+            as a dict), recorded so that a saved model says how it reads networks; `None` for
+            models of per-parameter standardized zoo tokens.
 
     Example:
 
@@ -79,6 +97,9 @@ class SaneConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
     zoo_dataset: str | None = None
+    position_scheme: str = "absolute"
+    loss_normalization: str = "none"
+    token_scheme: dict | None = None
 
     def __post_init__(self, **kwargs):
         self.max_positions = tuple(self.max_positions)
@@ -99,6 +120,15 @@ class SaneConfig(PreTrainedConfig):
             raise ValueError(
                 f"gamma weighs two loss terms and must lie in [0, 1], got {self.gamma}"
             )
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(
+                f"position_scheme must be one of {POSITION_SCHEMES}, got {self.position_scheme!r}"
+            )
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                f"got {self.loss_normalization!r}"
+            )
         if self.contrastive_temperature <= 0:
             raise ValueError(
                 f"contrastive_temperature must be positive, got {self.contrastive_temperature}"
@@ -110,7 +140,7 @@ class SaneConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SaneConfig":
-        """A configuration of the preset `name` (`"tiny"`, `"cnn"` or `"resnet18"`: the YAML files
+        """A configuration of the preset `name` (`"tiny"`, `"cnn"`, `"resnet18"`, `"multi-cpu"`: the YAML files
         of `sane_hf/presets/model/`, so it needs sane-hf installed), with `overrides` applied on
         top (for example `tokensize=288`)."""
         from importlib import resources

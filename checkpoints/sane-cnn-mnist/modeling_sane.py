@@ -48,6 +48,33 @@ def masked_mse(
     return error.square().sum() / value_mask.sum().clamp_min(1)
 
 
+def normalize_for_loss(
+    reconstructions: torch.Tensor,
+    targets: torch.Tensor,
+    value_mask: torch.Tensor | None,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked loss normalization (MultiZoo-SANE, GeoSANE): standardize targets and
+    reconstructions [B, W, T] alike with the mean and std of the targets' real values over the
+    whole batch (`"batch"`), each window (`"window"`) or each token (`"token"`).
+
+    The statistics are constants of the loss (no gradient flows through them), so raw weights
+    of any scale can be reconstructed without statistics fitted on a zoo. `"none"` passes both
+    through.
+    """
+    if mode == "none":
+        return reconstructions, targets
+    dims = {"batch": (0, 1, 2), "window": (1, 2), "token": (2,)}[mode]
+    targets = targets.float()
+    mask = torch.ones_like(targets) if value_mask is None else value_mask.to(targets.dtype)
+    with torch.no_grad():
+        count = mask.sum(dim=dims, keepdim=True).clamp_min(1)
+        mean = (targets * mask).sum(dim=dims, keepdim=True) / count
+        variance = ((targets - mean).square() * mask).sum(dim=dims, keepdim=True) / count
+        std = variance.sqrt().clamp_min(1e-6)
+    return (reconstructions.float() - mean) / std, (targets - mean) / std
+
+
 def nt_xent(projections: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent (SimCLR) loss of `projections` [2B, P], whose rows i and i+B are the two views.
 
@@ -520,7 +547,10 @@ class SaneModel(SanePreTrainedModel):
         reconstruction_loss = contrastive_loss = loss = None
         if target_tokens is not None:
             mask = _real_value_mask(target_tokens, attention_mask, value_mask)
-            reconstruction_loss = masked_mse(reconstructions, target_tokens, mask)
+            scored, targets = normalize_for_loss(
+                reconstructions, target_tokens, mask, self.config.loss_normalization
+            )
+            reconstruction_loss = masked_mse(scored, targets, mask)
             loss = reconstruction_loss
         if num_views == 2:
             contrastive_loss = nt_xent(projections, self.config.contrastive_temperature)
@@ -643,6 +673,7 @@ __all__ = [
     "SaneModelOutput",
     "SanePreTrainedModel",
     "masked_mse",
+    "normalize_for_loss",
     "nt_xent",
     "set_position_checks",
 ]

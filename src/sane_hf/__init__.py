@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # module (below sane_hf) -> the public names it defines
 _PUBLIC_API: dict[str, list[str]] = {
     "weights.tokenization": ["WeightTokenizer"],
+    "weights.universal": ["UniversalTokenizer"],
     "weights.alignment": ["PermutationSpec", "align"],
     "zoo.architectures": ["build_model", "register_architecture"],
     "zoo.config": ["ZooConfig"],
@@ -35,6 +36,8 @@ _PUBLIC_API: dict[str, list[str]] = {
     "models.sane.configuration_sane": ["SaneConfig"],
     "models.sane.modeling_sane": ["SaneForPropertyPrediction", "SaneModel"],
     "models.sane.processing_sane": ["SaneProcessor"],
+    "models.sane.processing_universal": ["SaneUniversalProcessor"],
+    "zoo.mixed": ["build_mixed_dataset", "load_mixed_dataset"],
     "hub": ["push_model_to_hub", "push_zoo_dataset"],
     "pretraining.config": ["PretrainingConfig"],
     "downstream.embedding": ["embed"],
@@ -81,6 +84,7 @@ if TYPE_CHECKING:
     from sane_hf.models.sane.configuration_sane import SaneConfig
     from sane_hf.models.sane.modeling_sane import SaneForPropertyPrediction, SaneModel
     from sane_hf.models.sane.processing_sane import SaneProcessor
+    from sane_hf.models.sane.processing_universal import SaneUniversalProcessor
     from sane_hf.pretraining.config import PretrainingConfig
     from sane_hf.recipes.demo import DemoConfig, run_demo
     from sane_hf.recipes.experiments import ExperimentSpec, run_experiment
@@ -89,10 +93,12 @@ if TYPE_CHECKING:
     from sane_hf.recipes.settings import SamplingMethod, SamplingSettings
     from sane_hf.weights.alignment import PermutationSpec, align
     from sane_hf.weights.tokenization import WeightTokenizer
+    from sane_hf.weights.universal import UniversalTokenizer
     from sane_hf.zoo.architectures import build_model, register_architecture
     from sane_hf.zoo.config import ZooConfig
     from sane_hf.zoo.dataset import build_zoo_dataset
     from sane_hf.zoo.importing import import_zoo
     from sane_hf.zoo.metadata import ZooDataset
+    from sane_hf.zoo.mixed import build_mixed_dataset, load_mixed_dataset
     from sane_hf.zoo.storage import load_zoo_dataset, save_zoo_dataset
     from sane_hf.zoo.training import train_zoo

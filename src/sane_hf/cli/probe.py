@@ -39,6 +39,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="scatter plots of predicted vs true (needs --output-dir)",
     )
+    parser.add_argument(
+        "--per-architecture-models",
+        nargs="+",
+        metavar="ARCH=MODEL",
+        help="mixed zoos: SANEs of one architecture each, probed beside the universal one",
+    )
     add_window_arguments(parser)
     parser.set_defaults(func=_run_probe)
 
@@ -46,8 +52,11 @@ def register(subparsers) -> None:
 def _run_probe(args) -> int:
     from sane_hf.downstream.features import HEAD_FEATURE_SETS
     from sane_hf.recipes.experiments import probe_pretrained
+    from sane_hf.zoo.mixed import is_mixed_dataset
 
     check_sources({"--model": args.model, "--dataset": args.dataset})
+    if is_mixed_dataset(args.dataset):
+        return _run_mixed_probe(args)
     report = probe_pretrained(
         args.model,
         args.dataset,
@@ -66,4 +75,19 @@ def _run_probe(args) -> int:
     print(report.table())
     if args.output_dir:
         print(f"results written to {args.output_dir}")
+    return 0
+
+
+def _run_mixed_probe(args) -> int:
+    from sane_hf.recipes.multiarch import mixed_probe_table, probe_mixed_pretrained
+
+    models = dict(item.split("=", 1) for item in args.per_architecture_models or [])
+    result = probe_mixed_pretrained(
+        args.model,
+        args.dataset,
+        output_dir=args.output_dir,
+        per_architecture_models=models,
+        device=device_argument(args),
+    )
+    print(mixed_probe_table(result))
     return 0

@@ -100,7 +100,12 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
         "build",
         help="split, align, normalize and tokenize a raw zoo into a Hugging Face dataset",
     )
-    parser.add_argument("raw_zoo_dir", help="directory with zoo.json, metadata.jsonl, checkpoints/")
+    parser.add_argument(
+        "raw_zoo_dir",
+        nargs="+",
+        help="directory with zoo.json, metadata.jsonl, checkpoints/; several (or --universal) "
+        "make one mixed dataset of universal tokens",
+    )
     parser.add_argument("--output", help="directory to save the dataset to")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push it to this dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -124,12 +129,58 @@ def _add_zoo_build_command(zoo_subparsers) -> None:
         help="align and tokenize with N worker processes (same dataset as a serial build)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    universal = parser.add_argument_group("universal tokens (mixed zoos)")
+    universal.add_argument(
+        "--universal", action="store_true", help="universal tokens also for a single zoo"
+    )
+    universal.add_argument("--token-mode", choices=("row", "dense"), default="dense")
+    universal.add_argument("--scale", choices=("none", "fan_in", "layer"), default="fan_in")
+    universal.add_argument(
+        "--alignment", choices=("none", "canonical"), default="none", help="no reference"
+    )
+    universal.add_argument("--names", nargs="+", help="one architecture name per zoo")
     parser.set_defaults(func=_run_zoo_build)
+
+
+def _run_mixed_build(args) -> int:
+    import numpy as np
+
+    from sane_hf.weights.universal import TokenScheme
+    from sane_hf.zoo.mixed import build_mixed_dataset, save_mixed_dataset
+
+    if args.output is None:
+        print("error: a mixed dataset needs --output DIR", file=sys.stderr)
+        return 2
+    scheme = TokenScheme(
+        **({} if args.tokensize is None else {"tokensize": args.tokensize}),
+        token_mode=args.token_mode,
+        scale=args.scale,
+        alignment=args.alignment,
+    )
+    dataset = build_mixed_dataset(
+        args.raw_zoo_dir,
+        scheme,
+        names=args.names,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    save_mixed_dataset(dataset, args.output)
+    counts = {
+        split: dict(zip(*np.unique(rows["architecture"], return_counts=True)))
+        for split, rows in dataset.splits.items()
+    }
+    print(f"saved to {args.output}: {scheme.to_dict()}")
+    for split, per_architecture in counts.items():
+        print(f"  {split}: " + ", ".join(f"{a} {int(n)}" for a, n in per_architecture.items()))
+    return 0
 
 
 def _run_zoo_build(args) -> int:
     from sane_hf.zoo.storage import dataset_writer_lock
 
+    if len(args.raw_zoo_dir) > 1 or args.universal:
+        return _run_mixed_build(args)
     if args.output is None and args.push_to_hub is None:
         print("error: give --output DIR, --push-to-hub REPO or both", file=sys.stderr)
         return 2
@@ -148,7 +199,7 @@ def _build(args) -> int:
     from sane_hf.zoo.storage import save_zoo_dataset
 
     dataset = build_zoo_dataset(
-        args.raw_zoo_dir,
+        args.raw_zoo_dir[0],
         **({} if args.tokensize is None else {"tokensize": args.tokensize}),
         include_norm=not args.no_norm_layers,
         align=not args.no_align,

@@ -27,8 +27,9 @@ from transformers import BatchFeature
 
 from sane_hf.models.sane.modeling_sane import check_positions, set_position_checks
 from sane_hf.models.sane.network_inputs import is_dataset
+from sane_hf.weights.universal import LAYER_TYPES
 
-TOKEN_COLUMNS = ("tokens", "positions", "counts")
+TOKEN_COLUMNS = ("tokens", "positions", "counts", "scales")
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -373,6 +374,10 @@ def _embed_features(
     progress: bool,
 ) -> Embeddings:
     """Embed the networks of a ``SaneProcessor`` output, ``models_per_chunk`` at a time."""
+    if "lengths" in features:
+        return _embed_universal_features(
+            model, features, window, halo, batch_size, return_token_latents, progress
+        )
     tokens, positions = features["tokens"], features["positions"]
     if tokens.dim() == 2:
         tokens, positions = tokens[None], positions.reshape(1, *positions.shape[-2:])
@@ -390,6 +395,52 @@ def _embed_features(
     return Embeddings(mean, layer_means, latents, ids=ids)
 
 
+def _embed_universal_features(
+    model: nn.Module,
+    features: BatchFeature,
+    window: int | None,
+    halo: int | None,
+    batch_size: int,
+    return_token_latents: bool,
+    progress: bool,
+) -> Embeddings:
+    """Embed a ``SaneUniversalProcessor`` output: networks of several architectures, padded.
+
+    Networks with the same positions (one architecture) are encoded together without their
+    padding; ``layer_means`` are then per layer type (``LAYER_TYPES``, zero where a network has
+    none), so the embeddings of all architectures share one space.
+    """
+    tokens, positions, lengths = features["tokens"], features["positions"], features["lengths"]
+    groups: dict[bytes, list[int]] = {}
+    for index, length in enumerate(lengths.tolist()):
+        key = positions[index, :length].numpy().tobytes()
+        groups.setdefault(key, []).append(index)
+    count, latent_dim = len(tokens), model.config.latent_dim
+    mean = torch.zeros(count, latent_dim)
+    layer_means = torch.zeros(count, len(LAYER_TYPES), latent_dim)
+    token_latents = (
+        torch.zeros(count, tokens.shape[1], latent_dim) if return_token_latents else None
+    )
+    for members in tqdm(groups.values(), desc="architectures", disable=not progress):
+        length = int(lengths[members[0]])
+        group_positions = positions[members, :length].long()
+        latents = (
+            encode_tokens(
+                model, tokens[members, :length], group_positions, window, halo, batch_size
+            )
+            .cpu()
+            .float()
+        )
+        mean[members] = latents.mean(1)
+        types = group_positions[0, :, 1]
+        for type_id in types.unique().tolist():
+            layer_means[members, type_id] = latents[:, types == type_id].mean(1)
+        if token_latents is not None:
+            token_latents[members, :length] = latents
+    ids = list(features.get("network_ids", [f"network_{i}" for i in range(count)]))
+    return Embeddings(mean, layer_means, token_latents, ids=ids)
+
+
 def _embed_zoo_split(
     model: nn.Module,
     split: Dataset,
@@ -403,6 +454,19 @@ def _embed_zoo_split(
     missing = [name for name in ("tokens", "positions") if name not in split.column_names]
     if missing:
         raise ValueError(f"the dataset split lacks the zoo columns {missing}")
+    if "scales" in split.column_names:  # a mixed zoo: several architectures, padded
+        from sane_hf.zoo.mixed import padded_split
+
+        tokens, _, positions, lengths = padded_split(split)
+        features = BatchFeature(
+            {"tokens": tokens, "positions": positions, "lengths": lengths,
+             "network_ids": list(split["network_id"])}
+        )  # fmt: skip
+        embeddings = _embed_universal_features(
+            model, features, window, halo, batch_size, return_token_latents, progress
+        )
+        embeddings.properties = zoo_properties(split)
+        return embeddings
     rows = split.with_format("torch", columns=["tokens", "positions"])
     starts = range(0, len(split), models_per_chunk)
     chunks = (

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 
 from sane_hf.downstream.embedding import Embeddings, embed
-from sane_hf.downstream.features import needs_token_latents
+from sane_hf.downstream.features import SANE, feature_matrices, needs_token_latents
 from sane_hf.downstream.ood import SIGNALS, InDistribution, InDistributionReference
 from sane_hf.downstream.probe_heads import ProbeHeads, head_inputs
 from sane_hf.downstream.sharding import concatenate_embeddings, gather_embeddings, my_networks
@@ -74,7 +74,7 @@ class PretrainedSane:
         check_finite_parameters(model, f"{source}/model.safetensors")
         model = model.to(device or "cpu", torch.float32)
         processor = SaneProcessor.from_pretrained(source)
-        if processor.provenance is None:  # released before processors recorded it
+        if getattr(processor, "provenance", None) is None:  # released before processors had it
             processor.provenance = _zoo_file_provenance(source)
         return cls(
             model,
@@ -135,6 +135,14 @@ class PretrainedSane:
             return_token_latents=token_latents,
             progress=progress,
         )
+        if self.in_distribution is None and wanted in ([], [SANE]):
+            # the mean latent is all that is needed (mixed architectures have no one layout)
+            if heads is not None:
+                mean = embeddings.mean.reshape(-1, embeddings.mean.shape[-1])
+                inputs = feature_matrices([SANE], mean=mean)
+                embeddings.extras.update({FEATURE_PREFIX + k: v for k, v in inputs.items()})
+            embeddings.token_latents = None
+            return embeddings
         mask = self.processor.layout.mask()
         positions = features["positions"][0].long()
         if self.in_distribution is not None:

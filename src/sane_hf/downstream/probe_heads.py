@@ -386,9 +386,12 @@ def fit_probe_heads(
     validation; test R^2 recorded).
 
     Properties a zoo cannot be probed for (constant, missing) are left out, as in `probe_zoo`;
-    none left is an error.
+    none left is an error. On a mixed zoo (networks of several architectures, padded) the heads
+    read the mean latent only: the other feature sets need one layout shared by every network.
     """
     present = set(dataset["train"].column_names)
+    if "scales" in present:  # a mixed zoo (`sane_hf.zoo.mixed`)
+        feature_sets = [SANE]
     hyperparameters = dataset["train"].features.get("hyperparameters")
     if isinstance(hyperparameters, dict):
         present |= set(hyperparameters)

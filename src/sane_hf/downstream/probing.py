@@ -428,6 +428,8 @@ def baseline_features(
     unknown = [name for name in baselines if name not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+    if not baselines:  # nothing to read (and mixed zoos' rows differ in length)
+        return {}
     rows = split.with_format("torch", columns=["tokens", "positions", "counts"])
     first = rows[0]
     mask = real_entry_mask(first["counts"].long(), first["tokens"].shape[-1])

@@ -48,6 +48,9 @@ class ModelSection:
     initializer_range: float | None = None
     layer_norm_eps: float | None = None
     zoo_dataset: str | None = None
+    position_scheme: str | None = None
+    loss_normalization: str | None = None
+    token_scheme: dict | None = None
 
     def __post_init__(self):
         if self.preset is None:

@@ -59,6 +59,7 @@ from sane_hf.hub import save_model_card
 from sane_hf.models.sane.configuration_sane import SaneConfig
 from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.models.sane.processing_sane import SaneProcessor
+from sane_hf.models.sane.processing_universal import SaneUniversalProcessor
 from sane_hf.pretraining.augmentation import TokenPermutation, WindowBatch, WindowSampler
 from sane_hf.pretraining.checkpointing import CONFIG_FILE as CONFIG_FILE
 from sane_hf.pretraining.checkpointing import (
@@ -71,11 +72,13 @@ from sane_hf.pretraining.checkpointing import (
     save_run_config,
 )
 from sane_hf.pretraining.config import PretrainingConfig
+from sane_hf.pretraining.mixed import mixed_sampler
 from sane_hf.pretraining.run_lock import pretraining_run_lock
 from sane_hf.weights.alignment import PermutationSpec
 from sane_hf.weights.layout import WeightLayout
 from sane_hf.zoo.formats import DATASET_METADATA_FILE, apply_umask
 from sane_hf.zoo.metadata import ZooMetadata
+from sane_hf.zoo.mixed import MixedMetadata, is_mixed_dataset, load_mixed_dataset
 from sane_hf.zoo.storage import load_zoo_dataset
 
 logger = get_logger(__name__)
@@ -295,7 +298,7 @@ class PretrainingData:
     train: WindowSampler
     validation: WindowSampler | None
     model_config: SaneConfig
-    metadata: ZooMetadata
+    metadata: ZooMetadata | MixedMetadata
 
 
 def split_tokens(split: Dataset, layout: WeightLayout) -> torch.Tensor:
@@ -314,8 +317,47 @@ def split_tokens(split: Dataset, layout: WeightLayout) -> torch.Tensor:
     return tokens
 
 
+def load_mixed_pretraining_data(
+    config: PretrainingConfig, accelerator: Accelerator
+) -> PretrainingData:
+    """A mixed zoo (`sane_hf.zoo.mixed`): universal tokens of several architectures, relative
+    positions; the model records the token scheme it reads."""
+    mixed = load_mixed_dataset(config.dataset)
+    if "train" not in mixed.splits:
+        raise ValueError(f"{config.dataset} has no train split (splits: {list(mixed.splits)})")
+    scheme = mixed.metadata.scheme
+    model_config = build_model_config(config, scheme.tokensize)
+    if model_config.position_scheme != "relative" or model_config.token_scheme not in (
+        None,
+        scheme.to_dict(),
+    ):
+        raise ValueError(
+            "a mixed zoo needs model.position_scheme=relative (the multi-cpu preset) and its own "
+            f"token scheme {scheme.to_dict()}, got {model_config.position_scheme!r}, "
+            f"{model_config.token_scheme}"
+        )
+    model_config.token_scheme = scheme.to_dict()
+    for split in mixed.splits.values():
+        positions = torch.from_numpy(np.concatenate(split.with_format("numpy")["positions"]))
+        check_positions_fit(model_config, positions.long())
+
+    def sampler(split_name: str) -> WindowSampler:
+        return mixed_sampler(
+            mixed.splits[split_name],
+            config,
+            model_config.windowsize,
+            accelerator.device,
+            config.seed,
+        )
+
+    validation = sampler("validation") if len(mixed.splits.get("validation", [])) else None
+    return PretrainingData(sampler("train"), validation, model_config, mixed.metadata)
+
+
 def load_pretraining_data(config: PretrainingConfig, accelerator: Accelerator) -> PretrainingData:
     """Load the zoo, put its tokens on the data device and build the window samplers."""
+    if is_mixed_dataset(config.dataset):
+        return load_mixed_pretraining_data(config, accelerator)
     splits, metadata = load_zoo_dataset(config.dataset)
     if "train" not in splits:
         raise ValueError(f"{config.dataset} has no train split (splits: {list(splits)})")
@@ -568,6 +610,11 @@ def save_model(
     for weights in Path(config.output_dir).glob("*.safetensors"):
         apply_umask(weights)  # safetensors writes 0600 files
     save_model_card(unwrapped, config.output_dir, metrics=card_metrics, repo_id=config.hub_model_id)
+    if isinstance(data.metadata, MixedMetadata):  # nothing fitted on the zoos travels along
+        SaneUniversalProcessor(
+            data.metadata.scheme, unwrapped.config.max_positions
+        ).save_pretrained(config.output_dir)
+        return
     (Path(config.output_dir) / DATASET_METADATA_FILE).write_text(data.metadata.to_json())
     SaneProcessor.from_zoo(config.dataset, config=unwrapped.config).save_pretrained(
         config.output_dir

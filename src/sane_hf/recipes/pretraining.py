@@ -22,6 +22,7 @@ from sane_hf.models.sane.modeling_sane import SaneModel
 from sane_hf.pretraining.config import PretrainingConfig
 from sane_hf.pretraining.loop import SUMMARY_FILE, train_sane
 from sane_hf.pretraining.run_lock import pretraining_run_lock
+from sane_hf.zoo.mixed import is_mixed_dataset, load_mixed_dataset
 from sane_hf.zoo.storage import load_zoo_dataset
 
 
@@ -52,15 +53,19 @@ def _pretrain(config: PretrainingConfig) -> dict[str, Any]:
 def finish_run(config: PretrainingConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """What follows a finished training run on the main process (also of
     ``training/pretrain_sane.py``): probe heads fitted on the zoo's splits saved beside the
-    model with the in-distribution reference, the model card that lists them, then with ``push_to_hub`` one push of it all.
-    Returns ``summary`` with the heads' test scores under ``probe_heads``."""
+    model with the in-distribution reference (single-architecture zoos), the model card that
+    lists them, then with ``push_to_hub`` one push of it all. Returns ``summary`` with the heads' test scores under ``probe_heads``."""
     output_dir = Path(config.output_dir)
     model = SaneModel.from_pretrained(output_dir).eval()
-    zoo = load_zoo_dataset(config.dataset)
+    mixed = is_mixed_dataset(config.dataset)
+    zoo = (load_mixed_dataset if mixed else load_zoo_dataset)(config.dataset)
     heads = fit_probe_heads(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
     heads.save_pretrained(output_dir)
-    reference = InDistributionReference.fit(model, zoo.splits, zoo_dataset=model.config.zoo_dataset)
-    reference.save_pretrained(output_dir)
+    if not mixed:  # the reference compares with one layout's tokens; mixed zoos have none yet
+        reference = InDistributionReference.fit(
+            model, zoo.splits, zoo_dataset=model.config.zoo_dataset
+        )
+        reference.save_pretrained(output_dir)
     folder_model_card(output_dir, config.hub_model_id or str(output_dir)).save(
         output_dir / "README.md"
     )

@@ -9,9 +9,12 @@ Architectures (Schürholt et al. 2022, "Model Zoos"; parameter counts for 10 cla
 
 - ``cnn_s``: 2,464 parameters on 28x28 grayscale (2,864 on RGB).
 - ``cnn_m``: 10,853 parameters on 32x32 RGB.
+- ``cnn_wide``: CNN-s with 16/12/8 channels (7,290 parameters on 28x28 grayscale).
 - ``mlp``: fully connected network (e.g. for MNIST-1D, 40 features).
 - ``resnet18``: ResNet-18 with the CIFAR stem (3x3 stride-1 conv without bias, no max-pool).
 - ``resnet_bottleneck``: a small ResNet-50-style network of bottleneck blocks.
+- ``resnet_small``: a ResNet of one basic block per stage and widths 4..16 (6,406 parameters on
+  8x8 grayscale digits): residual blocks and BatchNorm a 2-core CPU trains in minutes.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def _activation_and_dropout(activation: str, dropout: float) -> tuple[nn.Module,
 
 
 class CNNSmall(nn.Sequential):
-    """CNN-s of the Model Zoos: 2,464 parameters on 28x28 grayscale, 2,864 on RGB."""
+    """CNN-s of the Model Zoos: 2,464 parameters on 28x28 grayscale, 2,864 on RGB.
+
+    ``channels`` are the three convolutions' widths (the Model Zoos' 8, 6, 4 by default).
+    """
 
     def __init__(
         self,
@@ -65,18 +71,20 @@ class CNNSmall(nn.Sequential):
         num_classes: int = 10,
         activation: str = "tanh",
         dropout: float = 0.0,
+        channels: Sequence[int] = (8, 6, 4),
     ):
+        first, second, third = channels
         super().__init__(
-            nn.Conv2d(in_channels, 8, 5),
+            nn.Conv2d(in_channels, first, 5),
             nn.MaxPool2d(2),
             *_activation_and_dropout(activation, dropout),
-            nn.Conv2d(8, 6, 5),
+            nn.Conv2d(first, second, 5),
             nn.MaxPool2d(2),
             *_activation_and_dropout(activation, dropout),
-            nn.Conv2d(6, 4, 2),
+            nn.Conv2d(second, third, 2),
             *_activation_and_dropout(activation, dropout),
             nn.Flatten(),
-            nn.Linear(36, 20),
+            nn.Linear(third * 9, 20),
             *_activation_and_dropout(activation, dropout),
             nn.Linear(20, num_classes),
         )
@@ -238,6 +246,23 @@ def resnet_bottleneck(
     return ResNet(Bottleneck, num_blocks, widths, in_channels, num_classes, activation)
 
 
+def cnn_wide(
+    in_channels: int = 1, num_classes: int = 10, activation: str = "tanh", dropout: float = 0.0
+) -> CNNSmall:
+    """CNN-s with 16/12/8 channels: the same layers, about 2.9x the parameters."""
+    return CNNSmall(in_channels, num_classes, activation, dropout, channels=(16, 12, 8))
+
+
+def resnet_small(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    widths: Sequence[int] = (4, 8, 8, 16),
+    activation: str = "relu",
+) -> ResNet:
+    """A ResNet of one basic block per stage (6,406 parameters for 8x8 grayscale, 10 classes)."""
+    return ResNet(BasicBlock, (1, 1, 1, 1), widths, in_channels, num_classes, activation)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -273,6 +298,8 @@ register_architecture("cnn_m", CNNMedium)
 register_architecture("mlp", MLP)
 register_architecture("resnet18", resnet18)
 register_architecture("resnet_bottleneck", resnet_bottleneck)
+register_architecture("cnn_wide", cnn_wide)
+register_architecture("resnet_small", resnet_small)
 
 
 @torch.no_grad()

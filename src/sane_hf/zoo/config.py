@@ -32,12 +32,15 @@ ZOO_KINDS = ("seed", "hyperparameter")
 DEFAULT_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "cnn_s": (1, 28, 28),
     "cnn_m": (3, 32, 32),
+    "cnn_wide": (1, 28, 28),
     "resnet18": (3, 32, 32),
     "resnet_bottleneck": (3, 32, 32),
 }
 INPUT_KWARGS = {
     "cnn_s": "in_channels",
     "cnn_m": "in_channels",
+    "cnn_wide": "in_channels",
+    "resnet_small": "in_channels",
     "resnet18": "in_channels",
     "resnet_bottleneck": "in_channels",
     "mlp": "in_features",

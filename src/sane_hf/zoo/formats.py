@@ -42,6 +42,8 @@ CHECKPOINT_DIR = "checkpoints"
 # zoo trained for E epochs extends to more exactly as if it had been planned longer.
 FINAL_STATE_DIR = "final_state"
 DATASET_METADATA_FILE = "sane_zoo.json"
+# Beside the Arrow files of a dataset of several architectures (sane_hf.zoo.mixed).
+MIXED_METADATA_FILE = "sane_mixed.json"
 # Beside a SANE model: the processor's alignment target and the fitted property probes.
 ALIGNMENT_REFERENCE_FILE = "alignment_reference.safetensors"
 PROBE_HEADS_FILE = "probe_heads.safetensors"

@@ -96,6 +96,7 @@ def load_dataset_by_name(
     num_samples: int | None = None,
     split_seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    standardize: bool = True,
 ) -> ImageDataset:
     """Load a built-in dataset (``digits``, ``mnist``, ``mnist1d``) or a user ``.npz``/image folder.
 
@@ -107,6 +108,8 @@ def load_dataset_by_name(
         num_samples: use a stratified subsample of this many examples (e.g. for quick tests).
         split_seed: seed of the stratified split (and of the subsample).
         fractions: train/validation/test fractions.
+        standardize: standardize per channel with the training split's statistics; ``False``
+            keeps the loader's own scale (``[0, 1]`` for the built-in image datasets).
     """
     path = Path(name)
     if str(name) in _BUILTIN_LOADERS:
@@ -125,7 +128,7 @@ def load_dataset_by_name(
             "an existing .npz file, or an image folder with one subfolder per class"
         )
     return dataset_from_tensors(
-        x, y, str(name), input_shape, num_samples, split_seed, fractions, class_names
+        x, y, str(name), input_shape, num_samples, split_seed, fractions, class_names, standardize
     )
 
 
@@ -138,11 +141,13 @@ def dataset_from_tensors(
     split_seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     class_names: Sequence[str] | None = None,
+    standardize: bool = True,
 ) -> ImageDataset:
     """Resize, split and standardize user data: images ``[N, H, W]``/``[N, C, H, W]`` or features ``[N, F]``.
 
     Images must be channels-first. uint8 inputs are scaled to ``[0, 1]``. Labels must be
-    integers in ``[0, num_classes)``.
+    integers in ``[0, num_classes)``. ``standardize=False`` keeps the inputs' scale (mean 0 and
+    std 1 are recorded), as users' networks trained on raw ``[0, 1]`` pixels are.
     """
     x, y = _check_inputs(torch.as_tensor(x), torch.as_tensor(y))
     fractions = _check_fractions(fractions)
@@ -162,7 +167,10 @@ def dataset_from_tensors(
                 f"the {split} split of {name!r} is empty ({len(y)} samples, fractions {fractions})"
             )
     mean, std = _channel_statistics(x[train_idx])
-    x = (x - _broadcastable(mean, x)) / _broadcastable(std, x)
+    if standardize:
+        x = (x - _broadcastable(mean, x)) / _broadcastable(std, x)
+    else:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
     return ImageDataset(
         name=name,
         train=(x[train_idx], y[train_idx]),

@@ -13,6 +13,8 @@ say which input each row came from:
   before any is read);
 - a zoo dataset folder (``sane_zoo.json``) or a zoo split (``datasets.Dataset``): every row,
   decoded back into weights with the zoo's own statistics, as ``<model>_epoch_<e>``;
+- a mixed zoo dataset folder (``sane_mixed.json``): every row decoded into its architecture,
+  as ``<zoo>/<model>_epoch_<e>``;
 - any other folder: its ``*.safetensors`` files, sorted by name (else its torch state_dicts);
 - a Hub id (``owner/name``, not an existing path): a zoo dataset repo, else a model repo's
   ``*.safetensors`` files;
@@ -36,6 +38,7 @@ from torch import nn
 from sane_hf.utils.sources import missing_local_path
 from sane_hf.zoo.formats import (
     DATASET_METADATA_FILE,
+    MIXED_METADATA_FILE,
     RAW_METADATA_FILE,
     ZOO_FILE,
     check_model_id,
@@ -141,6 +144,13 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
 
         for split in load_zoo_dataset(path).splits.values():
             yield from _zoo_rows(split)
+    elif (path / MIXED_METADATA_FILE).is_file():
+        from sane_hf.zoo.mixed import load_mixed_dataset
+
+        mixed = load_mixed_dataset(path)
+        for split in mixed.splits.values():
+            for row in split.select_columns(["network_id", "architecture", "tokens", "scales"]):
+                yield row["network_id"], mixed.metadata.decode(row)
     elif (path / ZOO_FILE).is_file():
         files = _raw_zoo_files(path)
         for file in files:

@@ -55,6 +55,7 @@ from sane_hf.zoo.provenance import zoo_provenance
 
 from .configuration_sane import SaneConfig
 from .network_inputs import NetworkInput, iter_networks
+from .processing_universal import SaneUniversalProcessor
 
 POSITION_NAMES = ("global", "layer", "row")
 
@@ -289,8 +290,9 @@ class SaneProcessor(FeatureExtractionMixin):
         token: str | bool | None = None,
         revision: str = "main",
         **kwargs: Any,
-    ) -> SaneProcessor:
-        """Load from a folder, a Hub repo or the cache (``HF_HUB_OFFLINE=1`` works offline)."""
+    ) -> SaneProcessor | SaneUniversalProcessor:
+        """Load from a folder, a Hub repo or the cache (``HF_HUB_OFFLINE=1`` works offline);
+        a model of universal tokens gets its `SaneUniversalProcessor`."""
         kwargs.pop("trust_remote_code", None)
         hub = {
             "cache_dir": cache_dir,
@@ -300,6 +302,11 @@ class SaneProcessor(FeatureExtractionMixin):
             "revision": revision,
         }
         try:
+            settings, _ = cls.get_feature_extractor_dict(pretrained_model_name_or_path, **hub)
+            if settings.get("processor_class") == SaneUniversalProcessor.__name__:
+                return SaneUniversalProcessor.from_pretrained(
+                    pretrained_model_name_or_path, **hub, **kwargs
+                )
             processor = super().from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
         except OSError as error:
             raise OSError(
