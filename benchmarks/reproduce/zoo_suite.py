@@ -1,4 +1,4 @@
-"""A suite of small zoos that a 2-core CPU builds in minutes, fixed before any tuning (issue 14).
+"""A suite of small zoos that a 2-core CPU builds in minutes, fixed before any tuning.
 
     python -m benchmarks.reproduce.zoo_suite --list
     python -m benchmarks.reproduce.zoo_suite --zoo digits_mlp_tanh_uniform   # one zoo, resumable

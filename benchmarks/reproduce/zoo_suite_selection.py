@@ -1,4 +1,4 @@
-"""The zoo suite's recipe and sampling choices, made on validation splits only (issue 14).
+"""The zoo suite's recipe and sampling choices, made on validation splits only.
 
     python -m benchmarks.reproduce.zoo_suite_selection --ceilings              # every zoo
     python -m benchmarks.reproduce.zoo_suite_selection --zoo mnist_cnn_s_relu_kaiming --candidate d128

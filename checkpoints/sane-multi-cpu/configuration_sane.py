@@ -1,7 +1,8 @@
 """Configuration of SANE, the sequential autoencoder over weight tokens (Schürholt et al., ICML 2024).
 
 This file is copied next to the weights by ``save_pretrained`` (``trust_remote_code`` loading),
-so it imports nothing from ``sane_hf``.
+so it imports nothing from ``sane_hf``; only `SaneConfig.from_preset` reads sane-hf's preset
+files (``sane_hf/presets/model/*.yaml``).
 """
 
 from huggingface_hub.dataclasses import strict
@@ -9,44 +10,6 @@ from transformers import PreTrainedConfig
 
 POSITION_SCHEMES = ("absolute", "relative")
 LOSS_NORMALIZATIONS = ("none", "batch", "window", "token")
-
-# Overrides of the defaults, per preset. The defaults themselves are the CNN preset.
-PRESETS: dict[str, dict] = {
-    # For CPU tests: a few hundred thousand parameters, still the CNN-zoo token size.
-    "tiny": {
-        "d_model": 32,
-        "n_heads": 2,
-        "n_layers": 2,
-        "latent_dim": 16,
-        "projection_dim": 16,
-        "windowsize": 16,
-        "max_positions": (1024, 64, 256),
-    },
-    # CNN zoos (CNN-s, CNN-m), the shapes of the reference code: T=289, window 64, 8+8 layers.
-    "cnn": {},
-    # ResNet-18 zoos: T=288 (a multiple of 9 and 32), window 256, d=2048, 16 heads. A ResNet-18
-    # with BatchNorm kept is 53,704 tokens in 41 layers of at most 512 rows.
-    "resnet18": {
-        "tokensize": 288,
-        "d_model": 2048,
-        "n_heads": 16,
-        "windowsize": 256,
-        "max_positions": (55_000, 128, 1024),
-    },
-    # Universal tokens of many architectures at CPU scale: (depth bucket, layer type, token in
-    # layer) positions, 64-value dense tokens of weights divided by a fan-in power of two.
-    "multi-cpu": {
-        "tokensize": 64,
-        "d_model": 128,
-        "n_heads": 4,
-        "n_layers": 2,
-        "latent_dim": 64,
-        "projection_dim": 64,
-        "windowsize": 32,
-        "max_positions": (32, 8, 512),
-        "position_scheme": "relative",
-    },
-}
 
 
 @strict
@@ -171,16 +134,29 @@ class SaneConfig(PreTrainedConfig):
                 f"contrastive_temperature must be positive, got {self.contrastive_temperature}"
             )
         super().__post_init__(**kwargs)
+        # Every SANE checkpoint also loads as its property head with trust_remote_code.
+        head = {"AutoModelForSequenceClassification": "modeling_sane.SaneForPropertyPrediction"}
+        self.auto_map = head | (getattr(self, "auto_map", None) or {})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SaneConfig":
-        """A configuration of the preset `name` (`"tiny"`, `"cnn"`, `"resnet18"`, `"multi-cpu"`), with
-        `overrides` applied on top (for example `tokensize=288`)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown SANE preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        """A configuration of the preset `name` (`"tiny"`, `"cnn"`, `"resnet18"`, `"multi-cpu"`: the YAML files
+        of `sane_hf/presets/model/`, so it needs sane-hf installed), with `overrides` applied on
+        top (for example `tokensize=288`)."""
+        from importlib import resources
+
+        import yaml
+
+        folder = resources.files("sane_hf") / "presets" / "model"
+        names = sorted(
+            p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+        )
+        if name not in names:
+            raise ValueError(f"unknown SANE preset {name!r}; choose one of {names}")
+        values = yaml.safe_load((folder / f"{name}.yaml").read_text()) or {}
+        return cls(**{**values, **overrides})
 
 
 SaneConfig.register_for_auto_class()
 
-__all__ = ["PRESETS", "SaneConfig"]
+__all__ = ["SaneConfig"]

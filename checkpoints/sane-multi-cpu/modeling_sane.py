@@ -615,13 +615,60 @@ class SaneDecoderModel(SanePreTrainedModel):
         return SaneDecoderOutput(reconstructions=self.decode(latents, positions, attention_mask))
 
 
+@dataclass
+class PropertyPredictionOutput(ModelOutput):
+    """Outputs of [`SaneForPropertyPrediction`]: `loss` (MSE against `labels`), `predictions`
+    [B, num_labels] and `embeddings` [B, latent_dim] (the pooled latents the head reads)."""
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+
+
+class SaneForPropertyPrediction(SanePreTrainedModel):
+    """SANE encoder + masked-mean pooling + a linear regression head, fine-tuned end to end:
+    `from_pretrained(sane_checkpoint, num_labels=P)` loads the encoder, starts the head from
+    scratch; `Trainer` trains it on `sane_hf.downstream.property_prediction.with_labels` data."""
+
+    _keys_to_ignore_on_load_unexpected = (r"^decoder\.", r"^projection_head\.")
+    _keys_to_ignore_on_load_missing = (r"^head\.",)  # a SaneModel checkpoint has no head yet
+
+    def __init__(self, config: SaneConfig):
+        super().__init__(config)
+        self.position_embeddings = SanePositionEmbeddings(config)
+        self.encoder = SaneTransformer(config, config.tokensize, config.latent_dim)
+        self.head = nn.Linear(config.latent_dim, config.num_labels)
+        if not getattr(config, "keys_to_ignore_at_inference", None):
+            config.keys_to_ignore_at_inference = ["embeddings"]
+        self.post_init()
+
+    def forward(self, tokens, positions, attention_mask=None, labels=None):
+        """Regress `labels` [B, num_labels] (or [B]) of the networks whose `tokens` [B, W, T]
+        sit at `positions` [B, W, 3]; `attention_mask` [B, W] is True on real tokens."""
+        embeddings = masked_mean(self.encode(tokens, positions, attention_mask), attention_mask)
+        predictions = self.head(embeddings)
+        loss = None
+        if labels is not None:
+            labels = labels.to(predictions.dtype).view(len(predictions), -1)
+            if labels.shape != predictions.shape:
+                raise ValueError(
+                    f"labels must be [batch, num_labels={self.config.num_labels}], "
+                    f"got {tuple(labels.shape)}"
+                )
+            loss = F.mse_loss(predictions.float(), labels.float())
+        return PropertyPredictionOutput(loss=loss, predictions=predictions, embeddings=embeddings)
+
+
 SaneModel.register_for_auto_class("AutoModel")
+SaneForPropertyPrediction.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "PropertyPredictionOutput",
     "SaneDecoderModel",
     "SaneDecoderOutput",
     "SaneEncoderModel",
     "SaneEncoderOutput",
+    "SaneForPropertyPrediction",
     "SaneModel",
     "SaneModelOutput",
     "SanePreTrainedModel",

@@ -40,9 +40,11 @@ def test_released_checkpoint_samples_networks_that_classify_mnist_shaped_inputs(
 
 
 @pytest.mark.parametrize("name", ["configuration_sane.py", "modeling_sane.py"])
-def test_shipped_remote_code_equals_the_package(name):
-    """The remote-code copies next to released weights are the package's model files, verbatim."""
+@pytest.mark.parametrize("release", sorted(p.name for p in RELEASE.parent.iterdir() if p.is_dir()))
+def test_shipped_remote_code_equals_the_package(release, name):
+    """The remote-code copies next to every released model are the package's model files,
+    verbatim."""
     source = Path(sane_hf.models.sane.__file__).parent / name
-    assert (RELEASE / name).read_text() == source.read_text(), (
-        f"checkpoints/{RELEASE.name}/{name} differs from src: copy the package file over it"
+    assert (RELEASE.parent / release / name).read_text() == source.read_text(), (
+        f"checkpoints/{release}/{name} differs from src: copy the package file over it"
     )
