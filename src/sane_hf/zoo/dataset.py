@@ -74,7 +74,12 @@ from sane_hf.weights.normalization import (
 )
 from sane_hf.weights.tokenization import DEFAULT_TOKENSIZE, WeightTokenizer
 from sane_hf.zoo.architectures import build_model
-from sane_hf.zoo.distributed import WorkerReports, die_with_parent, shared_progress
+from sane_hf.zoo.distributed import (
+    WorkerReports,
+    children_die_with_this_process,
+    die_with_parent,
+    shared_progress,
+)
 from sane_hf.zoo.formats import (
     RAW_METADATA_FILE,
     check_checkpoint_tensors,
@@ -459,6 +464,8 @@ def build_zoo_dataset(
         statistics=statistics,
     )
     num_proc = _check_num_proc(num_proc)
+    if num_proc is not None:  # its helper processes end with the build, also a killed one
+        children_die_with_this_process()
     dataset = DatasetDict()
     with (
         shared_progress(len(all_records), "tokenizing checkpoints", progress, num_proc) as reports,

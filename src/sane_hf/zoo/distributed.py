@@ -314,11 +314,41 @@ def die_with_parent() -> None:
     (a single-shard build runs in the caller's process), it does nothing."""
     if multiprocess.parent_process() is None:
         return
+    _kill_me_with_my_parent(expected_parent=None)
+
+
+def children_die_with_this_process() -> None:
+    """From now on, every process forked by this one (and by its children) ends when its
+    parent dies, including helpers it does not start itself: ``datasets`` starts its own
+    manager process for ``num_proc`` builds, which `die_with_parent` cannot reach. Registered
+    once per process (``os.register_at_fork``); Linux only, elsewhere it does nothing."""
+    global _FORK_HOOK_REGISTERED
+    if _FORK_HOOK_REGISTERED or not hasattr(os, "register_at_fork"):
+        return
+    _FORK_HOOK_REGISTERED = True
+    os.register_at_fork(before=_remember_forking_process, after_in_child=_after_fork_in_child)
+
+
+_FORK_HOOK_REGISTERED = False
+_forking_process: int | None = None
+
+
+def _remember_forking_process() -> None:
+    global _forking_process
+    _forking_process = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    _kill_me_with_my_parent(expected_parent=_forking_process)
+
+
+def _kill_me_with_my_parent(expected_parent: int | None) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(1)
+    parent = os.getppid()
+    if parent == 1 or (expected_parent is not None and parent != expected_parent):
+        os._exit(1)  # the parent died before the request took effect
 
 
 def _relay(counts: queue.Queue, bar: tqdm) -> None:
