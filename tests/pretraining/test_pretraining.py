@@ -404,9 +404,9 @@ def test_sigkill_at_random_points_then_latest_resumes_to_the_uninterrupted_resul
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pretrain = [sys.executable, "-m", "sane_hf", "pretrain"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(arguments(tiny_digits_zoo, reference, *common)) == 0
+    try:  # --threads: the CLI otherwise sets the threads itself (OMP_NUM_THREADS, free CPUs)
+        argv = ["--threads", "1", "pretrain", *arguments(tiny_digits_zoo, reference, *common)]
+        assert cli.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
     command = [*pretrain, *arguments(tiny_digits_zoo, run, *common)]
