@@ -389,6 +389,10 @@ def probes_markdown(suite: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# an entry of an earlier run of the suite, before this figure was measured
+NOT_MEASURED = "not measured (earlier run)"
+
+
 def _verdict(met: bool, measured: str) -> str:
     return f"met ({measured})" if met else f"**missed** ({measured})"
 
@@ -406,12 +410,14 @@ def targets_markdown(suite: dict[str, Any]) -> str:
         prompts, recon = entry["prompts_acc"], entry["reconstruction_r2"]
         autoencoded = entry["autoencoded_prompts_acc"] / prompts
         subsampled = entry["subsampled_epoch0_acc"] / prompts
-        selected = entry.get("selected_noise_epoch0_acc", float("nan"))
+        selected = entry.get("selected_noise_epoch0_acc")
         cells = [
             _verdict(recon >= 0.9, f"{recon:.2f}"),
             _verdict(autoencoded >= 0.95, f"{autoencoded:.1%}"),
             _verdict(subsampled >= 0.85, f"{subsampled:.1%}"),
-            _verdict(
+            NOT_MEASURED
+            if selected is None
+            else _verdict(
                 entry["subsampled_epoch0_acc"] > selected,
                 f"{100 * entry['subsampled_epoch0_acc']:.1f} vs {100 * selected:.1f}",
             ),
@@ -426,9 +432,11 @@ def targets_markdown(suite: dict[str, Any]) -> str:
                 )
             )
         acc = entry["probes"]["test_acc"]
-        combined = acc.get(SANE_AND_WEIGHT_STATISTICS, float("nan"))
+        combined = acc.get(SANE_AND_WEIGHT_STATISTICS)
         cells.append(
-            _verdict(combined >= acc["s(W)"] + 0.02, f"{combined:.3f} vs {acc['s(W)']:.3f}")
+            NOT_MEASURED
+            if combined is None
+            else _verdict(combined >= acc["s(W)"] + 0.02, f"{combined:.3f} vs {acc['s(W)']:.3f}")
         )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
